@@ -1,0 +1,280 @@
+"""The gRPC server bootstrap every dmoe service uses.
+
+One call, :func:`start_server`, gives a ``grpc.aio`` server with
+- ``grpc.health.v1`` health (NOT_SERVING until the service calls ``set_serving``),
+- server reflection for every registered service,
+- message-size limits on both directions,
+- per-method request counters and latency histograms, and a guard that turns a
+  request that does not parse into INVALID_ARGUMENT and an unexpected exception
+  into INTERNAL with a message (design.md: no handler lets one escape as UNKNOWN),
+- a Prometheus ``/metrics`` HTTP port serving this instance's own registry, so many
+  service instances can live in one process (tests, in-process swarms).
+
+:func:`run_until_signal` runs a service until SIGTERM/SIGINT and stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services import __version__
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class _Unparsable:
+    """Marks a request whose bytes did not parse; the guard answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class RpcMetrics:
+    """``dmoe_<service>_rpc_requests_total{method,code}`` and ``..._rpc_duration_seconds{method}``."""
+
+    def __init__(self, service: str, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            f"dmoe_{service}_rpc_requests",
+            "RPCs served, by method and status code",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"dmoe_{service}_rpc_duration_seconds",
+            "Time to serve an RPC, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"dmoe_{service}_rpc_in_flight", "RPCs being served", registry=registry
+        )
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf raises DecodeError, sometimes others
+            return _Unparsable(exc)
+
+    return parse
+
+
+class _GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and guards every unary and streaming handler."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if method in ("Check", "Watch", "ServerReflectionInfo"):
+            return handler
+        metrics = self._metrics
+        kind = (handler.request_streaming, handler.response_streaming)
+        behavior = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[kind]
+
+        @contextlib.asynccontextmanager
+        async def guard(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            started, error = time.perf_counter(), False
+            metrics.in_flight.inc()
+            try:
+                yield
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                error = True
+                log.exception("unhandled error in %s", method, extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            finally:
+                code = context.code() or (grpc.StatusCode.INTERNAL if error else grpc.StatusCode.OK)
+                metrics.requests.labels(method, getattr(code, "name", str(code))).inc()
+                metrics.duration.labels(method).observe(time.perf_counter() - started)
+                metrics.in_flight.dec()
+
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Unparsable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
+                )
+
+        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async for request in requests:
+                await check(request, context)
+                yield request
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                await check(request, context)
+                return await behavior(request, context)
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                await check(request, context)
+                async for reply in behavior(request, context):
+                    yield reply
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                return await behavior(checked(requests, context), context)
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                async for reply in behavior(checked(requests, context), context):
+                    yield reply
+
+        wrapped = {
+            (False, False): unary_unary,
+            (False, True): unary_stream,
+            (True, False): stream_unary,
+            (True, True): stream_stream,
+        }[kind]
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[kind]
+        return factory(
+            wrapped,
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options shared by servers and client channels."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started service: its gRPC server, ports, health state and metrics registry."""
+
+    service: str
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    registry: CollectorRegistry
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    _metrics_http: Any = field(default=None, repr=False)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let in-flight calls finish for ``grace`` s, close /metrics."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+
+
+async def start_server(
+    service: str,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics_port: int | None = 0,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    registry: CollectorRegistry | None = None,
+    metrics_host: str | None = None,
+) -> RunningServer:
+    """Start a guarded gRPC server for ``service`` (``dht``, ``expert``, ``trainer``).
+
+    ``register(server)`` adds the service's servicers and returns their full names
+    (``dmoe.DHT``) for health and reflection. ``metrics_port=None`` or ``-1`` serves no
+    ``/metrics``; the registry is still filled, so tests can read it directly.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    Gauge("dmoe_build_info", "Build information", ["service", "version"], registry=registry).labels(
+        service, __version__
+    ).set(1)
+    server = grpc.aio.server(
+        interceptors=[_GuardInterceptor(RpcMetrics(service, registry))],
+        options=channel_options(max_message_bytes),
+    )
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {address}")
+    await server.start()
+    running = RunningServer(service, server, bound, None, registry, health_servicer, names)
+    await running.set_serving(False)
+    if metrics_port is not None and metrics_port >= 0:
+        http, _thread = start_http_server(
+            metrics_port, addr=metrics_host or host, registry=registry
+        )
+        running._metrics_http = http
+        running.metrics_port = http.server_port
+    return running
+
+
+async def run_until_signal(stop: Callable[[], Awaitable[None]]) -> None:
+    """Block until SIGTERM or SIGINT, then await ``stop()`` once."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("signal received, stopping")
+    await stop()
