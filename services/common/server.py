@@ -46,7 +46,7 @@ class _Unparsable:
 
 
 class RpcMetrics:
-    """``dmoe_<service>_rpc_requests_total{method,code}`` and ``..._rpc_duration_seconds{method}``."""
+    """Per-method request counts by status code, latency histograms and in-flight calls."""
 
     def __init__(self, service: str, registry: CollectorRegistry) -> None:
         self.requests = Counter(

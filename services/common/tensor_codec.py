@@ -121,10 +121,8 @@ def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
             f"buffer has {len(msg.buffer)} bytes, shape {list(shape)} of "
             f"{dtype_name(wire)} needs {expected}"
         )
-    if numel == 0:
-        flat = torch.empty(0, dtype=wire)
-    else:
-        flat = torch.frombuffer(msg.buffer, dtype=wire)
+    # frombuffer refuses an empty buffer
+    flat = torch.frombuffer(msg.buffer, dtype=wire) if numel else torch.empty(0, dtype=wire)
     if msg.compression == tensor_pb2.COMPRESSION_UINT8:
         flat = flat.to(torch.float32).mul_(msg.scale).add_(msg.offset)
     if flat.dtype != dtype:
