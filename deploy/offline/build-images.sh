@@ -6,7 +6,8 @@
 #    wheel cache or find-links folder when one has it, else downloads it),
 # 3. builds the unchanged deploy/Dockerfile targets with torch taken from that folder.
 #
-# Usage: deploy/offline/build-images.sh [TAG]   -> dmoe-dht:TAG, dmoe-expert:TAG, dmoe-trainer:TAG
+# Usage: deploy/offline/build-images.sh [TAG]
+#   -> dmoe-dht:TAG, dmoe-expert:TAG, dmoe-trainer:TAG, dmoe-prometheus:TAG
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tag=${1:-latest}
@@ -23,4 +24,7 @@ for target in dht expert trainer; do
     --build-arg TORCH_INDEX_URL= --build-arg TORCH_VERSION="$torch_version" \
     -t "dmoe-$target:$tag" . >/dev/null
 done
+echo "building dmoe-prometheus:$tag (Debian's prometheus package)"
+docker build --quiet -f deploy/prometheus/Dockerfile.offline -t "dmoe-prometheus:$tag" \
+  deploy/prometheus >/dev/null
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^dmoe-' || true

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,8 +100,8 @@ def service_parser(
     group.add_argument(
         "--announce-host",
         default=None,
-        help="host others should use to reach this process (default: the bound host, "
-        "or 127.0.0.1 when bound to all interfaces)",
+        help="host others should use to reach this process (default: the bound host; "
+        "when bound to all interfaces, this machine's address as its hostname resolves)",
     )
     group.add_argument("--port", type=int, default=port, help="gRPC port; 0 picks a free one")
     group.add_argument(
@@ -136,9 +137,17 @@ def service_parser(
 
 
 def announce_host(bind_host: str, announce: str | None) -> str:
-    """The host part others should dial: explicit, else the bound host, else loopback."""
+    """The host part others should dial.
+
+    Explicit ``--announce-host`` wins. A server bound to one address announces it. One bound
+    to all interfaces announces this machine's address as its hostname resolves (in a
+    container: the container's IP on its network), falling back to loopback.
+    """
     if announce:
         return announce
-    if bind_host in ("0.0.0.0", "::", "[::]", ""):
+    if bind_host not in ("0.0.0.0", "::", "[::]", ""):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
         return "127.0.0.1"
-    return bind_host

@@ -84,19 +84,43 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
+        # full method path -> the handler to use; the registered handlers are fixed once the
+        # server runs, so each method is wrapped once instead of on every call (saves a good
+        # share of the per-call Python work of a small unary RPC)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        held = self._handlers.get(details.method)
+        if held is not None:
+            return held
         handler = await continuation(details)
         if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        if method in ("Check", "Watch", "ServerReflectionInfo"):
-            return handler
+        if method not in ("Check", "Watch", "ServerReflectionInfo"):
+            handler = self._wrap(handler, method)
+        self._handlers[details.method] = handler
+        return handler
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = self._metrics
+        duration = metrics.duration.labels(method)
+        counters: dict[str, Any] = {}  # status code name -> counter child
+
+        def finish(context: grpc.aio.ServicerContext, error: bool, started: float) -> None:
+            code = context.code() or (grpc.StatusCode.INTERNAL if error else grpc.StatusCode.OK)
+            name = getattr(code, "name", str(code))
+            counter = counters.get(name)
+            if counter is None:
+                counter = counters[name] = metrics.requests.labels(method, name)
+            counter.inc()
+            duration.observe(time.perf_counter() - started)
+            metrics.in_flight.dec()
+
         kind = (handler.request_streaming, handler.response_streaming)
         behavior = {
             (False, False): handler.unary_unary,
@@ -118,10 +142,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s", method, extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             finally:
-                code = context.code() or (grpc.StatusCode.INTERNAL if error else grpc.StatusCode.OK)
-                metrics.requests.labels(method, getattr(code, "name", str(code))).inc()
-                metrics.duration.labels(method).observe(time.perf_counter() - started)
-                metrics.in_flight.dec()
+                finish(context, error, started)
 
         async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, _Unparsable):
@@ -135,9 +156,23 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 yield request
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
-                await check(request, context)
+            # the guard written out: the hot path of every small RPC, no context manager
+            started, error = time.perf_counter(), False
+            metrics.in_flight.inc()
+            try:
+                if isinstance(request, _Unparsable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
+                    )
                 return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                error = True
+                log.exception("unhandled error in %s", method, extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            finally:
+                finish(context, error, started)
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with guard(context):

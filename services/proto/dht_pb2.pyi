@@ -41,38 +41,50 @@ class PingResponse(_message.Message):
     def __init__(self, peer: _Optional[_Union[NodeInfo, _Mapping]] = ..., dht_time: _Optional[float] = ..., caller_host: _Optional[str] = ...) -> None: ...
 
 class StoreItem(_message.Message):
-    __slots__ = ("key_id", "entry", "in_cache")
+    __slots__ = ("key_id", "entry", "in_cache", "demote")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     IN_CACHE_FIELD_NUMBER: _ClassVar[int]
+    DEMOTE_FIELD_NUMBER: _ClassVar[int]
     key_id: bytes
     entry: ValueEntry
     in_cache: bool
-    def __init__(self, key_id: _Optional[bytes] = ..., entry: _Optional[_Union[ValueEntry, _Mapping]] = ..., in_cache: _Optional[bool] = ...) -> None: ...
+    demote: bool
+    def __init__(self, key_id: _Optional[bytes] = ..., entry: _Optional[_Union[ValueEntry, _Mapping]] = ..., in_cache: _Optional[bool] = ..., demote: _Optional[bool] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("sender", "items")
+    __slots__ = ("sender", "items", "replicas")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     sender: NodeInfo
     items: _containers.RepeatedCompositeFieldContainer[StoreItem]
-    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., items: _Optional[_Iterable[_Union[StoreItem, _Mapping]]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., items: _Optional[_Iterable[_Union[StoreItem, _Mapping]]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
-    __slots__ = ("stored", "peer")
+    __slots__ = ("stored", "peer", "declined", "nearest")
     STORED_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_FIELD_NUMBER: _ClassVar[int]
     stored: _containers.RepeatedScalarFieldContainer[bool]
     peer: NodeInfo
-    def __init__(self, stored: _Optional[_Iterable[bool]] = ..., peer: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    declined: _containers.RepeatedScalarFieldContainer[bool]
+    nearest: _containers.RepeatedCompositeFieldContainer[FindResult]
+    def __init__(self, stored: _Optional[_Iterable[bool]] = ..., peer: _Optional[_Union[NodeInfo, _Mapping]] = ..., declined: _Optional[_Iterable[bool]] = ..., nearest: _Optional[_Iterable[_Union[FindResult, _Mapping]]] = ...) -> None: ...
 
 class FindRequest(_message.Message):
-    __slots__ = ("sender", "key_ids")
+    __slots__ = ("sender", "key_ids", "nodes_only", "max_nearest")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    NODES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEAREST_FIELD_NUMBER: _ClassVar[int]
     sender: NodeInfo
     key_ids: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    nodes_only: bool
+    max_nearest: int
+    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ..., nodes_only: _Optional[bool] = ..., max_nearest: _Optional[int] = ...) -> None: ...
 
 class FindResult(_message.Message):
     __slots__ = ("entries", "nearest")

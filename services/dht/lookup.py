@@ -1,0 +1,204 @@
+"""Iterative Kademlia lookup for many keys at once, in synchronous rounds.
+
+Each key keeps a beam: the ``k`` nearest live candidates seen so far. In every round,
+each unfinished key asks the ``alpha`` nearest candidates of its beam it has not asked
+yet; when a round brought nothing closer than the closest already seen, it asks *all*
+the unasked candidates of its beam at once (the paper's final step). A key is done when
+every candidate of its beam has answered (or, for a plain get, as soon as any value
+was found). Requests of all keys that go to the same peer in a round travel in one
+``Find`` call, so a batched put/get of hundreds of keys costs few RPCs.
+
+Rounds are synchronous (a round waits for all its calls, each bounded by the short
+per-RPC deadline) so "hops" are exact: one round is one wave of parallel RPCs on the
+critical path. A peer that fails is dropped from every beam and reported to
+``on_failure`` (blacklist, routing table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.dht.storage import Entry
+
+# find(peer_id, address, targets) -> per target: (entries, [(node_id, address), ...])
+FindCall = Callable[
+    [int, str, list[int]], Awaitable[list[tuple[list[Entry], list[tuple[int, str]]]]]
+]
+
+
+@dataclass
+class KeyLookup:
+    """The state of one key's lookup; read ``answered``/``holders``/``entries`` after."""
+
+    target: int
+    k: int
+    stop_on_value: bool
+    candidates: dict[int, str] = field(default_factory=dict)
+    queried: set[int] = field(default_factory=set)
+    answered: dict[int, str] = field(default_factory=dict)
+    failed: set[int] = field(default_factory=set)
+    entries: list[Entry] = field(default_factory=list)
+    holders: set[int] = field(default_factory=set)
+    rounds: int = 0
+    rpcs: int = 0
+    improved: bool = True
+    best: int | None = None
+
+    def offer(self, node_id: int, address: str) -> None:
+        if node_id not in self.failed and node_id not in self.candidates:
+            self.candidates[node_id] = address
+
+    def beam(self) -> list[int]:
+        target = self.target
+        return heapq.nsmallest(self.k, self.candidates, key=lambda i: i ^ target)
+
+    def next_peers(self, alpha: int) -> list[int]:
+        if self.stop_on_value and self.entries:
+            return []
+        unasked = [i for i in self.beam() if i not in self.queried]
+        return unasked[:alpha] if self.improved else unasked
+
+    def end_round(self) -> None:
+        best = min((i ^ self.target for i in self.candidates), default=None)
+        self.improved = best is not None and (self.best is None or best < self.best)
+        if best is not None and (self.best is None or best < self.best):
+            self.best = best
+
+    def answer(
+        self,
+        peer: int,
+        address: str,
+        entries: list[Entry],
+        nearest: list[tuple[int, str]],
+        is_blocked: Callable[[str], bool],
+    ) -> None:
+        """``peer`` answered: record its entries and offer the peers it named."""
+        self.queried.add(peer)
+        self.answered[peer] = address
+        if entries:
+            self.entries.extend(entries)
+            self.holders.add(peer)
+        for node_id, node_address in nearest:
+            if not is_blocked(node_address):
+                self.offer(node_id, node_address)
+
+    def drop(self, peer: int) -> None:
+        """``peer`` failed: never ask or offer it again."""
+        self.queried.add(peer)
+        self.failed.add(peer)
+        self.candidates.pop(peer, None)
+
+    def nearest_answered(self, count: int) -> list[tuple[int, str]]:
+        """The ``count`` answered nodes nearest the target (the replica set)."""
+        ids = heapq.nsmallest(count, self.answered, key=lambda i: i ^ self.target)
+        return [(i, self.answered[i]) for i in ids]
+
+
+def start_lookups(
+    targets: Sequence[int],
+    *,
+    self_id: int,
+    self_address: str,
+    local: Callable[[int], list[Entry]] | None,
+    initial: Callable[[int], list[tuple[int, str]]],
+    is_blocked: Callable[[str], bool],
+    k: int,
+    stop_on_value: bool,
+) -> list[KeyLookup]:
+    """The lookup states before the first round: this node (answered from ``local``, its
+    own entries; None: no values wanted) and the ``initial`` candidates of each target."""
+    states = []
+    for target in targets:
+        state = KeyLookup(target, k, stop_on_value)
+        state.candidates[self_id] = self_address
+        state.queried.add(self_id)
+        state.answered[self_id] = self_address
+        if local is not None:
+            held = local(target)
+            if held:
+                state.entries.extend(held)
+                state.holders.add(self_id)
+        for node_id, address in initial(target):
+            if not is_blocked(address):
+                state.offer(node_id, address)
+        state.end_round()
+        state.improved = True
+        states.append(state)
+    return states
+
+
+async def run_rounds(
+    states: list[KeyLookup],
+    *,
+    find: FindCall,
+    on_failure: Callable[[int, str], None],
+    is_blocked: Callable[[str], bool],
+    alpha: int,
+) -> None:
+    """Ask ``Find`` rounds until every state is done (see the module docstring)."""
+    active = [s for s in states if s.next_peers(alpha)]
+    while active:
+        requests: dict[int, list[KeyLookup]] = defaultdict(list)
+        addresses: dict[int, str] = {}
+        for state in active:
+            picks = state.next_peers(alpha)
+            if not picks:
+                continue
+            state.rounds += 1
+            for peer in picks:
+                state.queried.add(peer)
+                state.rpcs += 1
+                requests[peer].append(state)
+                addresses[peer] = state.candidates[peer]
+        if not requests:
+            break
+
+        async def ask(peer: int, address: str, group: list[KeyLookup]) -> None:
+            try:
+                answers = await find(peer, address, [s.target for s in group])
+            except Exception:
+                on_failure(peer, address)
+                for state in group:
+                    state.drop(peer)
+                return
+            for state, (entries, nearest) in zip(group, answers, strict=True):
+                state.answer(peer, address, entries, nearest, is_blocked)
+
+        await asyncio.gather(*(ask(p, addresses[p], group) for p, group in requests.items()))
+        for state in active:
+            state.end_round()
+        active = [s for s in active if s.next_peers(alpha)]
+
+
+async def iterative_find(
+    targets: Sequence[int],
+    *,
+    self_id: int,
+    self_address: str,
+    local: Callable[[int], list[Entry]] | None,
+    initial: Callable[[int], list[tuple[int, str]]],
+    find: FindCall,
+    on_failure: Callable[[int, str], None],
+    is_blocked: Callable[[str], bool],
+    k: int,
+    alpha: int,
+    stop_on_value: bool,
+) -> list[KeyLookup]:
+    """Run the lookups of ``targets`` together; ``local`` gives this node's own entries
+    (None: the caller does not want values)."""
+    states = start_lookups(
+        targets,
+        self_id=self_id,
+        self_address=self_address,
+        local=local,
+        initial=initial,
+        is_blocked=is_blocked,
+        k=k,
+        stop_on_value=stop_on_value,
+    )
+    await run_rounds(states, find=find, on_failure=on_failure, is_blocked=is_blocked, alpha=alpha)
+    return states

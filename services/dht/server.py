@@ -1,0 +1,90 @@
+"""Start one DHT node behind the common gRPC server (used by ``__main__``, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from services.common.server import RunningServer, start_server
+from services.dht.config import NodeConfig
+from services.dht.metrics import NodeMetrics
+from services.dht.node import DHTNode
+from services.dht.protocol import PeerServicer
+from services.dht.service import DHTServicer
+from services.dht.transport import GrpcTransport
+from services.proto import dht_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningNode:
+    node: DHTNode
+    server: RunningServer
+    address: str
+    _serving: asyncio.Task[Any] | None = field(default=None, repr=False)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """NOT_SERVING, stop the node's background work, drain calls, close channels."""
+        if self._serving is not None:
+            self._serving.cancel()
+        self.node.stopping = True
+        await self.server.set_serving(False)
+        await self.node.stop()
+        await self.server.stop(grace)
+        await self.node.transport.close()
+
+
+async def start_node(
+    config: NodeConfig | None = None,
+    *,
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    announce_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    node_id: int | None = None,
+) -> RunningNode:
+    """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined."""
+    config = config or NodeConfig()
+    transport = GrpcTransport(max_message_bytes)
+    holder: dict[str, DHTNode] = {}
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        node = holder["node"]
+        dht_pb2_grpc.add_DHTPeerServicer_to_server(PeerServicer(node.protocol), server)
+        dht_pb2_grpc.add_DHTServicer_to_server(DHTServicer(node), server)
+        return ["dmoe.DHTPeer", "dmoe.DHT"]
+
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry)
+    node = DHTNode(transport, config, node_id=node_id, metrics=metrics)
+    holder["node"] = node
+    metrics.bind(node)
+    running = await start_server(
+        "dht",
+        register,
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        max_message_bytes=max_message_bytes,
+        registry=registry,
+    )
+    node.address = f"{announce_host}:{running.port}"
+    await node.start(initial_peers)
+
+    async def serve_when_joined() -> None:
+        await node.joined.wait()
+        await running.set_serving(True)
+
+    task = asyncio.create_task(serve_when_joined())
+    if node.joined.is_set():
+        await task
+    return RunningNode(node, running, node.address, task)

@@ -1,0 +1,95 @@
+"""The client-facing ``dmoe.DHT`` service: Put/Get of many keys, NodeStatus.
+
+Keys are arbitrary bytes hashed to ids here (SHA-1); the caller never sees ids. Put and
+Get validate the whole request first (sizes, finite expirations, batch size) and answer
+INVALID_ARGUMENT before touching the DHT, so a bad item never half-applies a batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from services.dht.node import DHTNode
+from services.dht.protocol import RequestRejected, check_batch, entry_to_proto, invalid, parse_entry
+from services.dht.routing import id_to_bytes, key_to_id
+from services.proto import dht_pb2, dht_pb2_grpc
+
+
+def _key_id(key: bytes, node: DHTNode, where: str) -> int:
+    if not key:
+        raise invalid(f"{where}: empty key")
+    if len(key) > node.config.max_key_bytes:
+        raise invalid(f"{where}: key is {len(key)} bytes, limit {node.config.max_key_bytes}")
+    return key_to_id(key)
+
+
+class DHTServicer(dht_pb2_grpc.DHTServicer):
+    def __init__(self, node: DHTNode) -> None:
+        self.node = node
+
+    async def _check_up(self, context: grpc.aio.ServicerContext) -> None:
+        if self.node.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "DHT node is shutting down")
+
+    async def Put(
+        self, request: dht_pb2.PutRequest, context: grpc.aio.ServicerContext
+    ) -> dht_pb2.PutResponse:
+        node = self.node
+        await self._check_up(context)
+        try:
+            check_batch(len(request.items), node.config, "items")
+            items = [
+                (
+                    _key_id(item.key, node, f"items[{i}]"),
+                    parse_entry(item.entry, node.config, f"items[{i}]"),
+                )
+                for i, item in enumerate(request.items)
+            ]
+        except RequestRejected as exc:
+            await context.abort(exc.code, exc.message)
+        now = time.time()
+        live = [i for i, (_, entry) in enumerate(items) if entry.expiration > now]
+        counts, full = await node.store_many([items[i] for i in live])
+        replicas = [0] * len(items)
+        for index, count in zip(live, counts, strict=True):
+            replicas[index] = count
+        if full and live and not any(counts):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "DHT storage full: no node accepted the items"
+            )
+        return dht_pb2.PutResponse(stored=[c > 0 for c in replicas], replicas=replicas)
+
+    async def Get(
+        self, request: dht_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> dht_pb2.GetResponse:
+        node = self.node
+        await self._check_up(context)
+        try:
+            check_batch(len(request.keys), node.config, "keys")
+            key_ids = [_key_id(k, node, f"keys[{i}]") for i, k in enumerate(request.keys)]
+        except RequestRejected as exc:
+            await context.abort(exc.code, exc.message)
+        found = await node.get_many(key_ids, latest=request.latest)
+        return dht_pb2.GetResponse(
+            results=[
+                dht_pb2.GetResult(found=bool(entries), entries=[entry_to_proto(e) for e in entries])
+                for entries in found
+            ]
+        )
+
+    async def NodeStatus(
+        self, request: dht_pb2.NodeStatusRequest, context: grpc.aio.ServicerContext
+    ) -> dht_pb2.NodeStatusResponse:
+        node = self.node
+        return dht_pb2.NodeStatusResponse(
+            node=node.info,
+            routing_table_size=len(node.table),
+            stored_records=len(node.storage),
+            joined=node.joined.is_set(),
+            peers=[
+                dht_pb2.NodeInfo(node_id=id_to_bytes(i), address=a)
+                for i, a in node.table.contacts().items()
+            ],
+        )

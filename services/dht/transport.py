@@ -1,0 +1,146 @@
+"""How a node reaches its peers: a tiny interface and two implementations.
+
+The node logic only ever calls :meth:`Transport.call` with a ``dmoe.DHTPeer`` method
+name and its protobuf request, so the same node code runs
+- over real gRPC (:class:`GrpcTransport`: one cached channel per peer address, short
+  deadlines, the channel dropped after a failure so the next attempt dials afresh and
+  re-resolves DNS), or
+- in one process (:class:`InProcessTransport`: calls the callee's handlers directly),
+  which lets a benchmark run a thousand nodes on two cores. Killing a node there means
+  unregistering it: calls to it fail like a refused connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from services.common.server import channel_options
+from services.dht.protocol import RequestRejected
+from services.proto import dht_pb2_grpc
+
+if TYPE_CHECKING:
+    from services.dht.protocol import PeerProtocol
+
+log = logging.getLogger(__name__)
+
+METHODS = ("Ping", "Store", "Find")
+
+
+class TransportError(Exception):
+    """A peer call failed; ``code`` is a gRPC status name (UNAVAILABLE, DEADLINE_EXCEEDED...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Transport(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
+        """Send ``request`` to ``dmoe.DHTPeer/<method>`` at ``address``; raise TransportError."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class GrpcTransport(Transport):
+    """Real gRPC with one channel per peer (LRU-capped)."""
+
+    name = "grpc"
+
+    def __init__(self, max_message_bytes: int = 64 * 1024 * 1024, max_channels: int = 512) -> None:
+        self._options = channel_options(max_message_bytes)
+        self._max_channels = max_channels
+        self.close_grace = 5.0
+        self._closing: set[asyncio.Future[None]] = set()
+        self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTPeerStub]] = (
+            OrderedDict()
+        )
+
+    def _stub(self, address: str) -> dht_pb2_grpc.DHTPeerStub:
+        held = self._stubs.get(address)
+        if held is not None:
+            self._stubs.move_to_end(address)
+            return held[1]
+        channel = grpc.aio.insecure_channel(address, options=self._options)
+        stub = dht_pb2_grpc.DHTPeerStub(channel)
+        self._stubs[address] = (channel, stub)
+        while len(self._stubs) > self._max_channels:
+            _, (old, _) = self._stubs.popitem(last=False)
+            self._close_later(old)
+        return stub
+
+    async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
+        if method not in METHODS:
+            raise ValueError(f"unknown peer method {method}")
+        stub = self._stub(address)
+        try:
+            return await getattr(stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self.forget(address)  # a slow peer (DEADLINE_EXCEEDED) keeps its channel
+            raise TransportError(code.name, exc.details() or "") from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError for a call cancelled under us (peer going away,
+            # channel closed); only our own task's cancellation may propagate as such
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise TransportError("CANCELLED", "call cancelled") from None
+        except ValueError as exc:  # e.g. an address gRPC cannot parse
+            self.forget(address)
+            raise TransportError("INVALID_ARGUMENT", str(exc)) from None
+
+    def forget(self, address: str) -> None:
+        held = self._stubs.pop(address, None)
+        if held is not None:
+            self._close_later(held[0])
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        """Close after the calls still in flight on it had their deadline (never cancel
+        them: they may be other lookups' calls to the same peer)."""
+        task = asyncio.ensure_future(channel.close(grace=self.close_grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        channels = [channel for channel, _ in self._stubs.values()]
+        self._stubs.clear()
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+class InProcessTransport(Transport):
+    """Direct calls into nodes living in this process (``register``/``unregister``)."""
+
+    name = "inprocess"
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, PeerProtocol] = {}
+        self.calls = 0
+
+    def register(self, address: str, protocol: PeerProtocol) -> None:
+        self._nodes[address] = protocol
+
+    def unregister(self, address: str) -> None:
+        self._nodes.pop(address, None)
+
+    async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
+        self.calls += 1
+        protocol = self._nodes.get(address)
+        if protocol is None:
+            raise TransportError("UNAVAILABLE", f"no node at {address}")
+        await asyncio.sleep(0)  # let others run, as a network round trip would
+        try:
+            return await protocol.handle(method, request, caller_host="127.0.0.1")
+        except RequestRejected as exc:
+            raise TransportError(exc.code.name, exc.message) from None

@@ -1,0 +1,1 @@
+"""The expert runtime: hosts experts, batches remote forward/backward calls, trains them."""

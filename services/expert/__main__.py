@@ -1,0 +1,174 @@
+"""``python -m services.expert``: host experts, serve forward/backward, train, declare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from services.common.config import peer_list, service_parser
+from services.common.logs import setup_logging
+from services.common.server import run_until_signal
+from services.expert.backend import OptimizerConfig
+from services.expert.server import ExpertConfig, ExpertServer
+
+log = logging.getLogger("services.expert")
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = service_parser(
+        "expert",
+        "Hosts experts: batched remote forward/backward over gRPC, one optimizer per expert, "
+        "DHT declarations, checkpoints.",
+        port=31340,
+        metrics_port=9340,
+    )
+    g = parser.add_argument_group("experts")
+    g.add_argument(
+        "--experts",
+        default="ffn.[0:4]",
+        help="uids or grid patterns, comma/space separated, e.g. 'ffn.[0:4].[0:8]' or 'ffn.0.3'",
+    )
+    g.add_argument(
+        "--num-experts",
+        type=int,
+        default=0,
+        help="host this many uids sampled at random from --experts, skipping declared ones",
+    )
+    g.add_argument(
+        "--expert-cls",
+        default="ffn",
+        help="expert class: ffn, transformer, nop, det_dropout, custom",
+    )
+    g.add_argument("--hidden-dim", type=int, default=1024, help="expert hidden size")
+    g.add_argument("--custom-module", default=None, help="python file registering expert classes")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    g.add_argument("--seed", type=int, default=None, help="seed for weight init (expert i: seed+i)")
+    o = parser.add_argument_group("optimizer")
+    o.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimizer")
+    o.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    o.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    o.add_argument("--total-steps", type=int, default=0, help="> 0: linear decay to 0 at this step")
+    o.add_argument("--clip-grad-norm", type=float, default=0.0, help="> 0: clip the gradient norm")
+    b = parser.add_argument_group("batching")
+    b.add_argument("--max-batch-size", type=int, default=2048, help="samples per batch at most")
+    b.add_argument(
+        "--batch-timeout-ms", type=float, default=1.0, help="how long a batch waits to fill up"
+    )
+    b.add_argument(
+        "--max-queue-samples",
+        type=int,
+        default=0,
+        help="samples queued per expert and method before RESOURCE_EXHAUSTED (0: 8 x max batch)",
+    )
+    b.add_argument("--compute-threads", type=int, default=0, help="batches run at once (0: auto)")
+    b.add_argument("--torch-threads", type=int, default=0, help="intra-op threads each (0: auto)")
+    b.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.5,
+        help="Python thread switch interval: how long a compute thread may wait for the GIL "
+        "after each torch call (CPython's default is 5; 0 keeps it)",
+    )
+    b.add_argument(
+        "--max-stream-bytes",
+        type=int,
+        default=1024 * 1024 * 1024,
+        help="largest request accepted over the streaming RPCs",
+    )
+    d = parser.add_argument_group("dht")
+    d.add_argument("--dht-peers", type=peer_list, default=[], help="DHT nodes host:port, ...")
+    d.add_argument("--no-dht", action="store_true", help="do not declare experts in a DHT")
+    d.add_argument("--update-period", type=float, default=15.0, help="seconds between declarations")
+    c = parser.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", default=None, help="where checkpoints live (unset: none)")
+    c.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between saves")
+    c.add_argument("--checkpoint-keep", type=int, default=3, help="checkpoints kept per expert")
+    s = parser.add_argument_group("failure injection (simulated swarms)")
+    s.add_argument(
+        "--simulate-failure-rate",
+        type=_probability,
+        default=0.0,
+        help="probability that a forward/backward fails with UNAVAILABLE",
+    )
+    s.add_argument(
+        "--simulate-latency-ms", type=float, default=0.0, help="delay added to each reply"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ExpertConfig:
+    return ExpertConfig(
+        experts=[args.experts],
+        num_experts=args.num_experts,
+        expert_cls=args.expert_cls,
+        hidden_dim=args.hidden_dim,
+        custom_module=args.custom_module,
+        optimizer=OptimizerConfig(
+            name=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            total_steps=args.total_steps,
+            clip_grad_norm=args.clip_grad_norm,
+        ),
+        device=args.device,
+        seed=args.seed,
+        max_batch_size=args.max_batch_size,
+        batch_timeout_ms=args.batch_timeout_ms,
+        max_queue_samples=args.max_queue_samples,
+        compute_threads=args.compute_threads,
+        torch_threads=args.torch_threads,
+        switch_interval_ms=args.switch_interval_ms,
+        host=args.host,
+        announce_host=args.announce_host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes,
+        max_stream_bytes=args.max_stream_bytes,
+        dht_peers=[] if args.no_dht else args.dht_peers,
+        update_period=args.update_period,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_keep=args.checkpoint_keep,
+        simulate_failure_rate=args.simulate_failure_rate,
+        simulate_latency_ms=args.simulate_latency_ms,
+    )
+
+
+async def _run(config: ExpertConfig, grace: float) -> None:
+    server = await ExpertServer(config).start()
+    await run_until_signal(lambda: server.stop(grace))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    if not args.no_dht and not args.dht_peers:
+        parser.error("give --dht-peers (or DMOE_DHT_PEERS), or --no-dht to run without a DHT")
+    try:
+        config = config_from_args(args)
+        from services.expert import uid as uids
+
+        uids.grid_size(uids.split_patterns(config.experts))  # bad patterns fail before loading
+        asyncio.run(_run(config, args.shutdown_grace))
+    except (ValueError, ConnectionError) as exc:  # bad flags, patterns, checkpoints; no DHT
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Checkpoints: each expert's weights, optimizer state and step count, written atomically.
+
+Layout: ``<dir>/<uid>/<steps:012d>-<unix_ms>.pt``. A write goes to a temporary file in the same
+directory, is fsynced, then renamed over (rename is atomic on POSIX), so a crash mid-write
+leaves the previous checkpoint intact. The newest ``keep`` files per expert survive. On start
+the newest readable file is restored (an unreadable one is skipped with a warning, so one
+damaged file does not lose all progress).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.expert.backend import ExpertBackend
+
+log = logging.getLogger(__name__)
+
+
+def expert_dir(root: Path, uid: str) -> Path:
+    return root / uid
+
+
+def list_checkpoints(root: Path, uid: str) -> list[Path]:
+    """Checkpoint files of ``uid``, oldest first."""
+    folder = expert_dir(root, uid)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.pt") if not p.name.startswith("."))
+
+
+def save(backend: ExpertBackend, root: Path, keep: int) -> Path:
+    """Write ``backend``'s state (caller holds ``backend.lock``) and prune old files."""
+    folder = expert_dir(root, backend.uid)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{backend.steps:012d}-{int(time.time() * 1000):013d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(backend.state_dict(), file)
+            file.flush()
+            os.fsync(file.fileno())
+        target = folder / name
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(root, backend.uid)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def load_latest(backend: ExpertBackend, root: Path) -> Path | None:
+    """Restore the newest readable checkpoint of ``backend``; None when there is none."""
+    for path in reversed(list_checkpoints(root, backend.uid)):
+        try:
+            state: dict[str, Any] = torch.load(path, map_location=backend.device, weights_only=True)
+            backend.load_state_dict(state)
+        except Exception as exc:
+            log.warning(
+                "skipping unreadable checkpoint",
+                extra={"expert": backend.uid, "path": str(path), "error": repr(exc)},
+            )
+            continue
+        log.info(
+            "restored checkpoint",
+            extra={"expert": backend.uid, "path": str(path), "steps": backend.steps},
+        )
+        return path
+    return None
+
+
+class Checkpointer:
+    """Saves every expert that changed since its last save; used periodically and on stop."""
+
+    def __init__(self, backends: list[ExpertBackend], root: Path, keep: int) -> None:
+        self.backends = backends
+        self.root = root
+        self.keep = keep
+        self.saved_steps: dict[str, int] = {}
+        self.saved_at: dict[str, float] = {}
+
+    def restore(self) -> None:
+        for backend in self.backends:
+            path = load_latest(backend, self.root)
+            if path is not None:
+                self.saved_steps[backend.uid] = backend.steps
+                self.saved_at[backend.uid] = path.stat().st_mtime
+
+    def save_all(self, force: bool = False) -> tuple[int, int]:
+        """Blocking (run it in a thread). Returns (written, failed)."""
+        written = failed = 0
+        for backend in self.backends:
+            with backend.lock:
+                if not force and self.saved_steps.get(backend.uid) == backend.steps:
+                    self.saved_at[backend.uid] = time.time()  # nothing new: still current
+                    continue
+                try:
+                    save(backend, self.root, self.keep)
+                except Exception:
+                    failed += 1
+                    log.exception("checkpoint failed", extra={"expert": backend.uid})
+                    continue
+                self.saved_steps[backend.uid] = backend.steps
+                self.saved_at[backend.uid] = time.time()
+                written += 1
+        return written, failed

@@ -1,0 +1,156 @@
+"""``ExpertClient``: remote forward/backward of experts hosted by one expert server.
+
+Light by design: one channel per server, reused; a request is serialized once and sent as raw
+bytes (unary when it fits the message limit, otherwise as chunks over the streaming RPC); the
+reply tensors are zero-copy, read-only views of the received message (``clone()`` one before
+writing into it in place). Errors surface as ``grpc.aio.AioRpcError`` carrying the server's
+status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from services.common.server import channel_options
+from services.common.tensor_codec import decode, encode
+from services.proto import expert_pb2, tensor_pb2
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HEADROOM = 64 * 1024  # message framing and metadata
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class ExpertClient:
+    """Calls one expert server (``host:port``; DNS is resolved when the channel connects)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stream_chunk_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.address = address
+        self.max_message_bytes = max_message_bytes
+        self.chunk_bytes = max(1024, min(stream_chunk_bytes, max_message_bytes - _HEADROOM))
+        self._channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
+        ch = self._channel
+        self._info = ch.unary_unary(
+            "/dmoe.Expert/Info",
+            request_serializer=expert_pb2.InfoRequest.SerializeToString,
+            response_deserializer=expert_pb2.InfoResponse.FromString,
+        )
+        self._unary = {
+            m: ch.unary_unary(
+                f"/dmoe.Expert/{m}",
+                request_serializer=_identity,
+                response_deserializer=expert_pb2.ExpertResponse.FromString,
+            )
+            for m in ("Forward", "Backward")
+        }
+        self._stream = {
+            m: ch.stream_stream(
+                f"/dmoe.Expert/{m}Stream",
+                request_serializer=expert_pb2.Chunk.SerializeToString,
+                response_deserializer=expert_pb2.Chunk.FromString,
+            )
+            for m in ("Forward", "Backward")
+        }
+
+    async def info(self, uid: str, timeout: float | None = None) -> expert_pb2.InfoResponse:
+        return await self._info(expert_pb2.InfoRequest(uid=uid), timeout=timeout)
+
+    async def forward(
+        self,
+        uid: str,
+        inputs: Sequence[torch.Tensor],
+        *,
+        timeout: float | None = None,
+        compression: int | Sequence[int] = tensor_pb2.COMPRESSION_NONE,
+        reply_compression: int | None = None,
+    ) -> list[torch.Tensor]:
+        """The expert's outputs for ``inputs`` (each with a leading batch dimension)."""
+        return await self._call(
+            "Forward", uid, list(inputs), timeout, compression, reply_compression
+        )
+
+    async def backward(
+        self,
+        uid: str,
+        inputs: Sequence[torch.Tensor],
+        grad_outputs: Sequence[torch.Tensor],
+        *,
+        timeout: float | None = None,
+        compression: int | Sequence[int] = tensor_pb2.COMPRESSION_NONE,
+        reply_compression: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Gradients of the inputs; the server also applies one optimizer step to the expert."""
+        tensors = [*inputs, *grad_outputs]
+        return await self._call("Backward", uid, tensors, timeout, compression, reply_compression)
+
+    async def _call(
+        self,
+        method: str,
+        uid: str,
+        tensors: list[torch.Tensor],
+        timeout: float | None,
+        compression: int | Sequence[int],
+        reply_compression: int | None,
+    ) -> list[torch.Tensor]:
+        per_tensor = (
+            [compression] * len(tensors) if isinstance(compression, int) else list(compression)
+        )
+        if len(per_tensor) != len(tensors):
+            raise ValueError(f"{len(per_tensor)} compressions for {len(tensors)} tensors")
+        if reply_compression is None:
+            reply_compression = per_tensor[0] if per_tensor else tensor_pb2.COMPRESSION_NONE
+        request = expert_pb2.ExpertRequest(uid=uid, reply_compression=reply_compression)
+        for tensor, kind in zip(tensors, per_tensor, strict=True):
+            if not tensor.dtype.is_floating_point:
+                kind = tensor_pb2.COMPRESSION_NONE
+            request.tensors.append(encode(tensor, kind))
+        data = request.SerializeToString()
+        # The reply is about as large as the request's tensors decoded (float32 outputs of
+        # compressed inputs are up to 4x larger than the request): stream when either may not fit.
+        reply_estimate = sum(t.numel() * t.element_size() for t in tensors)
+        limit = self.max_message_bytes - _HEADROOM
+        if len(data) <= limit and reply_estimate <= limit:
+            response = await self._unary[method](data, timeout=timeout)
+        else:
+            response = await self._call_stream(method, data, timeout)
+        return [decode(t) for t in response.tensors]
+
+    async def _call_stream(
+        self, method: str, data: bytes, timeout: float | None
+    ) -> expert_pb2.ExpertResponse:
+        view, size = memoryview(data), self.chunk_bytes
+
+        def chunks():  # a plain generator: grpc pulls from it as flow control allows
+            for i in range(0, max(len(data), 1), size):
+                chunk = expert_pb2.Chunk(data=bytes(view[i : i + size]))
+                if i == 0:
+                    chunk.total_bytes, chunk.max_chunk_bytes = len(data), self.chunk_bytes
+                yield chunk
+
+        call = self._stream[method](chunks(), timeout=timeout)
+        parts: list[bytes] = []
+        async for chunk in call:
+            parts.append(chunk.data)
+        return expert_pb2.ExpertResponse.FromString(b"".join(parts))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> ExpertClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,102 @@
+"""Declaring hosted experts in the DHT (key scheme: /work/notes/dht_contract.md).
+
+For uid ``ffn.3.14`` at ``host:port``: key ``ffn.3.14`` -> address; key ``ffn.3.`` subkey ``14``
+-> address; key ``ffn.`` subkey ``3`` -> address; all in one ``put`` per period with expiration
+``now + 2 * period``. A missed round (DHT down) therefore does not make the experts vanish,
+and after shutdown they vanish within two periods because nobody renews them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from services.expert.metrics import ExpertMetrics
+
+log = logging.getLogger(__name__)
+
+Item = tuple[str, str | None, bytes, float]
+
+
+def declaration_items(uids: Iterable[str], address: str, expiration: float) -> list[Item]:
+    """The DHT entries announcing ``uids`` (shared prefix entries appear once)."""
+    value = address.encode()
+    items: dict[tuple[str, str | None], Item] = {}
+    for uid in uids:
+        items[(uid, None)] = (uid, None, value, expiration)
+        parts = uid.split(".")
+        for depth in range(1, len(parts)):
+            key = ".".join(parts[:depth]) + "."
+            subkey = parts[depth]
+            items[(key, subkey)] = (key, subkey, value, expiration)
+    return list(items.values())
+
+
+class Declarer:
+    """Re-declares the experts every ``period`` seconds until stopped.
+
+    After a failed round it retries sooner (1 s, doubling up to ``period``), so the experts
+    reappear quickly when the DHT comes back from an outage.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        uids: list[str],
+        address: str,
+        period: float,
+        metrics: ExpertMetrics,
+    ) -> None:
+        self.client = client
+        self.uids = uids
+        self.address = address
+        self.period = period
+        self.metrics = metrics
+        self.first_success = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def declare_once(self) -> bool:
+        items = declaration_items(self.uids, self.address, time.time() + 2 * self.period)
+        try:
+            stored = await self.client.put(items)
+        except Exception as exc:
+            reason = "unavailable" if isinstance(exc, ConnectionError) else type(exc).__name__
+            self.metrics.declaration_failures.labels(reason).inc()
+            log.warning("DHT declaration failed", extra={"reason": reason, "error": str(exc)})
+            return False
+        if not all(stored):
+            self.metrics.declaration_failures.labels("not_stored").inc()
+            log.warning(
+                "DHT stored only part of the declaration",
+                extra={"stored": sum(stored), "items": len(items)},
+            )
+            return False
+        self.metrics.declarations.inc()
+        self.first_success.set()
+        log.debug("declared experts", extra={"experts": len(self.uids), "items": len(items)})
+        return True
+
+    async def _loop(self) -> None:
+        retry = 1.0
+        while not self._stop.is_set():
+            ok = await self.declare_once()
+            delay = self.period if ok else min(retry, self.period)
+            retry = 1.0 if ok else min(retry * 2, self.period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="declare")
+
+    async def stop(self) -> None:
+        """Stop renewing; the entries expire by themselves within ``2 * period``."""
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

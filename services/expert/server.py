@@ -1,0 +1,250 @@
+"""An expert server assembled: backends, pools, schedulers, gRPC, checkpoints, DHT declarations.
+
+``ExpertServer.start(config)`` is what ``python -m services.expert`` runs and what tests run in
+process (many instances can live in one process: each has its own metrics registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from services.common.server import RunningServer, start_server
+from services.expert import uid as uids
+from services.expert.backend import ExpertBackend, OptimizerConfig
+from services.expert.checkpoints import Checkpointer
+from services.expert.declare import Declarer
+from services.expert.layers import get_expert_class, load_custom_module
+from services.expert.metrics import ExpertMetrics
+from services.expert.runtime import DeviceScheduler, default_parallelism
+from services.expert.service import ExpertServicer
+from services.expert.task_pool import BACKWARD, FORWARD, TaskPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertConfig:
+    experts: list[str] = field(default_factory=lambda: ["ffn.[0:4]"])
+    num_experts: int = 0  # > 0: sample this many free uids from the patterns
+    expert_cls: str = "ffn"
+    hidden_dim: int = 1024
+    custom_module: str | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: str = "cpu"
+    seed: int | None = None
+    max_batch_size: int = 2048
+    batch_timeout_ms: float = 1.0
+    max_queue_samples: int = 0  # 0: 8 x max_batch_size
+    compute_threads: int = 0  # 0: automatic
+    torch_threads: int = 0  # 0: automatic
+    switch_interval_ms: float = 0.5  # Python's GIL switch interval for the process; 0: keep
+    host: str = "127.0.0.1"
+    announce_host: str | None = None
+    port: int = 0
+    metrics_port: int | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_stream_bytes: int = 1024 * 1024 * 1024
+    dht_peers: list[str] = field(default_factory=list)
+    update_period: float = 15.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: float = 60.0
+    checkpoint_keep: int = 3
+    simulate_failure_rate: float = 0.0
+    simulate_latency_ms: float = 0.0
+
+
+async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
+    found = await client.get(candidates, latest=False)
+    return {uid for uid in candidates if found.get(uid) is not None}
+
+
+class ExpertServer:
+    def __init__(self, config: ExpertConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = ExpertMetrics(self.registry)
+        self.backends: dict[str, ExpertBackend] = {}
+        self.pools: dict[tuple[str, str], TaskPool] = {}
+        self.scheduler: DeviceScheduler | None = None
+        self.running: RunningServer | None = None
+        self.declarer: Declarer | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.dht: Any = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._serving_task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None
+        return self.running.port
+
+    @property
+    def address(self) -> str:
+        from services.common.config import announce_host
+
+        return f"{announce_host(self.config.host, self.config.announce_host)}:{self.port}"
+
+    async def _choose_uids(self) -> list[str]:
+        cfg = self.config
+        patterns = uids.split_patterns(cfg.experts)
+        if cfg.num_experts > 0:
+            check = (lambda c: _declared_in_dht(self.dht, c)) if self.dht is not None else None
+            rng = random.Random(cfg.seed) if cfg.seed is not None else None
+            return await uids.choose_free_uids(patterns, cfg.num_experts, check, rng=rng)
+        chosen = uids.expand(patterns)
+        if not chosen:
+            raise ValueError("no experts to host: give --experts")
+        return chosen
+
+    def _build_backends(self, chosen: list[str]) -> None:
+        import torch
+
+        cfg = self.config
+        if cfg.custom_module:
+            load_custom_module(cfg.custom_module)
+        expert_class = get_expert_class(cfg.expert_cls)
+        for i, uid in enumerate(chosen):
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed + i)
+            self.backends[uid] = ExpertBackend(
+                uid,
+                expert_class,
+                cfg.hidden_dim,
+                cfg.optimizer,
+                device=cfg.device,
+                max_batch_size=cfg.max_batch_size,
+            )
+
+    async def start(self) -> ExpertServer:
+        cfg = self.config
+        if cfg.switch_interval_ms > 0:
+            # Each torch call in a compute thread releases the GIL; getting it back waits for
+            # the event loop to yield it, at worst a whole switch interval (5 ms by default).
+            sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
+        if cfg.dht_peers:
+            from services.dht.client import DHTClient
+
+            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0)
+        chosen = await self._choose_uids()
+        await asyncio.to_thread(self._build_backends, chosen)
+        backends = list(self.backends.values())
+        if cfg.checkpoint_dir:
+            self.checkpointer = Checkpointer(
+                backends, Path(cfg.checkpoint_dir), cfg.checkpoint_keep
+            )
+            await asyncio.to_thread(self.checkpointer.restore)
+
+        workers, threads = default_parallelism(cfg.device, len(backends))
+        self.scheduler = DeviceScheduler(
+            cfg.device,
+            self.metrics,
+            workers=cfg.compute_threads or workers,
+            torch_threads=cfg.torch_threads or threads,
+        )
+        bound = cfg.max_queue_samples or 8 * cfg.max_batch_size
+        for backend in backends:
+            for method in (FORWARD, BACKWARD):
+                pool = TaskPool(
+                    backend,
+                    method,
+                    batch_timeout=cfg.batch_timeout_ms / 1000.0,
+                    max_queue_samples=max(bound, cfg.max_batch_size),
+                    metrics=self.metrics,
+                )
+                self.pools[(backend.uid, method)] = pool
+                self.scheduler.add_pool(pool)
+        self.scheduler.start()
+
+        servicer = ExpertServicer(
+            self.backends,
+            self.pools,
+            self.metrics,
+            max_message_bytes=cfg.max_message_bytes,
+            max_stream_bytes=cfg.max_stream_bytes,
+            failure_rate=cfg.simulate_failure_rate,
+            latency_ms=cfg.simulate_latency_ms,
+            seed=cfg.seed,
+        )
+        self.running = await start_server(
+            "expert",
+            servicer.register,
+            host=cfg.host,
+            port=cfg.port,
+            metrics_port=cfg.metrics_port,
+            max_message_bytes=cfg.max_message_bytes,
+            registry=self.registry,
+        )
+        log.info(
+            "expert server listening",
+            extra={
+                "port": self.port,
+                "metrics_port": self.running.metrics_port,
+                "experts": len(backends),
+                "workers": self.scheduler.workers,
+                "torch_threads": self.scheduler.torch_threads,
+            },
+        )
+        if self.checkpointer is not None and cfg.checkpoint_every > 0:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop())
+        if self.dht is not None:
+            self.declarer = Declarer(
+                self.dht, list(self.backends), self.address, cfg.update_period, self.metrics
+            )
+            self.declarer.start()
+            self._serving_task = asyncio.create_task(self._serving_after_declaration())
+        else:
+            await self.running.set_serving(True)
+        return self
+
+    async def _serving_after_declaration(self) -> None:
+        assert self.declarer is not None and self.running is not None
+        await self.declarer.first_success.wait()
+        if not self._stopped:
+            await self.running.set_serving(True)
+            log.info("experts declared in the DHT; serving", extra={"address": self.address})
+
+    async def checkpoint_now(self, force: bool = False) -> None:
+        if self.checkpointer is None:
+            return
+        written, failed = await asyncio.to_thread(self.checkpointer.save_all, force)
+        if written:
+            self.metrics.checkpoints.inc(written)
+        if failed:
+            self.metrics.checkpoint_failures.inc(failed)
+        self.metrics.checkpointed(dict(self.checkpointer.saved_at))
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every)
+            await self.checkpoint_now()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop declaring, finish in-flight calls, refuse queued ones, checkpoint, close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.declarer is not None:
+            await self.declarer.stop()
+        for task in (self._checkpoint_task, self._serving_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.running is not None:
+            await self.running.stop(grace)
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        await self.checkpoint_now()
+        if self.dht is not None:
+            await self.dht.close()
+        log.info("expert server stopped")

@@ -1,0 +1,290 @@
+"""The ``dmoe.Expert`` gRPC servicer: decode, validate, queue, answer.
+
+Every check that can fail happens before a request joins a pool, so a bad request gets its own
+status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and never reaches a batch or the
+weights. Forward/Backward replies are serialized on the compute thread (``Task.reply``) and
+returned as bytes, so the event loop only moves them to the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
+from services.expert.backend import ExpertBackend
+from services.expert.metrics import ExpertMetrics
+from services.expert.runtime import BatchError
+from services.expert.task_pool import BACKWARD, FORWARD, PoolClosed, PoolFull, TaskPool
+from services.expert.wire import parse
+from services.proto import expert_pb2, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dmoe.Expert"
+STREAM_CHUNK_CAP = 4 * 1024 * 1024  # smaller chunks pipeline; larger ones save per-message cost
+_COMPRESSIONS = set(tensor_pb2.Compression.values())
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
+    """Serialized ``ExpertResponse``; lossy compression applies to floating tensors only."""
+    response = expert_pb2.ExpertResponse()
+    for out in outputs:
+        chosen = compression if out.is_floating_point() else tensor_pb2.COMPRESSION_NONE
+        response.tensors.append(encode(out, chosen))
+    return response.SerializeToString()
+
+
+def split_chunks(data: bytes, chunk: int) -> list[expert_pb2.Chunk]:
+    view = memoryview(data)
+    chunks = [
+        expert_pb2.Chunk(data=bytes(view[i : i + chunk])) for i in range(0, len(data), chunk)
+    ] or [expert_pb2.Chunk()]
+    chunks[0].total_bytes = len(data)
+    return chunks
+
+
+def _schema(schema: object) -> expert_pb2.TensorSchema:
+    return expert_pb2.TensorSchema(shape=schema.shape, dtype=TORCH_TO_WIRE[schema.dtype])  # type: ignore[attr-defined]
+
+
+class ExpertServicer:
+    def __init__(
+        self,
+        backends: dict[str, ExpertBackend],
+        pools: dict[tuple[str, str], TaskPool],
+        metrics: ExpertMetrics,
+        *,
+        max_message_bytes: int,
+        max_stream_bytes: int,
+        failure_rate: float = 0.0,
+        latency_ms: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.backends = backends
+        self.pools = pools
+        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.max_stream_bytes = max_stream_bytes
+        self.failure_rate = failure_rate
+        self.latency = latency_ms / 1000.0
+        self._rng = random.Random(seed)
+        self._latency = {m: metrics.latency.labels(m) for m in (FORWARD, BACKWARD)}
+        self._in_flight = {m: metrics.in_flight.labels(m) for m in (FORWARD, BACKWARD)}
+        self._counts: dict[tuple[str, str, str], Any] = {}
+
+    def _count(self, uid: str, method: str, code: str) -> None:
+        key = (uid, method, code)
+        child = self._counts.get(key)
+        if child is None:
+            child = self._counts[key] = self.metrics.requests.labels(uid, method, code)
+        child.inc()
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        def raw(data: bytes) -> bytes:
+            return data
+
+        request = expert_pb2.ExpertRequest.FromString
+        chunk_in, chunk_out = expert_pb2.Chunk.FromString, expert_pb2.Chunk.SerializeToString
+        handlers = {
+            "Info": grpc.unary_unary_rpc_method_handler(
+                self.Info,
+                request_deserializer=expert_pb2.InfoRequest.FromString,
+                response_serializer=expert_pb2.InfoResponse.SerializeToString,
+            ),
+            "Forward": grpc.unary_unary_rpc_method_handler(
+                self.Forward, request_deserializer=request, response_serializer=raw
+            ),
+            "Backward": grpc.unary_unary_rpc_method_handler(
+                self.Backward, request_deserializer=request, response_serializer=raw
+            ),
+            "ForwardStream": grpc.stream_stream_rpc_method_handler(
+                self.ForwardStream, request_deserializer=chunk_in, response_serializer=chunk_out
+            ),
+            "BackwardStream": grpc.stream_stream_rpc_method_handler(
+                self.BackwardStream, request_deserializer=chunk_in, response_serializer=chunk_out
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        return [SERVICE_NAME]
+
+    # ---- RPCs ----
+
+    async def Info(
+        self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.InfoResponse:
+        backend = self.backends.get(request.uid)
+        if backend is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request.uid))
+        return expert_pb2.InfoResponse(
+            uid=backend.uid,
+            expert_class=backend.expert_class.name,
+            inputs=[_schema(s) for s in backend.input_schemas],
+            outputs=[_schema(s) for s in backend.output_schemas],
+            num_parameters=backend.num_parameters,
+            optimizer_steps=backend.steps,
+            max_batch_size=backend.max_batch_size,
+        )
+
+    async def Forward(
+        self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        return await self._unary(FORWARD, request, context)
+
+    async def Backward(
+        self, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        return await self._unary(BACKWARD, request, context)
+
+    def ForwardStream(
+        self, chunks: AsyncIterator[expert_pb2.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[expert_pb2.Chunk]:
+        return self._stream(FORWARD, chunks, context)
+
+    def BackwardStream(
+        self, chunks: AsyncIterator[expert_pb2.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[expert_pb2.Chunk]:
+        return self._stream(BACKWARD, chunks, context)
+
+    # ---- shared path ----
+
+    def _unknown(self, uid: str) -> str:
+        return f"expert {uid!r} is not hosted here ({len(self.backends)} experts hosted)"
+
+    async def _unary(
+        self, method: str, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        try:
+            reply = await self._call(method, request)
+            if len(reply) > self.max_message_bytes:
+                raise RequestFailed(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"reply of {len(reply)} bytes exceeds the {self.max_message_bytes}-byte "
+                    f"message limit; use {method.capitalize()}Stream",
+                )
+            return reply
+        except RequestFailed as exc:
+            await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    async def _stream(
+        self,
+        method: str,
+        chunks: AsyncIterator[expert_pb2.Chunk],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[expert_pb2.Chunk]:
+        try:
+            data, reply_chunk = await self._collect(chunks)
+            try:
+                request = expert_pb2.ExpertRequest.FromString(data)
+            except DecodeError as exc:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed streamed request: {exc}"
+                ) from exc
+            reply = await self._call(method, request)
+        except RequestFailed as exc:
+            await context.abort(exc.code, str(exc))
+            return
+        for chunk in split_chunks(reply, reply_chunk):
+            yield chunk
+
+    async def _collect(self, chunks: AsyncIterator[expert_pb2.Chunk]) -> tuple[bytes, int]:
+        parts: list[bytes] = []
+        total = received = 0
+        reply_chunk = min(self.max_message_bytes - 1024, STREAM_CHUNK_CAP)
+        first = True
+        async for chunk in chunks:
+            if first:
+                total, first = chunk.total_bytes, False
+                if chunk.max_chunk_bytes > 0:
+                    reply_chunk = min(reply_chunk, chunk.max_chunk_bytes)
+                if total > self.max_stream_bytes:
+                    raise RequestFailed(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"streamed request of {total} bytes exceeds the limit of "
+                        f"{self.max_stream_bytes} (--max-stream-bytes)",
+                    )
+            data = chunk.data
+            received += len(data)
+            if received > total:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"stream carries more than the announced total_bytes={total}",
+                )
+            parts.append(data)
+            if received == total:
+                break
+        if first or received != total:
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"stream ended after {received} of {total} announced bytes",
+            )
+        return b"".join(parts), max(1024, reply_chunk)
+
+    async def _call(self, method: str, request: expert_pb2.ExpertRequest) -> bytes:
+        started = time.perf_counter()
+        label, code = "unknown", grpc.StatusCode.OK
+        self._in_flight[method].inc()
+        try:
+            backend = self.backends.get(request.uid)
+            if backend is None:
+                raise RequestFailed(grpc.StatusCode.NOT_FOUND, self._unknown(request.uid))
+            label = backend.uid
+            if request.reply_compression not in _COMPRESSIONS:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"unknown reply_compression {request.reply_compression}",
+                )
+            try:
+                tensors = [parse(t) for t in request.tensors]
+                rows = backend.validate(tensors, backward=method == BACKWARD)
+            except (TensorDecodeError, ValueError) as exc:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "simulated failure")
+            pool = self.pools[(backend.uid, method)]
+            try:
+                future = pool.submit(
+                    tensors, rows, partial(encode_reply, compression=request.reply_compression)
+                )
+            except PoolFull as exc:
+                raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+            except PoolClosed as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            try:
+                reply: bytes = await future
+            except BatchError as exc:
+                raise RequestFailed(exc.code, str(exc)) from exc
+            except PoolClosed as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            return reply
+        except RequestFailed as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._in_flight[method].dec()
+            self._count(label, method, code.name)
+            self._latency[method].observe(time.perf_counter() - started)

@@ -1,0 +1,274 @@
+"""``python -m services.trainer``: train a model with DMoE layers on a swarm of experts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from services.common.config import parse_bool, peer_list, service_parser
+from services.common.logs import setup_logging
+
+log = logging.getLogger("services.trainer")
+
+_COMPRESSIONS = {"none": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
+
+
+def grid(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid {text!r} is not like 4x4 or 32x32x32") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"grid {text!r} needs positive sizes")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = service_parser(
+        "trainer",
+        "Train a model whose hidden layers are Decentralized Mixture-of-Experts layers: "
+        "experts are found through the DHT and called over gRPC.",
+        port=31350,
+        metrics_port=9350,
+    )
+    swarm = parser.add_argument_group("swarm")
+    swarm.add_argument(
+        "--initial-peers", "--dht-peers", type=peer_list, default=[], help="DHT nodes, host:port"
+    )
+    swarm.add_argument(
+        "--uid-prefix", default="ffn", help="expert grid of layer 0 (layer i: <prefix><i>)"
+    )
+    swarm.add_argument(
+        "--grid", type=grid, default=(4, 4), help="grid size per dimension, e.g. 4x4"
+    )
+    swarm.add_argument(
+        "--moe-kind", choices=["mixture", "switch"], default="mixture", help="layer type"
+    )
+    swarm.add_argument("--k-best", type=int, default=4, help="experts chosen per sample")
+    swarm.add_argument("--k-min", type=int, default=1, help="answers each sample needs")
+    swarm.add_argument("--forward-timeout", type=float, default=5.0, help="seconds per forward")
+    swarm.add_argument(
+        "--timeout-after-k-min", type=float, default=0.5, help="extra wait for stragglers, seconds"
+    )
+    swarm.add_argument(
+        "--transient-retries", type=int, default=1,
+        help="re-sends of a forward refused with UNAVAILABLE/RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    swarm.add_argument(
+        "--forward-retries", type=int, default=1,
+        help="rounds with replacement experts for samples short of k-min",
+    )  # fmt: skip
+    swarm.add_argument("--backward-k-min", type=int, default=1, help="backward answers per sample")
+    swarm.add_argument("--backward-timeout", type=float, default=5.0, help="seconds per backward")
+    swarm.add_argument(
+        "--allow-zero-outputs", type=parse_bool, default=False,
+        help="zeros instead of an error when fewer than k-min experts answer",
+    )  # fmt: skip
+    swarm.add_argument(
+        "--detect-anomalies", type=parse_bool, default=False, help="drop non-finite expert outputs"
+    )
+    swarm.add_argument(
+        "--dht-cache-ttl", type=float, default=2.0, help="seconds DHT answers are reused"
+    )
+    swarm.add_argument(
+        "--backoff-base", type=float, default=1.0, help="first back-off of a failing expert, s"
+    )
+    swarm.add_argument("--backoff-max", type=float, default=60.0, help="longest back-off, s")
+    swarm.add_argument(
+        "--compression",
+        choices=list(_COMPRESSIONS),
+        default="none",
+        help="tensor compression on the wire",
+    )
+    model = parser.add_argument_group("model and data")
+    model.add_argument(
+        "--model", choices=["mlp", "transformer"], default="mlp", help="architecture"
+    )
+    model.add_argument(
+        "--model-module", default=None, help="a .py defining build_model(swarm, dataset, moe)"
+    )
+    model.add_argument(
+        "--hidden-dim", type=int, default=64, help="width of the DMoE layers (= experts')"
+    )
+    model.add_argument("--num-layers", type=int, default=1, help="DMoE layers")
+    model.add_argument("--heads", type=int, default=2, help="attention heads (transformer)")
+    model.add_argument(
+        "--dataset", choices=["digits", "mnist", "text"], default="digits", help="data"
+    )
+    model.add_argument("--data-path", default=None, help="MNIST IDX directory or text file")
+    model.add_argument("--seq-len", type=int, default=64, help="sequence length (text)")
+    train = parser.add_argument_group("training")
+    train.add_argument(
+        "--steps", type=int, default=0, help="steps to train; 0 trains until stopped"
+    )
+    train.add_argument("--batch-size", type=int, default=64, help="samples per step")
+    train.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam learning rate of local parameters"
+    )
+    train.add_argument(
+        "--lr-decay", type=parse_bool, default=False,
+        help="decay the learning rate linearly to 0 at --steps",
+    )  # fmt: skip
+    train.add_argument(
+        "--balancing-weight", type=float, default=0.01, help="switch balancing loss weight"
+    )
+    train.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 never")
+    train.add_argument("--eval-batch-size", type=int, default=512, help="samples per eval batch")
+    train.add_argument("--seed", type=int, default=0, help="data split and initialisation seed")
+    train.add_argument("--checkpoint-dir", default=None, help="where to checkpoint and resume from")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps")
+    train.add_argument(
+        "--history-file", default=None, help="JSON file rewritten at each evaluation"
+    )
+    train.add_argument(
+        "--log-every", type=int, default=50, help="log a line every N steps (no tty)"
+    )
+    train.add_argument(
+        "--max-consecutive-failures", type=int, default=0,
+        help="exit with status 1 after this many skipped steps in a row; 0 never",
+    )  # fmt: skip
+    train.add_argument(
+        "--failure-pause", type=float, default=0.5, help="pause after a skipped step, s"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.initial_peers and not args.model_module:
+        parser.error(
+            "--initial-peers (or DMOE_INITIAL_PEERS) is required: the DHT finds the experts"
+        )
+    setup_logging(args.log_level, args.log_format)
+
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from services.common.config import announce_host
+    from services.common.server import start_server
+    from services.trainer.backoff import Backoff
+    from services.trainer.data import load_dataset
+    from services.trainer.metrics import TrainerMetrics
+    from services.trainer.models import MoEOptions, build_model
+    from services.trainer.progress import Progress
+    from services.trainer.service import TrainerServicer, registrar
+    from services.trainer.swarm import Swarm
+    from services.trainer.train import TooManyFailures, Trainer
+
+    torch.manual_seed(args.seed)
+    dataset = load_dataset(args.dataset, args.data_path, seed=args.seed, seq_len=args.seq_len)
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+    swarm = Swarm(
+        args.initial_peers,
+        cache_ttl=args.dht_cache_ttl,
+        backoff=Backoff(args.backoff_base, args.backoff_max),
+        metrics=metrics,
+        max_message_bytes=args.max_message_bytes,
+        compression=_COMPRESSIONS[args.compression],
+    )
+    options = MoEOptions(
+        grid_size=args.grid,
+        uid_prefix=args.uid_prefix,
+        kind=args.moe_kind,
+        k_best=args.k_best,
+        k_min=args.k_min,
+        forward_timeout=args.forward_timeout,
+        timeout_after_k_min=args.timeout_after_k_min,
+        backward_k_min=args.backward_k_min,
+        backward_timeout=args.backward_timeout,
+        forward_retries=args.forward_retries,
+        transient_retries=args.transient_retries,
+        allow_zero_outputs=args.allow_zero_outputs,
+        detect_anomalies=args.detect_anomalies,
+    )
+    model = build_model(
+        args.model,
+        swarm,
+        dataset,
+        options,
+        hidden=args.hidden_dim,
+        layers=args.num_layers,
+        heads=args.heads,
+        model_module=args.model_module,
+    )
+    trainer = Trainer(
+        model,
+        dataset,
+        torch.optim.Adam(model.parameters(), lr=args.lr),
+        batch_size=args.batch_size,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        metrics=metrics,
+        progress=Progress(args.steps or None, args.log_every),
+        balancing_weight=args.balancing_weight,
+        failure_pause=args.failure_pause,
+        max_consecutive_failures=args.max_consecutive_failures,
+        history_file=args.history_file,
+        lr_decay=args.lr_decay,
+    )
+    trainer.restore()
+    servicer = TrainerServicer(trainer, args.model_module or args.model, dataset.name)
+    running = swarm.run(
+        start_server(
+            "trainer",
+            registrar(servicer),
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_bytes,
+            registry=registry,
+        )
+    )
+    swarm.run(running.set_serving(True))
+    log.info(
+        "trainer serving",
+        extra={
+            "address": f"{announce_host(args.host, args.announce_host)}:{running.port}",
+            "port": running.port,
+            "metrics_port": running.metrics_port,
+            "model": args.model,
+            "dataset": dataset.name,
+            "resumed_step": trainer.state.step,
+        },
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal received, stopping after this step", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        state = trainer.train(stop)
+        log.info(
+            "training finished",
+            extra={
+                "step": state.step,
+                "test_accuracy": state.test_accuracy,
+                "test_loss": state.test_loss,
+                "failed_steps": state.failed_steps,
+            },
+        )
+    except TooManyFailures as exc:
+        log.error("giving up: %s", exc)
+        code = 1
+    finally:
+        try:
+            swarm.run(running.stop(args.shutdown_grace), timeout=args.shutdown_grace + 5)
+        finally:
+            swarm.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""gRPC ``dmoe.Trainer``: a read-only view of a trainer's progress (plus health, from bootstrap)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from services.proto import trainer_pb2, trainer_pb2_grpc
+from services.trainer.train import Trainer
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
+    def __init__(self, trainer: Trainer, model: str, dataset: str) -> None:
+        self.trainer, self.model, self.dataset = trainer, model, dataset
+        self.started = time.time()
+
+    async def Status(
+        self, request: trainer_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.StatusResponse:
+        state = self.trainer.snapshot()
+        return trainer_pb2.StatusResponse(
+            step=state.step,
+            samples_seen=state.samples_seen,
+            last_loss=state.last_loss,
+            test_loss=state.test_loss,
+            test_accuracy=state.test_accuracy,
+            last_eval_step=state.last_eval_step,
+            experts_in_use=state.experts_in_use,
+            model=self.model,
+            dataset=self.dataset,
+            state=state.state,
+            steps_per_second=state.steps_per_second,
+            failed_steps=state.failed_steps,
+            uptime_seconds=time.time() - self.started,
+        )
+
+
+def registrar(servicer: TrainerServicer):  # type: ignore[no-untyped-def]
+    def register(server: grpc.aio.Server) -> list[str]:
+        trainer_pb2_grpc.add_TrainerServicer_to_server(servicer, server)
+        return [trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name]
+
+    return register

@@ -1,0 +1,145 @@
+"""Churn over real gRPC: nodes die, the bootstrap node restarts, nodes start before their
+bootstrap peer, replicas are republished."""
+
+import asyncio
+import random
+import socket
+import time
+
+from grpc_health.v1 import health_pb2
+
+from services.dht.client import DHTClient
+from services.dht.config import NodeConfig
+from services.dht.routing import key_to_id, nearest_of
+from services.dht.server import RunningNode, start_node
+
+
+async def make_swarm(
+    n: int, rng: random.Random, config: NodeConfig | None = None
+) -> list[RunningNode]:
+    nodes = [await start_node(config)]
+    for i in range(1, n):
+        peers = [x.address for x in rng.sample(nodes, min(3, i))]
+        nodes.append(await start_node(config, initial_peers=peers))
+    await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in nodes)), 60)
+    return nodes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def health(node: RunningNode) -> int:
+    reply = await node.server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    return reply.status
+
+
+async def _churn_scenario() -> None:
+    rng = random.Random(11)
+    nodes = await make_swarm(50, rng, NodeConfig(seed_ping_interval=0.5))
+    alive = list(nodes)
+    try:
+        now = time.time()
+        values = {f"churn.{i}": f"v{i}".encode() for i in range(30)}
+        for key, value in values.items():
+            async with DHTClient([rng.choice(nodes).address]) as client:
+                assert await client.put([(key, None, value, now + 120)]) == [True]
+        # kill 10% (never the bootstrap node 0, restarted below)
+        victims = rng.sample(nodes[1:], 5)
+        await asyncio.gather(*(v.stop(0) for v in victims))
+        alive = [x for x in nodes if x not in victims]
+        keys = list(values)
+        for survivor in alive:
+            found = await survivor.node.get_many([key_to_id(k.encode()) for k in keys])
+            for key, entries in zip(keys, found, strict=True):
+                assert [e.value for e in entries] == [values[key]], (survivor.address, key)
+        assert sum(len(x.node.blacklist) for x in alive) > 0  # the dead were noticed
+
+        # restart the bootstrap node on the same port: new nodes still join through it
+        boot = nodes[0]
+        port = boot.server.port
+        await boot.stop(0)
+        alive.remove(boot)
+        restarted = await start_node(port=port)
+        alive.append(restarted)
+        assert restarted.address == boot.address
+        # nodes that bootstrapped through it ping it again and it learns the swarm
+        for _ in range(100):
+            if len(restarted.node.table) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert len(restarted.node.table) >= 3
+        newcomers = [await start_node(initial_peers=[restarted.address]) for _ in range(3)]
+        alive.extend(newcomers)
+        await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in newcomers)), 30)
+        for newcomer in newcomers:
+            assert len(newcomer.node.table) >= 10
+            async with DHTClient([newcomer.address]) as client:
+                found = await client.get(keys)
+            assert all(found[k] is not None and found[k].value == v for k, v in values.items())
+    finally:
+        await asyncio.gather(*(x.stop(0) for x in alive))
+
+
+def test_churn_kill_10_percent_and_restart_bootstrap() -> None:
+    asyncio.run(_churn_scenario())
+
+
+async def _late_bootstrap_scenario() -> None:
+    port = free_port()
+    # the initial peer is a DNS name that only starts answering later
+    early = await start_node(initial_peers=[f"localhost:{port}"])
+    late = None
+    try:
+        await asyncio.sleep(1.0)
+        assert not early.node.joined.is_set()
+        assert await health(early) == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = await start_node(port=port)
+        await asyncio.wait_for(early.node.joined.wait(), 20)
+        await asyncio.sleep(0.05)
+        assert await health(early) == health_pb2.HealthCheckResponse.SERVING
+        assert late.node.node_id in early.node.table
+        assert early.node.node_id in late.node.table  # it learned about the caller
+        async with DHTClient([early.address]) as client:
+            assert await client.put([("late.key", None, b"x", time.time() + 30)]) == [True]
+        async with DHTClient([late.address]) as client:
+            assert (await client.get(["late.key"]))["late.key"].value == b"x"
+    finally:
+        await early.stop(0)
+        if late is not None:
+            await late.stop(0)
+
+
+def test_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> None:
+    asyncio.run(_late_bootstrap_scenario())
+
+
+async def _republish_scenario() -> None:
+    rng = random.Random(5)
+    nodes = await make_swarm(12, rng)
+    alive = list(nodes)
+    try:
+        key = b"republished"
+        async with DHTClient([nodes[0].address]) as client:
+            assert await client.put([(key, None, b"v", time.time() + 60)]) == [True]
+        target = key_to_id(key)
+        replicas = [x for x in nodes if x.node.storage.get(target)]
+        assert len(replicas) == 5
+        dead = replicas[:3]
+        await asyncio.gather(*(x.stop(0) for x in dead))
+        alive = [x for x in nodes if x not in dead]
+        sent = await replicas[3].node.republish(force=True)
+        assert sent == 1
+        live_ids = [x.node.node_id for x in alive]
+        now_held = {x.node.node_id for x in alive if x.node.storage.get(target)}
+        assert now_held == set(nearest_of(target, live_ids, 5))
+        # a replica stored just now skips its own republish (somebody else did it)
+        assert await replicas[4].node.republish() == 0
+    finally:
+        await asyncio.gather(*(x.stop(0) for x in alive))
+
+
+def test_republish_restores_num_replicas_after_replicas_die() -> None:
+    asyncio.run(_republish_scenario())

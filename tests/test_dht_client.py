@@ -1,0 +1,67 @@
+"""DHTClient per the contract (notes/dht_contract.md), against real nodes."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from services.dht.client import DHTClient, DHTUnavailable, ValueWithExpiration
+from services.dht.server import start_node
+
+
+def dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def _scenario() -> None:
+    a = await start_node()
+    b = await start_node(initial_peers=[a.address])
+    await asyncio.wait_for(b.node.joined.wait(), 10)
+    try:
+        now = time.time()
+        # a dead first node is skipped: the next one answers
+        async with DHTClient([dead_address(), b.address], timeout=2.0) as client:
+            stored = await client.put(
+                [
+                    ("ffn.3.14", None, b"10.0.0.5:31340", now + 30),
+                    ("ffn.3.", "14", b"10.0.0.5:31340", now + 30),
+                    (b"ffn.", b"3", b"10.0.0.5:31340", now + 30),
+                    ("old", None, b"x", now - 1),
+                ]
+            )
+            assert stored == [True, True, True, False]
+            assert await client.put([]) == []
+            assert await client.get([]) == {}
+        async with DHTClient(a.address) as client:
+            found = await client.get(["ffn.", b"ffn.3.", "ffn.3.14", "old", "nothing"])
+        assert set(found) == {"ffn.", b"ffn.3.", "ffn.3.14", "old", "nothing"}
+        assert found["ffn.3.14"] == ValueWithExpiration(b"10.0.0.5:31340", now + 30)
+        assert found[b"ffn.3."] == {b"14": ValueWithExpiration(b"10.0.0.5:31340", now + 30)}
+        assert found["ffn."] == {b"3": ValueWithExpiration(b"10.0.0.5:31340", now + 30)}
+        assert found["old"] is None and found["nothing"] is None
+
+        client = DHTClient([a.address])
+        # another subkey does not erase the first; latest merges
+        assert await client.put([("ffn.", "4", b"h:2", now + 20)]) == [True]
+        latest = await client.get(["ffn."], latest=True)
+        assert set(latest["ffn."]) == {b"3", b"4"}
+        with pytest.raises(ValueError, match="key is"):
+            await client.put([("k" * 1000, None, b"v", now + 10)])
+        with pytest.raises(ValueError, match="finite"):
+            await client.put([("k", None, b"v", float("inf"))])
+        await client.close()
+
+        with pytest.raises(DHTUnavailable):
+            async with DHTClient([dead_address()], timeout=1.0) as nobody:
+                await nobody.get(["ffn."])
+        assert issubclass(DHTUnavailable, ConnectionError)
+    finally:
+        await b.stop(0)
+        await a.stop(0)
+
+
+def test_client_put_get_contract() -> None:
+    asyncio.run(_scenario())

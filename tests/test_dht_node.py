@@ -1,0 +1,244 @@
+"""Node logic over the in-process transport (the code path of benchmark mode B)."""
+
+import asyncio
+import random
+import time
+
+from services.dht.config import NodeConfig
+from services.dht.node import DHTNode
+from services.dht.routing import ID_SPACE, key_to_id, nearest_of
+from services.dht.storage import Entry
+from services.dht.transport import InProcessTransport
+
+
+def make_node(transport: InProcessTransport, i: int, config: NodeConfig, **kw) -> DHTNode:
+    address = f"10.0.{i // 256}.{i % 256}:31330"
+    node = DHTNode(transport, config, address=address, **kw)
+    transport.register(address, node.protocol)
+    return node
+
+
+async def _evict_scenario() -> None:
+    transport = InProcessTransport()
+    config = NodeConfig(k=2, depth_modulo=1)  # classic Kademlia: only the own bucket splits
+    me = make_node(transport, 0, config, node_id=0)
+    half = ID_SPACE // 2
+    a, b, c, d = (make_node(transport, i + 1, config, node_id=half + i) for i in range(4))
+    me.on_contact(a.node_id, a.address)
+    me.on_contact(b.node_id, b.address)
+    me.on_contact(c.node_id, c.address)  # bucket full: ping a (least recently seen)
+    await asyncio.sleep(0.05)
+    assert a.node_id in me.table and c.node_id not in me.table  # a answered: it stays
+    transport.unregister(b.address)  # b dies
+    me.on_contact(d.node_id, d.address)  # full again: ping b, which fails
+    await asyncio.sleep(0.05)
+    assert b.node_id not in me.table and d.node_id in me.table
+    assert me.blacklist.blocked(b.address)
+    me.on_contact(b.node_id, b.address)  # b calls us again: unbanned
+    assert not me.blacklist.blocked(b.address)
+    for node in (me, a, b, c, d):
+        await node.stop()
+
+
+def test_full_bucket_pings_least_recently_seen_before_evicting() -> None:
+    asyncio.run(_evict_scenario())
+
+
+async def _inprocess_swarm() -> None:
+    rng = random.Random(3)
+    transport = InProcessTransport()
+    config = NodeConfig(maintenance_interval=0.2)
+    nodes: list[DHTNode] = []
+    for i in range(64):
+        node = make_node(transport, i, config)
+        await node.start([n.address for n in rng.sample(nodes, min(4, len(nodes)))])
+        await asyncio.wait_for(node.joined.wait(), 5)
+        nodes.append(node)
+    keys = [key_to_id(f"k{i}".encode()) for i in range(40)]
+    expiration = time.time() + 60
+    counts, full = await nodes[5].store_many(
+        [(k, Entry(None, b"v%d" % i, expiration)) for i, k in enumerate(keys)]
+    )
+    assert counts == [5] * len(keys) and not full
+    ids = [n.node_id for n in nodes]
+    for k in keys:
+        assert {n.node_id for n in nodes if n.storage.get(k)} == set(nearest_of(k, ids, 5))
+    for victim in rng.sample(nodes[1:], 6):
+        transport.unregister(victim.address)
+        await victim.stop()
+        nodes.remove(victim)
+    for node in rng.sample(nodes, 10):
+        found = await node.get_many(keys)
+        assert [[e.value for e in f] for f in found] == [[b"v%d" % i] for i in range(40)]
+    for node in nodes:
+        await node.stop()
+
+
+def test_inprocess_swarm_store_get_after_churn() -> None:
+    asyncio.run(_inprocess_swarm())
+
+
+async def _coalescing() -> None:
+    transport = InProcessTransport()
+    config = NodeConfig()
+    a, b, c = (make_node(transport, i, config) for i in (1, 2, 3))
+    a.on_contact(b.node_id, b.address)
+    b.on_contact(c.node_id, c.address)
+    targets = [key_to_id(f"t{i}".encode()) for i in range(6)]
+    before = transport.calls
+    # six lookups started in the same loop turn ask b once, in one Find carrying six keys
+    answers = await asyncio.gather(
+        *(a._find(b.node_id, b.address, [t], nodes_only=True) for t in targets)
+    )
+    assert transport.calls - before == 1
+    assert all(answer == [([], [(c.node_id, c.address)])] for answer in answers)
+    # an error reaches every request of the batch, and the dead peer is blacklisted
+    transport.unregister(b.address)
+    results = await asyncio.gather(
+        *(a._find(b.node_id, b.address, [t], nodes_only=True) for t in targets),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Exception) and "UNAVAILABLE" in str(r) for r in results)
+    assert a.blacklist.blocked(b.address) and b.node_id not in a.table
+    for node in (a, b, c):
+        await node.stop()
+
+
+def test_concurrent_requests_to_one_peer_share_an_rpc() -> None:
+    asyncio.run(_coalescing())
+
+
+async def _observed_host() -> None:
+    from services.dht.protocol import caller_host
+    from services.proto import dht_pb2
+
+    transport = InProcessTransport()
+    node = make_node(transport, 1, NodeConfig())
+    other = make_node(transport, 2, NodeConfig())
+    sender = dht_pb2.NodeInfo(node_id=other.info.node_id, address="127.0.0.1:4000")
+    await node.protocol.handle("Ping", dht_pb2.PingRequest(sender=sender), caller_host="10.1.2.3")
+    assert node.table.address_of(other.node_id) == "10.1.2.3:4000"  # loopback announce fixed
+    sender.address = "dht-2:4000"
+    await node.protocol.handle("Ping", dht_pb2.PingRequest(sender=sender), caller_host="10.1.2.3")
+    assert node.table.address_of(other.node_id) == "dht-2:4000"  # a real name is kept
+    assert caller_host("ipv4:172.18.0.3:45678") == "172.18.0.3"
+    assert caller_host("ipv6:%5B::1%5D:5678") == "::1"
+    assert caller_host("unix:/tmp/sock") == ""
+
+
+def test_loopback_announce_is_replaced_by_the_observed_host() -> None:
+    asyncio.run(_observed_host())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lookups: list[str] = []
+
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        pass
+
+    def lookup(self, operation: str, rounds: int, rpcs: int) -> None:
+        self.lookups.append(operation)
+
+    def republished(self, count: int) -> None:
+        pass
+
+
+async def _maintenance() -> None:
+    rng = random.Random(9)
+    transport = InProcessTransport()
+    config = NodeConfig(maintenance_interval=0.05, republish_interval=0.4, refresh_interval=0.3)
+    recorder = Recorder()
+    nodes: list[DHTNode] = []
+    for i in range(20):
+        node = make_node(transport, i, config, metrics=recorder)
+        await node.start([n.address for n in rng.sample(nodes, min(3, len(nodes)))])
+        await asyncio.wait_for(node.joined.wait(), 5)
+        nodes.append(node)
+    key = key_to_id(b"kept alive")
+    counts, _ = await nodes[0].store_many([(key, Entry(None, b"v", time.time() + 60))])
+    assert counts == [5]
+    replicas = [n for n in nodes if n.storage.get(key)]
+    for dead in replicas[:3]:
+        transport.unregister(dead.address)
+        await dead.stop()
+        nodes.remove(dead)
+    # the maintenance loop republishes to the nearest live nodes and refreshes buckets
+    live = set(nearest_of(key, [n.node_id for n in nodes], 5))
+    for _ in range(100):
+        if {n.node_id for n in nodes if n.storage.get(key)} == live:
+            break
+        await asyncio.sleep(0.05)
+    assert {n.node_id for n in nodes if n.storage.get(key)} == live
+    assert "refresh" in recorder.lookups
+    for node in nodes:
+        await node.stop()
+
+
+def test_maintenance_republishes_and_refreshes() -> None:
+    asyncio.run(_maintenance())
+
+
+def test_blacklist_backoff_doubles_and_clears() -> None:
+    from services.dht.node import Blacklist
+
+    blacklist = Blacklist(base=0.05, maximum=0.1)
+    blacklist.fail("a:1")
+    assert blacklist.blocked("a:1") and len(blacklist) == 1
+    time.sleep(0.06)
+    assert not blacklist.blocked("a:1")
+    blacklist.fail("a:1")  # second failure: 0.1 s
+    time.sleep(0.06)
+    assert blacklist.blocked("a:1")
+    blacklist.fail("a:1")  # capped at the maximum
+    blacklist.clear("a:1")
+    assert not blacklist.blocked("a:1") and len(blacklist) == 0
+
+
+async def _conditional_store() -> None:
+    from services.proto import dht_pb2
+
+    transport = InProcessTransport()
+    config = NodeConfig()
+    key = key_to_id(b"conditional")
+    near = [make_node(transport, i, config, node_id=key ^ i) for i in range(1, 7)]
+    far = [make_node(transport, 10 + j, config, node_id=key ^ (1 << (150 + j))) for j in range(3)]
+    storer = make_node(transport, 20, config, node_id=key ^ (1 << 159))
+    for node in (*far, near[5]):  # they know the 5 nearest: not replicas themselves
+        for peer in near[:5]:
+            node.on_contact(peer.node_id, peer.address)
+    for peer in near[1:]:
+        near[0].on_contact(peer.node_id, peer.address)
+    for peer in (near[0], near[5], *far):  # the storer misses n2..n5
+        storer.on_contact(peer.node_id, peer.address)
+
+    # the wire rule: a conditional store is declined by a node that knows 5 nearer peers
+    item = dht_pb2.StoreItem(
+        key_id=key.to_bytes(20, "big"),
+        entry=dht_pb2.ValueEntry(value=b"v", expiration=time.time() + 60),
+    )
+    reply = await far[0].protocol.handle(
+        "Store", dht_pb2.StoreRequest(sender=storer.info, items=[item], replicas=5)
+    )
+    assert list(reply.stored) == [False] and list(reply.declined) == [True]
+    named = {int.from_bytes(p.node_id, "big") for p in reply.nearest[0].nearest}
+    assert named == {n.node_id for n in near[:5]}
+    assert not far[0].storage.get(key)
+    reply = await near[0].protocol.handle(
+        "Store", dht_pb2.StoreRequest(sender=storer.info, items=[item], replicas=5)
+    )
+    assert list(reply.stored) == [True] and list(reply.declined) == [False]
+
+    # the storer's table misses 4 of the 5 nearest: the store finds and fills them anyway,
+    # and the nodes that are not replicas keep no copy
+    entry = Entry(None, b"value", time.time() + 60)
+    counts, full = await storer.store_many([(key, entry)])
+    assert counts == [5] and not full
+    holders = {n.node_id for n in (*near, *far, storer) if n.storage.get(key)}
+    assert holders == {n.node_id for n in near[:5]}
+    for node in (*near, *far, storer):
+        await node.stop()
+
+
+def test_store_doubles_as_last_lookup_step_and_non_replicas_decline() -> None:
+    asyncio.run(_conditional_store())

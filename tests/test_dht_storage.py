@@ -1,0 +1,84 @@
+"""Storage rules: later expiration wins, separate subkey expirations, expiry, limits."""
+
+import time
+
+import pytest
+
+from services.dht.storage import Entry, Storage, StorageFull, merge_entries
+
+
+def test_later_expiration_wins_and_older_is_refused() -> None:
+    s, now = Storage(), time.time()
+    assert s.store(1, None, b"a", now + 10)
+    assert not s.store(1, None, b"old", now + 5)
+    assert s.get(1) == [Entry(None, b"a", now + 10)]
+    assert s.store(1, None, b"b", now + 20)
+    assert s.get(1) == [Entry(None, b"b", now + 20)]
+    assert not s.store(2, None, b"expired", now - 1)
+    assert s.get(2) == []
+
+
+def test_subkeys_keep_separate_expirations() -> None:
+    s, now = Storage(), time.time()
+    assert s.store(7, b"x", b"1", now + 10)
+    assert s.store(7, b"y", b"2", now + 0.2)
+    assert not s.store(7, b"x", b"stale", now + 5)  # older than the held x
+    assert {e.subkey: e.value for e in s.get(7)} == {b"x": b"1", b"y": b"2"}
+    time.sleep(0.3)
+    assert s.get(7) == [Entry(b"x", b"1", now + 10)]  # y expired, x untouched
+    # a plain value replaces the dictionary only with a later expiration
+    assert not s.store(7, None, b"plain", now + 9)
+    assert s.store(7, None, b"plain", now + 11)
+    assert s.get(7) == [Entry(None, b"plain", now + 11)]
+    assert not s.store(7, b"z", b"3", now + 11)
+    assert s.store(7, b"z", b"3", now + 12)
+    assert s.get(7) == [Entry(b"z", b"3", now + 12)]
+
+
+def test_expired_entries_are_purged_and_counted() -> None:
+    s, now = Storage(), time.time()
+    s.store(1, None, b"a", now + 0.1)
+    s.store(2, b"k", b"b", now + 0.1)
+    s.store(3, None, b"c", now + 60)
+    assert len(s) == 3
+    time.sleep(0.2)
+    assert s.purge() == 2
+    assert len(s) == 1 and s.keys() == [3]
+
+
+def test_capacity_refuses_new_entries_but_allows_updates() -> None:
+    s, now = Storage(max_entries=2), time.time()
+    s.store(1, None, b"a", now + 10)
+    s.store(2, b"k", b"b", now + 10)
+    with pytest.raises(StorageFull):
+        s.store(3, None, b"c", now + 10)
+    with pytest.raises(StorageFull):
+        s.store(2, b"other", b"c", now + 10)
+    assert s.store(1, None, b"a2", now + 20)  # update in place needs no room
+    assert s.store(2, b"k", b"b2", now + 20)
+    assert len(s) == 2
+
+
+def test_cache_evicts_soonest_expiring() -> None:
+    s, now = Storage(max_entries=2, evict_when_full=True), time.time()
+    s.store(1, None, b"a", now + 5)
+    s.store(2, None, b"b", now + 50)
+    assert s.store(3, None, b"c", now + 20)
+    assert s.get(1) == [] and s.get(2) and s.get(3)
+
+
+def test_merge_later_expiration_per_subkey() -> None:
+    now = time.time()
+    merged = merge_entries(
+        [
+            Entry(b"a", b"1", now + 5),
+            Entry(b"a", b"2", now + 9),
+            Entry(b"b", b"3", now + 1),
+            Entry(b"c", b"gone", now - 1),
+            Entry(None, b"plain", now + 3),
+        ]
+    )
+    assert merged == [Entry(b"a", b"2", now + 9), Entry(b"b", b"3", now + 1)]
+    assert merge_entries([Entry(None, b"p", now + 10), Entry(b"a", b"1", now + 5)]) == [
+        Entry(None, b"p", now + 10)
+    ]

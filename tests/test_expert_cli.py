@@ -1,0 +1,66 @@
+"""The command line and the uid grammar: bad patterns are refused at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.expert import uid as uids
+from services.expert.declare import declaration_items
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_uid_grammar_and_patterns() -> None:
+    assert uids.is_valid_uid("ffn.3.14") and uids.is_valid_uid("my_block.0")
+    for bad in ("ffn", "ffn.", "ffn.03", "ffn.3.", ".3", "ffn.-1", "ffn.a", "3.4", "f f.1"):
+        assert not uids.is_valid_uid(bad), bad
+    assert uids.expand(["ffn.[0:2].[3:5]"]) == ["ffn.0.3", "ffn.0.4", "ffn.1.3", "ffn.1.4"]
+    assert uids.expand(uids.split_patterns("a.1, a.[0:2] b.7")) == ["a.1", "a.0", "b.7"]
+    for bad in ("ffn.[2:2]", "ffn.[0:4", "ffn.[00:4]", "ffn", "ffn.[0:4].x", "ffn.[1:0]"):
+        with pytest.raises(ValueError, match=r"pattern|range"):
+            uids.expand([bad])
+
+
+def test_random_choice_without_dht_is_distinct_and_bounded() -> None:
+    chosen = asyncio.run(
+        uids.choose_free_uids(["e.[0:100].[0:100]"], 20, None, rng=random.Random(1))
+    )
+    assert len(set(chosen)) == 20 and all(uids.is_valid_uid(u) for u in chosen)
+    with pytest.raises(ValueError, match="exceeds"):
+        asyncio.run(uids.choose_free_uids(["e.[0:3]"], 4, None))
+
+
+def test_declaration_items_follow_the_dht_key_scheme() -> None:
+    items = declaration_items(["ffn.3.14", "ffn.3.15"], "10.0.0.5:31340", 123.0)
+    keys = {(k, s) for k, s, v, e in items}
+    assert keys == {
+        ("ffn.3.14", None), ("ffn.3.15", None), ("ffn.3.", "14"), ("ffn.3.", "15"), ("ffn.", "3")
+    }  # fmt: skip
+    assert all(v == b"10.0.0.5:31340" and e == 123.0 for _, _, v, e in items)
+
+
+def test_help_and_bad_pattern_at_startup() -> None:
+    helped = subprocess.run(
+        [sys.executable, "-m", "services.expert", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert helped.returncode == 0
+    for flag in ("--experts", "--max-batch-size", "--simulate-failure-rate", "DMOE_EXPERTS"):
+        assert flag in helped.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "services.expert", "--no-dht", "--experts", "ffn.[0:4].0x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "bad expert pattern" in bad.stderr

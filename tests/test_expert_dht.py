@@ -1,0 +1,153 @@
+"""Experts appear in a real DHT (every prefix beam search needs), reappear after a DHT outage,
+vanish after shutdown, and ``--num-experts`` skips uids other servers already declared."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.dht.client import DHTClient, DHTUnavailable
+from services.expert.server import ExpertConfig, ExpertServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_dht(port: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "services.dht", "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", "-1", "--log-level", "warning", "--shutdown-grace", "0.5",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT)
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await predicate():
+                return
+        except DHTUnavailable:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+
+
+def test_declared_after_start_redeclared_after_outage_gone_after_stop() -> None:
+    port = _free_port()
+    dht_proc = _start_dht(port)
+    peer = f"127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        nonlocal dht_proc
+        dht = DHTClient([peer], timeout=2.0)
+        server = None
+        try:
+            await _until(lambda: dht.get(["probe"]), 60, "the DHT to start")
+            config = ExpertConfig(
+                experts=["ffn.[0:2].[3:5]"], hidden_dim=8, dht_peers=[peer], update_period=1.0
+            )
+            server = await ExpertServer(config).start()
+            address = server.address.encode()
+            keys = ["ffn.0.3", "ffn.1.4", "ffn.0.", "ffn.1.", "ffn."]
+
+            async def declared() -> bool:
+                found = await dht.get(keys)
+                return all(found[k] is not None for k in keys)
+
+            await _until(declared, 20, "the declaration")
+            found = await dht.get(keys)
+            assert found["ffn.0.3"].value == address
+            assert set(found["ffn.0."]) == {b"3", b"4"}
+            assert found["ffn.1."][b"4"].value == address
+            assert set(found["ffn."]) == {b"0", b"1"}
+            expiration = found["ffn.0.3"].expiration
+            assert time.time() < expiration <= time.time() + 2 * config.update_period + 1
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest()
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            # outage: the DHT restarts empty on the same port; the server declares again
+            _stop(dht_proc)
+
+            async def failed() -> bool:
+                value = server.registry.get_sample_value(
+                    "dmoe_expert_dht_declaration_failures_total", {"reason": "unavailable"}
+                )
+                return bool(value)
+
+            await _until(failed, 20, "a failed declaration")
+            dht_proc = _start_dht(port)
+            await _until(declared, 40, "the declaration after the outage")
+
+            # shutdown: nobody renews the entries, so they expire within 2 periods
+            await server.stop(0.5)
+            server = None
+
+            async def gone() -> bool:
+                found = await dht.get(keys)
+                return all(found[k] is None for k in keys)
+
+            await _until(gone, 2 * config.update_period + 5, "the experts to vanish")
+        finally:
+            if server is not None:
+                await server.stop(0.5)
+            await dht.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(dht_proc)
+
+
+def test_num_experts_skips_uids_declared_by_others() -> None:
+    port = _free_port()
+    dht_proc = _start_dht(port)
+    peer = f"127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        dht = DHTClient([peer], timeout=2.0)
+        server = None
+        try:
+            await _until(lambda: dht.get(["probe"]), 60, "the DHT to start")
+            taken = ["smp.0", "smp.1", "smp.3", "smp.4"]
+            stored = await dht.put([(u, None, b"10.0.0.9:1", time.time() + 60) for u in taken])
+            assert all(stored)
+            config = ExpertConfig(
+                experts=["smp.[0:5]"], num_experts=1, hidden_dim=8, dht_peers=[peer],
+                update_period=5.0,
+            )  # fmt: skip
+            server = await ExpertServer(config).start()
+            assert list(server.backends) == ["smp.2"]
+        finally:
+            if server is not None:
+                await server.stop(0.5)
+            await dht.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(dht_proc)

@@ -1,0 +1,223 @@
+"""DMoE layers over a real DHT node and real expert servers (in-process, 127.0.0.1)."""
+
+import socket
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from services.dht.client import DHTClient
+from services.dht.server import start_node
+from services.expert.backend import OptimizerConfig
+from services.expert.server import ExpertConfig, ExpertServer
+from services.trainer.backoff import Backoff
+from services.trainer.dispatch import ExpertsUnavailableError
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.moe import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
+from services.trainer.remote_expert import RemoteExpert
+from services.trainer.swarm import Swarm
+
+H = 16
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()), cache_ttl=0.0)
+    node = swarm.run(start_node())
+    swarm.initial_peers = [node.address]
+    servers = []
+    for pattern in ("ffn.[0:3].[0:2],mix.1.[0:2]", "ffn.[0:3].[2:4]"):
+        config = ExpertConfig(
+            experts=[pattern],
+            hidden_dim=H,
+            optimizer=OptimizerConfig(lr=0.0),
+            seed=0,
+            dht_peers=[node.address],
+            update_period=30,
+        )
+        servers.append(swarm.run(ExpertServer(config).start()))
+    for server in servers:
+        swarm.run(server.declarer.first_success.wait(), timeout=20)
+    swarm.node, swarm.servers = node, servers
+    yield swarm
+    for server in servers:
+        swarm.run(server.stop(0))
+    swarm.run(node.stop())
+    swarm.close()
+
+
+def reference(layer: RemoteMixtureOfExperts, swarm: Swarm, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output recomputed with one RemoteExpert call per chosen expert."""
+    scores = layer.gating(x)
+    found = layer.find_experts(scores)
+    out = torch.zeros(x.shape[0], layer.out_features)
+    for b in range(x.shape[0]):
+        logits = torch.stack(
+            [
+                sum(s[b, c] for s, c in zip(scores, found.coords[b, j].tolist(), strict=True))
+                for j in range(len(found.uids[b]))
+            ]
+        )
+        weights = torch.softmax(logits, 0)
+        for j, uid in enumerate(found.uids[b]):
+            expert = RemoteExpert(uid, found.addresses[uid], swarm=swarm)
+            out[b] = out[b] + weights[j] * expert(x[b : b + 1])[0]
+    return out
+
+
+def test_mixture_matches_per_expert_reference_and_trains_gating(swarm) -> None:
+    torch.manual_seed(0)
+    layer = RemoteMixtureOfExperts(H, (3, 4), "ffn", k_best=3, swarm=swarm)
+    x = torch.randn(10, H, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (10, H)
+    assert torch.allclose(y, reference(layer, swarm, x.detach()), atol=1e-5)
+    assert layer.experts_in_use <= {f"ffn.{i}.{j}" for i in range(3) for j in range(4)}
+    y.pow(2).mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert (
+        layer.gating.proj.weight.grad is not None and layer.gating.proj.weight.grad.abs().sum() > 0
+    )
+    # the whole gradient equals the per-expert reference (lr=0 keeps weights fixed)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference(layer, swarm, x_ref).pow(2).mean().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+
+
+def test_sequence_inputs_route_every_token(swarm) -> None:
+    layer = RemoteMixtureOfExperts(H, (3, 4), "ffn.", k_best=2, swarm=swarm)
+    x = torch.randn(2, 5, H, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, H)
+    flat = reference(layer, swarm, x.detach().reshape(10, H)).reshape(2, 5, H)
+    assert torch.allclose(y, flat, atol=1e-5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(2, H + 1))
+
+
+def test_switch_layer_balancing_loss_and_utilisation(swarm) -> None:
+    torch.manual_seed(1)
+    layer = RemoteSwitchMixtureOfExperts(H, (3, 4), "ffn", swarm=swarm)
+    x = torch.randn(32, H)
+    y = layer(x)
+    assert y.shape == (32, H)
+    loss = layer.aux_loss
+    found = layer.find_experts(layer.gating(x))
+    expected = 0.0
+    for d, (scores, g) in enumerate(zip(layer.gating(x), (3, 4), strict=True)):
+        fraction = torch.bincount(found.coords[:, 0, d], minlength=g).float() / 32
+        expected += g * float((fraction * torch.softmax(scores.detach(), -1).mean(0)).sum())
+    assert abs(float(loss.detach()) - expected) < 1e-5
+    loss.backward()
+    assert layer.gating.proj.weight.grad.abs().sum() > 0
+    for util, g in zip(layer.grid_utilization, (3, 4), strict=True):
+        assert util.shape == (g,) and abs(float(util.sum()) - 1.0) < 1e-5
+    # output = p(expert) * expert(x) for the single chosen expert
+    scores = layer.gating(x)
+    found = layer.find_experts(scores)
+    b, uid = 0, found.uids[0][0]
+    p = (
+        torch.softmax(scores[0][b], 0)[found.coords[b, 0, 0]]
+        * torch.softmax(scores[1][b], 0)[found.coords[b, 0, 1]]
+    )
+    expected = p * RemoteExpert(uid, found.addresses[uid], swarm=swarm)(x[b : b + 1])[0]
+    assert torch.allclose(y[b], expected, atol=1e-5)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_all_experts_gone_error_or_zeros_promptly(swarm) -> None:
+    """Experts still declared but their server is gone; then nothing declared at all."""
+    dead = f"127.0.0.1:{closed_port()}".encode()
+    expiration = time.time() + 60
+    items = [("gone.", str(i), dead, expiration) for i in range(3)]
+    items += [(f"gone.{i}.", str(j), dead, expiration) for i in range(3) for j in range(2)]
+
+    async def declare():
+        async with DHTClient(swarm.initial_peers) as client:
+            assert all(await client.put(items))
+
+    swarm.run(declare())
+    layer = RemoteMixtureOfExperts(H, (3, 2), "gone", k_best=2, swarm=swarm, forward_timeout=20.0)
+    started = time.perf_counter()
+    with pytest.raises(ExpertsUnavailableError, match="fewer than k_min"):
+        layer(torch.randn(4, H))
+    assert time.perf_counter() - started < 10.0
+    zeros = RemoteMixtureOfExperts(
+        H, (3, 2), "gone", k_best=2, swarm=swarm, allow_zero_outputs=True, forward_timeout=20.0
+    )
+    out = zeros(torch.randn(4, H, requires_grad=True))
+    assert out.shape == (4, H) and bool((out == 0).all())
+    out.sum().backward()  # nothing answered: nothing to call back, no hang
+    nothing = RemoteMixtureOfExperts(H, (3, 2), "never", k_best=2, swarm=swarm)
+    with pytest.raises(ExpertsUnavailableError, match="no live experts found"):
+        nothing(torch.randn(4, H))
+
+
+def test_failing_experts_are_skipped_for_a_while() -> None:
+    clock = [0.0]
+    backoff = Backoff(
+        base=1.0, maximum=8.0, threshold=2, address_threshold=3, clock=lambda: clock[0]
+    )
+    backoff.failure("ffn.1", "a:1")
+    assert not backoff.is_skipped("ffn.1", "a:1")  # one failure is forgiven
+    backoff.failure("ffn.1", "a:1")
+    assert backoff.is_skipped("ffn.1", "a:1")
+    assert not backoff.is_skipped("ffn.2", "a:1")
+    backoff.failure("ffn.2", "a:1")  # third failure in a row on the server: all of it skipped
+    assert backoff.is_skipped("ffn.3", "a:1") and not backoff.is_skipped("ffn.3", "b:1")
+    clock[0] = 1.5
+    assert not backoff.is_skipped("ffn.1", "a:1")
+    backoff.failure("ffn.1", "a:1")  # the third in a row doubles the pause
+    clock[0] = 3.0
+    assert backoff.is_skipped("ffn.1")
+    backoff.success("ffn.1", "a:1")
+    assert not backoff.is_skipped("ffn.1", "a:1")
+
+
+def test_samples_whose_experts_fail_are_retried_with_the_next_best(swarm) -> None:
+    """The best experts (``mix.0.*``) are declared but dead; the retry round finds ``mix.1.*``."""
+    dead = f"127.0.0.1:{closed_port()}".encode()
+    expiration = time.time() + 60
+    items = [("mix.", "0", dead, expiration), ("mix.0.", "0", dead, expiration)]
+    items += [("mix.0.", "1", dead, expiration)]
+
+    async def declare():
+        async with DHTClient(swarm.initial_peers) as client:
+            assert all(await client.put(items))
+
+    swarm.run(declare())
+    swarm.backoff.success("mix.0.0", dead.decode())
+    torch.manual_seed(3)
+    layer = RemoteMixtureOfExperts(H, (2, 2), "mix", k_best=2, swarm=swarm, forward_timeout=20.0)
+    with torch.no_grad():
+        layer.gating.proj.bias[0] = 100.0  # every sample prefers coordinate 0 of dimension 0
+    x = torch.randn(5, H, requires_grad=True)
+    y = layer(x)
+    assert layer.experts_in_use == {"mix.1.0", "mix.1.1"}
+    scores = layer.gating(x.detach())
+    expected = torch.zeros(5, H)
+    for b in range(5):
+        weights = torch.softmax(torch.stack([scores[0][b, 1] + scores[1][b, j] for j in (0, 1)]), 0)
+        for j in (0, 1):
+            address = swarm.servers[0].address
+            expert = RemoteExpert(f"mix.1.{j}", address, swarm=swarm)
+            expected[b] += weights[j] * expert(x[b : b + 1].detach())[0]
+    assert torch.allclose(y, expected, atol=1e-5)
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+    no_retry = RemoteMixtureOfExperts(
+        H, (2, 2), "mix", k_best=2, swarm=swarm, forward_retries=0, forward_timeout=20.0
+    )
+    no_retry.load_state_dict(layer.state_dict())
+    swarm.backoff.success("mix.0.0", dead.decode())  # forget: the dead ones are tried first
+    swarm.backoff.success("mix.0.1", dead.decode())
+    with pytest.raises(ExpertsUnavailableError):
+        no_retry(x)

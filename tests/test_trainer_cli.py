@@ -1,0 +1,47 @@
+"""The trainer's command line: help, environment fallbacks, clear refusals."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.trainer.__main__ import build_parser, grid
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.trainer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_flags_with_env_vars() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for flag in ("--initial-peers", "--steps", "--eval-every", "--checkpoint-dir", "--k-best"):
+        assert flag in result.stdout
+    assert "DMOE_INITIAL_PEERS" in result.stdout and "DMOE_K_BEST" in result.stdout
+
+
+def test_flags_fall_back_to_environment(monkeypatch) -> None:
+    monkeypatch.setenv("DMOE_K_BEST", "7")
+    monkeypatch.setenv("DMOE_GRID", "2x3x4")
+    monkeypatch.setenv("DMOE_INITIAL_PEERS", "a:1,b:2")
+    args = build_parser().parse_args(["--k-best", "5", "--lr-decay", "yes"])
+    assert args.k_best == 5 and args.grid == (2, 3, 4) and args.initial_peers == ["a:1", "b:2"]
+    assert args.lr_decay is True
+
+
+def test_bad_invocations_are_refused_clearly() -> None:
+    missing = run("--steps", "1")
+    assert missing.returncode == 2 and "--initial-peers" in missing.stderr
+    bad_grid = run("--initial-peers", "127.0.0.1:1", "--grid", "4x0")
+    assert bad_grid.returncode == 2 and "positive sizes" in bad_grid.stderr
+    bad_peer = run("--initial-peers", "nohost")
+    assert bad_peer.returncode == 2 and "host:port" in bad_peer.stderr
+    with pytest.raises(Exception, match="not like 4x4"):
+        grid("four")

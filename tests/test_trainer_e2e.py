@@ -1,0 +1,265 @@
+"""End to end with real processes: a DHT node, expert servers and trainers on 127.0.0.1.
+
+Kept small so the file runs in about a minute on two cores: 32-wide experts on 4x4 grids,
+digits batches of 64, a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.proto import trainer_pb2, trainer_pb2_grpc
+
+H = 32
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], logdir: Path, port: int) -> None:
+        self.name, self.port = name, port
+        self.address = f"127.0.0.1:{port}"
+        self.log = logdir / f"{name}.log"
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),  # noqa: SIM115 - closed with the process
+            env=ENV,
+        )
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.popen.poll() is None, (
+                    f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
+                )
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise AssertionError(
+            f"{self.name} not healthy in {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(
+                f"{self.name} still running after {timeout} s:\n{self.log.read_text()[-3000:]}"
+            ) from None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_dht(logdir: Path) -> Proc:
+    return Proc("dht", ["services.dht", "--metrics-port", "-1"], logdir, free_port())
+
+
+def start_expert(name: str, patterns: str, dht: Proc, logdir: Path) -> Proc:
+    args = [
+        "services.expert", "--experts", patterns, "--hidden-dim", str(H), "--dht-peers",
+        dht.address, "--update-period", "2", "--seed", "0", "--metrics-port", "-1",
+        "--compute-threads", "1", "--torch-threads", "1", "--lr", "0.002",
+    ]  # fmt: skip
+    return Proc(name, args, logdir, free_port())
+
+
+def start_trainer(name: str, dht: Proc, logdir: Path, *extra: str, metrics_port: int = -1) -> Proc:
+    args = [
+        "services.trainer", "--initial-peers", dht.address, "--grid", "4x4", "--hidden-dim",
+        str(H), "--k-best", "4", "--lr", "0.003", "--eval-every", "50", "--log-format", "json",
+        "--metrics-port", str(metrics_port), "--history-file", str(logdir / f"{name}.json"),
+        "--forward-timeout", "3", "--backward-timeout", "3", *extra,
+    ]  # fmt: skip
+    return Proc(name, args, logdir, free_port())
+
+
+def history(logdir: Path, name: str) -> list[dict]:
+    return json.loads((logdir / f"{name}.json").read_text())["history"]
+
+
+def status(proc: Proc) -> trainer_pb2.StatusResponse:
+    with grpc.insecure_channel(proc.address) as channel:
+        return trainer_pb2_grpc.TrainerStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
+
+
+def wait_for_step(proc: Proc, step: int, timeout: float) -> trainer_pb2.StatusResponse:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.popen.poll() is None, proc.log.read_text()[-3000:]
+        try:
+            reply = status(proc)
+            if reply.step >= step:
+                return reply
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{proc.name} did not reach step {step}:\n{proc.log.read_text()[-3000:]}")
+
+
+def grids(i: int) -> str:
+    return f"ffn.[0:4].[{2 * i}:{2 * i + 2}],two.[0:4].[{2 * i}:{2 * i + 2}]"
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """A DHT node and two expert servers; grids ``ffn`` (shared), ``two`` and ``kill`` (fresh)."""
+    logdir = tmp_path_factory.mktemp("swarm")
+    dht = start_dht(logdir)
+    procs = [dht]
+    try:
+        dht.wait_healthy()
+        experts = [
+            start_expert(f"expert{i}", f"{grids(i)},kill.[0:4].{i}", dht, logdir) for i in range(2)
+        ]
+        procs += experts
+        for proc in experts:
+            proc.wait_healthy()
+        yield dht, experts, logdir
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_trainer_reaches_090_on_digits(swarm) -> None:
+    dht, _experts, logdir = swarm
+    metrics_port = free_port()
+    trainer = start_trainer("t1", dht, logdir, "--steps", "120", metrics_port=metrics_port)
+    try:
+        reply = wait_for_step(trainer, 5, 90)
+        assert reply.dataset == "digits" and reply.model == "mlp"
+        assert reply.samples_seen >= 5 * 64 and reply.experts_in_use
+        assert all(uid.startswith("ffn.") for uid in reply.experts_in_use)
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        assert "dmoe_trainer_steps_total" in text
+        assert 'dmoe_trainer_expert_call_duration_seconds_count{method="forward"}' in text
+        assert "dmoe_trainer_beam_search_duration_seconds_count" in text
+        assert trainer.wait(150) == 0
+    finally:
+        trainer.stop()
+    curve = history(logdir, "t1")
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == 120
+    assert curve[-1]["test_accuracy"] >= 0.90, curve
+
+
+def test_sigterm_checkpoints_and_resume_continues(swarm) -> None:
+    dht, _experts, logdir = swarm
+    ckpt = logdir / "ckpt"
+    trainer = start_trainer(
+        "t2",
+        dht,
+        logdir,
+        "--steps",
+        "0",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "1000",
+    )
+    try:
+        wait_for_step(trainer, 20, 90)
+        trainer.popen.send_signal(signal.SIGTERM)
+        assert trainer.wait(30) == 0
+    finally:
+        trainer.stop()
+    assert (ckpt / "trainer.pt").exists()
+    lines = [
+        json.loads(line) for line in trainer.log.read_text().splitlines() if line.startswith("{")
+    ]
+    saved = [line["step"] for line in lines if line["msg"] == "checkpoint saved"][-1]
+    assert saved >= 20
+    resumed = start_trainer(
+        "t3", dht, logdir, "--steps", str(saved + 10), "--checkpoint-dir", str(ckpt)
+    )
+    try:
+        assert resumed.wait(90) == 0
+    finally:
+        resumed.stop()
+    lines = [
+        json.loads(line) for line in resumed.log.read_text().splitlines() if line.startswith("{")
+    ]
+    assert [line["step"] for line in lines if line["msg"] == "resumed from checkpoint"] == [saved]
+    assert [line["step"] for line in lines if line["msg"] == "training finished"] == [saved + 10]
+
+
+def test_two_trainers_train_the_same_experts(swarm) -> None:
+    dht, _experts, logdir = swarm
+    common = ("--steps", "100", "--uid-prefix", "two")
+    trainers = [start_trainer(f"pair{i}", dht, logdir, *common, "--seed", str(i)) for i in range(2)]
+    try:
+        for trainer in trainers:
+            assert trainer.wait(180) == 0
+    finally:
+        for trainer in trainers:
+            trainer.stop()
+    for i in range(2):
+        curve = history(logdir, f"pair{i}")
+        assert curve[-1]["step"] == 100
+        assert curve[-1]["test_accuracy"] >= curve[0]["test_accuracy"] + 0.5, curve
+        assert curve[-1]["test_loss"] < curve[0]["test_loss"] / 2, curve
+
+
+def test_killing_a_quarter_of_the_expert_servers(swarm) -> None:
+    """Four servers host the ``kill`` grid (two from the fixture, two more here); one dies."""
+    dht, _experts, logdir = swarm
+    extra = [start_expert(f"expert{i}", f"kill.[0:4].{i}", dht, logdir) for i in (2, 3)]
+    try:
+        for proc in extra:
+            proc.wait_healthy()
+        trainer = start_trainer("killer", dht, logdir, "--steps", "150", "--uid-prefix", "kill")
+        try:
+            before = wait_for_step(trainer, 40, 120)
+            assert any(uid.endswith(".2") for uid in before.experts_in_use)  # the victim serves
+            extra[0].popen.kill()  # SIGKILL: no goodbye, its declarations linger until they expire
+            extra[0].popen.wait()
+            after_kill = status(trainer).step
+            later = wait_for_step(trainer, after_kill + 10, 120)
+            assert not any(uid.endswith(".2") for uid in later.experts_in_use)
+            assert trainer.wait(180) == 0
+        finally:
+            trainer.stop()
+    finally:
+        for proc in extra:
+            proc.stop()
+    assert after_kill < 150
+    curve = history(logdir, "killer")
+    assert curve[-1]["step"] == 150
+    assert curve[-1]["test_accuracy"] >= 0.90, curve
+    lines = [json.loads(x) for x in trainer.log.read_text().splitlines() if x.startswith("{")]
+    finished = [x for x in lines if x["msg"] == "training finished"]
+    assert finished and finished[0]["failed_steps"] <= 10

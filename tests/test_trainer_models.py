@@ -1,0 +1,149 @@
+"""Model architectures and the training loop in-process, over a real DHT and expert servers."""
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from services.dht.server import start_node
+from services.expert.server import ExpertConfig, ExpertServer
+from services.trainer import checkpoint
+from services.trainer.data import load_digits, load_text
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.models import MoEOptions, build_model
+from services.trainer.moe import RemoteMixtureOfExperts
+from services.trainer.remote_expert import RemoteExpert
+from services.trainer.swarm import Swarm
+from services.trainer.train import Trainer
+
+H = 16
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()))
+    node = swarm.run(start_node())
+    swarm.initial_peers = [node.address]
+    servers = [
+        ExpertServer(
+            ExpertConfig(
+                experts=[pattern],
+                expert_cls=cls,
+                hidden_dim=H,
+                seed=0,
+                dht_peers=[node.address],
+                update_period=30,
+            )
+        )
+        for pattern, cls in (
+            ("ffn.[0:2].[0:2],ffn1.[0:2].[0:2]", "ffn"),
+            ("seq.[0:2]", "transformer"),
+        )
+    ]
+    for server in servers:
+        swarm.run(server.start())
+        swarm.run(server.declarer.first_success.wait(), timeout=20)
+    yield swarm
+    for server in servers:
+        swarm.run(server.stop(0))
+    swarm.run(node.stop())
+    swarm.close()
+
+
+def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh" * 200)
+    data = load_text(path, seq_len=8)
+    torch.manual_seed(0)
+    options = MoEOptions(grid_size=(2, 2), k_best=2)
+    model = build_model("transformer", swarm, data, options, hidden=H, layers=2, heads=2)
+    prefixes = [m.uid_prefix for m in model.modules() if isinstance(m, RemoteMixtureOfExperts)]
+    assert prefixes == ["ffn.", "ffn1."]
+    trainer = Trainer(
+        model,
+        data,
+        torch.optim.Adam(model.parameters(), 1e-2),
+        batch_size=8,
+        steps=40,
+        eval_every=20,
+    )
+    state = trainer.train()
+    assert state.step == 40 and state.failed_steps == 0
+    assert state.history[-1]["test_loss"] < state.history[0]["test_loss"] * 0.7, state.history
+    assert set(state.experts_in_use) <= {
+        f"ffn{s}.{i}.{j}" for s in ("", "1") for i in range(2) for j in range(2)
+    }
+    with pytest.raises(ValueError, match="needs a text dataset"):
+        build_model("transformer", swarm, load_digits(0), options, hidden=H)
+
+
+def test_sequence_experts_get_whole_samples(swarm) -> None:
+    layer = RemoteMixtureOfExperts(H, (2,), "seq", k_best=2, swarm=swarm, per_token=False)
+    x = torch.randn(3, 5, H, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, H)
+    scores = layer.gating(x.detach().mean(1))
+    found = layer.find_experts(scores)
+    for b in range(3):
+        weights = torch.softmax(
+            torch.stack([scores[0][b, c] for c in found.coords[b, :, 0].tolist()]), 0
+        )
+        expected = sum(
+            w * RemoteExpert(uid, found.addresses[uid], swarm=swarm)(x[b : b + 1].detach())[0]
+            for w, uid in zip(weights, found.uids[b], strict=True)
+        )
+        assert torch.allclose(y[b], expected, atol=1e-4)
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_trainer_checkpoint_restores_state(swarm, tmp_path) -> None:
+    data = load_digits(0)
+    options = MoEOptions(grid_size=(2, 2), k_best=2)
+
+    def make() -> Trainer:
+        torch.manual_seed(0)
+        model = build_model("mlp", swarm, data, options, hidden=H)
+        return Trainer(
+            model, data, torch.optim.Adam(model.parameters(), 1e-2), steps=12, eval_every=0,
+            checkpoint_dir=str(tmp_path), checkpoint_every=5, lr_decay=True,
+        )  # fmt: skip
+
+    first = make()
+    first.train()
+    assert abs(first.optimizer.param_groups[0]["lr"] - 1e-2 / 12) < 1e-9  # decayed at step 11
+    assert not list(tmp_path.glob(".*tmp"))  # only the renamed file is left
+    saved = checkpoint.load(tmp_path)
+    assert saved["state"]["step"] == 12 and saved["state"]["samples_seen"] == 12 * 64
+    second = make()
+    assert second.restore()
+    assert second.state.step == 12 and second.state.samples_seen == 12 * 64
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert (
+        second.optimizer.state_dict()["state"][0]["step"]
+        == first.optimizer.state_dict()["state"][0]["step"]
+    )
+    second.steps = 15
+    assert second.train().step == 15
+
+
+def test_user_model_module(swarm, tmp_path) -> None:
+    module = tmp_path / "my_model.py"
+    module.write_text(
+        "from torch import nn\n"
+        "from services.trainer.moe import RemoteMixtureOfExperts\n"
+        "def build_model(swarm, dataset, moe):\n"
+        "    layer = RemoteMixtureOfExperts(16, moe.grid_size, 'ffn', 2, swarm=swarm)\n"
+        "    return nn.Sequential(nn.Linear(dataset.input_dim, 16), layer, nn.Linear(16, 10))\n"
+    )
+    data = load_digits(0)
+    model = build_model(
+        "mlp", swarm, data, MoEOptions(grid_size=(2, 2)), hidden=H, model_module=str(module)
+    )
+    assert model(data.test_x[:4]).shape == (4, 10)
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no build_model"):
+        build_model("mlp", swarm, data, MoEOptions(), hidden=H, model_module=str(bad))
