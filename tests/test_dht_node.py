@@ -204,7 +204,7 @@ async def _conditional_store() -> None:
     near = [make_node(transport, i, config, node_id=key ^ i) for i in range(1, 7)]
     far = [make_node(transport, 10 + j, config, node_id=key ^ (1 << (150 + j))) for j in range(3)]
     storer = make_node(transport, 20, config, node_id=key ^ (1 << 159))
-    for node in (*far, near[5]):  # they know the 5 nearest: not replicas themselves
+    for node in far:  # they know the 5 nearest: not replicas themselves
         for peer in near[:5]:
             node.on_contact(peer.node_id, peer.address)
     for peer in near[1:]:
@@ -229,13 +229,15 @@ async def _conditional_store() -> None:
     )
     assert list(reply.stored) == [True] and list(reply.declined) == [False]
 
-    # the storer's table misses 4 of the 5 nearest: the store finds and fills them anyway,
-    # and the nodes that are not replicas keep no copy
+    # the storer's table misses 4 of the 5 nearest: the store finds and fills them anyway;
+    # n6 knew no nearer node, so it stored in the first step, then was told to demote its
+    # copy to a cached one: exactly 5 replicas
     entry = Entry(None, b"value", time.time() + 60)
     counts, full = await storer.store_many([(key, entry)])
     assert counts == [5] and not full
     holders = {n.node_id for n in (*near, *far, storer) if n.storage.get(key)}
     assert holders == {n.node_id for n in near[:5]}
+    assert near[5].cache.get(key) == [entry] and not far[0].cache.get(key)
     for node in (*near, *far, storer):
         await node.stop()
 

@@ -301,9 +301,11 @@ class DHTNode:
         and ``num_replicas`` RPCs instead of a lookup followed by the stores. A callee that
         knows ``num_replicas`` nodes nearer the key declines (it is not a replica); when
         replies name nearer nodes the lookup goes on with ``Find`` rounds, and the final
-        replica set members that did not store yet get a plain ``Store``. Trade-off: a
-        node that stored in the first step but is then displaced by a nearer node that
-        neither it nor the storing node knew keeps an extra copy (until it expires).
+        replica set members that did not store yet get a plain ``Store``; a node that
+        stored in the first step but was displaced by a nearer node (one that neither it
+        nor this node knew) is told to ``demote`` its copy to a cached one, so the
+        replica count stays exact. Trade-off: where tables rarely hold the exact replica
+        set (large swarms) the first step mostly costs ``num_replicas`` extra RPCs.
 
         Returns the replica count per item and whether storage was full somewhere.
         """

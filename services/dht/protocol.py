@@ -141,21 +141,20 @@ class PeerProtocol:
         sender_id = sender[0] if sender is not None else None
         stored, declined, nearest, full = [], [], [], 0
         for (key_id, entry, in_cache), item in zip(items, request.items, strict=True):
-            if item.demote:
+            if replicas:
+                nearest.append(self._nearest(key_id, replicas, sender_id))
+                closer = self.node.table.count_nearer(key_id, self.node.node_id, replicas)
+                declined.append(closer >= replicas and not item.demote)
+                if declined[-1]:
+                    stored.append(False)
+                    continue
+            if item.demote:  # a replica copy becomes a cached one (flag: it was held)
                 taken = self.node.storage.take(key_id, entry.subkey, entry.expiration)
                 if taken is not None:
                     with contextlib.suppress(StorageFull):
                         self.node.cache.store(key_id, *taken)
                 stored.append(taken is not None)
                 continue
-            if replicas:
-                peers = self._nearest(key_id, replicas, sender_id)
-                nearest.append(peers)
-                closer = self.node.table.count_nearer(key_id, self.node.node_id, replicas)
-                declined.append(closer >= replicas)
-                if closer >= replicas:
-                    stored.append(False)
-                    continue
             target = self.node.cache if in_cache else self.node.storage
             try:
                 stored.append(target.store(key_id, entry.subkey, entry.value, entry.expiration))
