@@ -53,7 +53,10 @@ def test_help_and_bad_pattern_at_startup() -> None:
         text=True,
     )
     assert helped.returncode == 0
-    for flag in ("--experts", "--max-batch-size", "--simulate-failure-rate", "DMOE_EXPERTS"):
+    for flag in (
+        "--experts", "--max-batch-size", "--simulate-failure-rate", "DMOE_EXPERTS",
+        "--initial-peers", "--dht-peers", "DMOE_INITIAL_PEERS",
+    ):  # fmt: skip
         assert flag in helped.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "services.expert", "--no-dht", "--experts", "ffn.[0:4].0x"],

@@ -192,3 +192,20 @@ def test_simulated_failures_and_latency() -> None:
             await slow.stop(0.5)
 
     asyncio.run(scenario())
+
+
+def test_finite_check_refuses_every_bad_value_and_accepts_huge_finite_ones() -> None:
+    """The finite check's fast path (a sum) must not refuse finite values whose sum overflows,
+    and must catch NaN, +inf, -inf and +inf together with -inf (whose sum is NaN)."""
+    from services.expert.backend import BadRequest, ExpertBackend, OptimizerConfig
+    from services.expert.layers import get_expert_class
+
+    backend = ExpertBackend("ffn.0", get_expert_class("ffn"), 8, OptimizerConfig())
+    backend.check_finite([torch.full((4, 8), 3e38)])  # the float32 sum overflows to inf
+    backend.check_finite([torch.full((4, 8), 60000.0, dtype=torch.float16)])
+    backend.check_finite([torch.arange(32).view(4, 8)])  # integers are not checked
+    for values in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        x = torch.ones(4, 8)
+        x.view(-1)[: len(values)] = torch.tensor(values)
+        with pytest.raises(BadRequest, match="NaN or infinite"):
+            backend.check_finite([torch.zeros(4, 8), x])

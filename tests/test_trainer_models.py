@@ -63,11 +63,11 @@ def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
         data,
         torch.optim.Adam(model.parameters(), 1e-2),
         batch_size=8,
-        steps=40,
-        eval_every=20,
+        steps=30,
+        eval_every=15,
     )
     state = trainer.train()
-    assert state.step == 40 and state.failed_steps == 0
+    assert state.step == 30 and state.failed_steps == 0
     assert state.history[-1]["test_loss"] < state.history[0]["test_loss"] * 0.7, state.history
     assert set(state.experts_in_use) <= {
         f"ffn{s}.{i}.{j}" for s in ("", "1") for i in range(2) for j in range(2)

@@ -87,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request accepted over the streaming RPCs",
     )
     d = parser.add_argument_group("dht")
-    d.add_argument("--dht-peers", type=peer_list, default=[], help="DHT nodes host:port, ...")
+    d.add_argument(
+        "--initial-peers",
+        "--dht-peers",
+        dest="initial_peers",
+        type=peer_list,
+        default=[],
+        help="DHT nodes host:port, ... (--dht-peers is an alias)",
+    )
     d.add_argument("--no-dht", action="store_true", help="do not declare experts in a DHT")
     d.add_argument("--update-period", type=float, default=15.0, help="seconds between declarations")
     c = parser.add_argument_group("checkpoints")
@@ -137,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         max_stream_bytes=args.max_stream_bytes,
-        dht_peers=[] if args.no_dht else args.dht_peers,
+        dht_peers=[] if args.no_dht else args.initial_peers,
         update_period=args.update_period,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -156,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    if not args.no_dht and not args.dht_peers:
-        parser.error("give --dht-peers (or DMOE_DHT_PEERS), or --no-dht to run without a DHT")
+    if not args.no_dht and not args.initial_peers:
+        parser.error(
+            "give --initial-peers (or DMOE_INITIAL_PEERS), or --no-dht to run without a DHT"
+        )
     try:
         config = config_from_args(args)
         from services.expert import uid as uids

@@ -117,6 +117,17 @@ class ExpertMetrics:
             registry=registry,
         )
 
+    def add_expert(self, uid: str) -> None:
+        """Create the expert's label sets at 0, so every hosted expert has its series from the
+        first scrape (dashboards count ``dmoe_expert_optimizer_steps_total`` series as experts
+        hosted) and ``rate()`` sees the first increment."""
+        self.steps.labels(uid)
+        self.last_checkpoint.labels(uid)
+        for method in ("forward", "backward"):
+            self.samples.labels(uid, method)
+            self.requests.labels(uid, method, "OK")
+            self.queued_rows.labels(uid, method)
+
     def checkpointed(self, times: dict[str, float]) -> None:
         """Record the latest checkpoint time of each expert."""
         for uid, stamp in times.items():

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from services.common.server import RunningServer, start_server
+from services.expert import assignment
 from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.checkpoints import Checkpointer
@@ -58,6 +59,7 @@ class ExpertConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: float = 60.0
     checkpoint_keep: int = 3
+    hostname: str | None = None  # names <checkpoint_dir>/hosts/<hostname>.json; None: this host
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
 
@@ -98,9 +100,22 @@ class ExpertServer:
         cfg = self.config
         patterns = uids.split_patterns(cfg.experts)
         if cfg.num_experts > 0:
+            path = (
+                assignment.assignment_path(Path(cfg.checkpoint_dir), cfg.hostname)
+                if cfg.checkpoint_dir
+                else None
+            )
+            if path is not None:
+                kept = assignment.load(path, patterns, cfg.num_experts)
+                if kept is not None:
+                    log.info("hosting the experts chosen before", extra={"path": str(path)})
+                    return kept
             check = (lambda c: _declared_in_dht(self.dht, c)) if self.dht is not None else None
             rng = random.Random(cfg.seed) if cfg.seed is not None else None
-            return await uids.choose_free_uids(patterns, cfg.num_experts, check, rng=rng)
+            chosen = await uids.choose_free_uids(patterns, cfg.num_experts, check, rng=rng)
+            if path is not None:
+                await asyncio.to_thread(assignment.save, path, chosen)
+            return chosen
         chosen = uids.expand(patterns)
         if not chosen:
             raise ValueError("no experts to host: give --experts")
@@ -153,6 +168,7 @@ class ExpertServer:
         )
         bound = cfg.max_queue_samples or 8 * cfg.max_batch_size
         for backend in backends:
+            self.metrics.add_expert(backend.uid)
             for method in (FORWARD, BACKWARD):
                 pool = TaskPool(
                     backend,

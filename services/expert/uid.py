@@ -68,6 +68,22 @@ def grid_size(patterns: Iterable[str]) -> int:
     return total
 
 
+def in_grid(patterns: Iterable[str], uid: str) -> bool:
+    """Whether ``uid`` is one of the uids the patterns describe."""
+    if not is_valid_uid(uid):
+        return False
+    name, *coords = uid.split(".")
+    for pattern in patterns:
+        pattern_name, ranges = _ranges(pattern)
+        if (
+            pattern_name == name
+            and len(ranges) == len(coords)
+            and all(int(c) in r for c, r in zip(coords, ranges, strict=True))
+        ):
+            return True
+    return False
+
+
 def expand(patterns: Iterable[str]) -> list[str]:
     """Every uid the patterns describe, in order, without duplicates."""
     seen: dict[str, None] = {}
