@@ -83,7 +83,9 @@ case "$cmd" in
         echo "Grafana's image cannot be had offline: starting Prometheus only" >&2
       fi
     fi
-    compose_cmd "${profile[@]}" up -d --no-build "${scale[@]}" "${services[@]}"
+    # Compose v1 sometimes races creating scaled replicas behind a health condition: `up` again
+    compose_cmd "${profile[@]}" up -d --no-build "${scale[@]}" "${services[@]}" ||
+      compose_cmd "${profile[@]}" up -d --no-build "${scale[@]}" "${services[@]}"
     wait_healthy
     echo
     echo "swarm is up.  Prometheus: http://localhost:${DMOE_PROMETHEUS_PORT:-9090}" \

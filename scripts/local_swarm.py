@@ -28,12 +28,20 @@ def free_port() -> int:
 def start(name: str, service: str, args: list[str], log_dir: Path) -> tuple[subprocess.Popen, str]:
     port, metrics = free_port(), free_port()
     command = [
-        sys.executable, "-m", f"services.{service}", "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        f"services.{service}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics),
+        *args,
+    ]
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    print(f"{name:<12} grpc 127.0.0.1:{port}  metrics :{metrics}  log {log.name}")  # noqa: T201
+    print(f"{name:<12} grpc 127.0.0.1:{port}  metrics :{metrics}  log {log.name}")
     return proc, f"127.0.0.1:{port}"
 
 
@@ -63,20 +71,38 @@ def main() -> int:
     initial = ",".join(peers)
     for i in range(args.experts):
         expert_args = [
-            "--initial-peers", initial, "--experts", args.grid,
-            "--num-experts", str(args.experts_per_server), "--hidden-dim", str(args.hidden_dim),
-            "--update-period", "5", "--checkpoint-dir", str(checkpoints / f"expert-{i}"),
-        ]  # fmt: skip
+            "--initial-peers",
+            initial,
+            "--experts",
+            args.grid,
+            "--num-experts",
+            str(args.experts_per_server),
+            "--hidden-dim",
+            str(args.hidden_dim),
+            "--update-period",
+            "5",
+            "--checkpoint-dir",
+            str(checkpoints / f"expert-{i}"),
+        ]
         procs.append(start(f"expert-{i}", "expert", expert_args, args.log_dir)[0])
         time.sleep(1.0)  # each server sees the others' declarations and picks other experts
     prefix, _, grid = args.grid.partition(".")
     shape = "x".join(str(int(r.split(":")[1].rstrip("]"))) for r in grid.split("."))
     for i in range(args.trainers):
         trainer_args = [
-            "--initial-peers", initial, "--uid-prefix", prefix,
-            "--grid", shape, "--hidden-dim", str(args.hidden_dim), "--steps", str(args.steps),
-            "--seed", str(i),
-        ]  # fmt: skip
+            "--initial-peers",
+            initial,
+            "--uid-prefix",
+            prefix,
+            "--grid",
+            shape,
+            "--hidden-dim",
+            str(args.hidden_dim),
+            "--steps",
+            str(args.steps),
+            "--seed",
+            str(i),
+        ]
         procs.append(start(f"trainer-{i}", "trainer", trainer_args, args.log_dir)[0])
 
     stopping = False
@@ -87,13 +113,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("swarm running; Ctrl-C stops it", flush=True)  # noqa: T201
+    print("swarm running; Ctrl-C stops it", flush=True)
     trainers = procs[-args.trainers :] if args.trainers else []
     while not stopping:
         if trainers and all(p.poll() is not None for p in trainers):
             break
         if any(p.poll() not in (None, 0) for p in procs):
-            print("a process exited with an error; see the logs", file=sys.stderr)  # noqa: T201
+            print("a process exited with an error; see the logs", file=sys.stderr)
             break
         time.sleep(0.5)
     for proc in reversed(procs):

@@ -38,8 +38,10 @@ def sh(*args: str, check: bool = True, timeout: float = 600, env: dict | None = 
         args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")  # fmt: skip
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -73,8 +75,15 @@ class Swarm:
             "DMOE_PROMETHEUS_PORT": str(prometheus_port),
             "DMOE_LOG_FORMAT": "json",
         }
-        self.base = [*compose, "-p", PROJECT, "-f", "deploy/docker-compose.yml",
-                     "--profile", "monitoring"]  # fmt: skip
+        self.base = [
+            *compose,
+            "-p",
+            PROJECT,
+            "-f",
+            "deploy/docker-compose.yml",
+            "--profile",
+            "monitoring",
+        ]
         self.prometheus = f"http://127.0.0.1:{prometheus_port}"
 
     def compose(self, *args: str, timeout: float = 300) -> str:
@@ -115,15 +124,34 @@ def swarm() -> Iterator[Swarm]:
     sh("deploy/offline/build-images.sh", TAG, timeout=1200)
     swarm = Swarm(compose, free_port())
     try:
-        swarm.compose("up", "-d", "--no-build", "--scale", "dht=1", "--scale", "expert=3",
-                      "--scale", "trainer=2", "dht-bootstrap", "dht", "expert", "trainer",
-                      "prometheus", timeout=600)  # fmt: skip
+        up = [
+            "up",
+            "-d",
+            "--no-build",
+            "--scale",
+            "dht=1",
+            "--scale",
+            "expert=3",
+            "--scale",
+            "trainer=2",
+            "dht-bootstrap",
+            "dht",
+            "expert",
+            "trainer",
+            "prometheus",
+        ]
+        try:
+            swarm.compose(*up, timeout=600)
+        except AssertionError:  # Compose v1 can race creating scaled replicas; `up` again
+            swarm.compose(*up, timeout=600)
         yield swarm
     finally:
         try:
             swarm.compose("down", "-v", "--remove-orphans", "-t", "20")
         finally:
-            left = sh("docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}")
+            left = sh(
+                "docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"
+            )
             assert not left.split(), f"containers left behind: {left}"
 
 
@@ -132,8 +160,11 @@ def test_swarm_trains_survives_an_expert_kill_and_is_monitored(swarm: Swarm) -> 
     assert len(containers) == 2 + 3 + 2 + 1
 
     def all_healthy() -> bool:
-        states = [swarm.inspect(c, "{{if .State.Health}}{{.State.Health.Status}}{{end}}")
-                  for c in swarm.containers() if "prometheus" not in swarm.inspect(c, "{{.Name}}")]  # fmt: skip
+        states = [
+            swarm.inspect(c, "{{if .State.Health}}{{.State.Health.Status}}{{end}}")
+            for c in swarm.containers()
+            if "prometheus" not in swarm.inspect(c, "{{.Name}}")
+        ]
         return all(s == "healthy" for s in states)
 
     wait_for("every dmoe container healthy", all_healthy, 300)
@@ -176,11 +207,18 @@ def test_swarm_trains_survives_an_expert_kill_and_is_monitored(swarm: Swarm) -> 
 
     # restart it: it restores its checkpoints and its experts are in the DHT again
     sh("docker", "start", victim)
-    wait_for("restarted expert healthy",
-             lambda: swarm.inspect(victim, "{{.State.Health.Status}}") == "healthy", 180)  # fmt: skip
+    wait_for(
+        "restarted expert healthy",
+        lambda: swarm.inspect(victim, "{{.State.Health.Status}}") == "healthy",
+        180,
+    )
     restored = wait_for(
         "checkpoint restore in the restarted expert's log",
-        lambda: [line["expert"] for line in swarm.logs(victim) if line.get("msg") == "restored checkpoint"],
+        lambda: [
+            line["expert"]
+            for line in swarm.logs(victim)
+            if line.get("msg") == "restored checkpoint"
+        ],
         60,
     )
     dht = swarm.containers("dht-bootstrap")[0]

@@ -19,16 +19,12 @@ W = "[1m]"
 
 def q(metric_hist: str, quantile: float, by: str = "") -> str:
     group = f"le{', ' + by if by else ''}"
-    return (
-        f"histogram_quantile({quantile}, sum by ({group}) (rate({metric_hist}_bucket{W})))"
-    )
+    return f"histogram_quantile({quantile}, sum by ({group}) (rate({metric_hist}_bucket{W})))"
 
 
 def rate_or_zero(numerator: str, denominator: str, by: str) -> str:
     """A rate that is 0 (not absent) when nothing happened, so the panel always has data."""
-    return (
-        f"sum by ({by}) (rate({numerator}{W})) or sum by ({by}) (rate({denominator}{W})) * 0"
-    )
+    return f"sum by ({by}) (rate({numerator}{W})) or sum by ({by}) (rate({denominator}{W})) * 0"
 
 
 # dashboard file -> (title, [(panel title, [(legend, expr)], unit)])
@@ -46,7 +42,11 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] 
                 "ops",
             ),
             ("Training loss", [("{{instance}}", "dmoe_trainer_train_loss")], "none"),
-            ("Test accuracy", [("{{instance}}", "dmoe_trainer_test_accuracy_ratio")], "percentunit"),
+            (
+                "Test accuracy",
+                [("{{instance}}", "dmoe_trainer_test_accuracy_ratio")],
+                "percentunit",
+            ),
             (
                 "Expert samples/s",
                 [("{{method}}", f"sum by (method) (rate(dmoe_expert_samples_total{W}))")],
@@ -157,12 +157,22 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] 
         [
             ("Training loss", [("{{instance}}", "dmoe_trainer_train_loss")], "none"),
             ("Test loss", [("{{instance}}", "dmoe_trainer_test_loss")], "none"),
-            ("Test accuracy", [("{{instance}}", "dmoe_trainer_test_accuracy_ratio")], "percentunit"),
+            (
+                "Test accuracy",
+                [("{{instance}}", "dmoe_trainer_test_accuracy_ratio")],
+                "percentunit",
+            ),
             (
                 "Expert call latency",
                 [
-                    ("p50 {{method}}", q("dmoe_trainer_expert_call_duration_seconds", 0.5, "method")),
-                    ("p95 {{method}}", q("dmoe_trainer_expert_call_duration_seconds", 0.95, "method")),
+                    (
+                        "p50 {{method}}",
+                        q("dmoe_trainer_expert_call_duration_seconds", 0.5, "method"),
+                    ),
+                    (
+                        "p95 {{method}}",
+                        q("dmoe_trainer_expert_call_duration_seconds", 0.95, "method"),
+                    ),
                 ],
                 "s",
             ),
@@ -182,8 +192,10 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] 
             ),
             (
                 "Experts answered per sample",
-                [("p50", q("dmoe_trainer_experts_answered", 0.5)),
-                 ("p05", q("dmoe_trainer_experts_answered", 0.05))],  # fmt: skip
+                [
+                    ("p50", q("dmoe_trainer_experts_answered", 0.5)),
+                    ("p05", q("dmoe_trainer_experts_answered", 0.05)),
+                ],
                 "none",
             ),
             (
@@ -210,8 +222,12 @@ def dashboard(uid: str, title: str, panels: list[tuple[str, list[tuple[str, str]
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                 "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
                 "targets": [
-                    {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr,
-                     "legendFormat": legend}  # fmt: skip
+                    {
+                        "refId": chr(ord("A") + i),
+                        "datasource": DATASOURCE,
+                        "expr": expr,
+                        "legendFormat": legend,
+                    }
                     for i, (legend, expr) in enumerate(targets)
                 ],
             }
@@ -244,10 +260,13 @@ def main() -> int:
     args = parser.parse_args()
     files = render()
     if args.check:
-        stale = [n for n, text in files.items() if not (OUT / n).is_file()
-                 or (OUT / n).read_text() != text]  # fmt: skip
+        stale = [
+            n
+            for n, text in files.items()
+            if not (OUT / n).is_file() or (OUT / n).read_text() != text
+        ]
         if stale:
-            print("stale dashboards: " + ", ".join(stale), file=sys.stderr)  # noqa: T201
+            print("stale dashboards: " + ", ".join(stale), file=sys.stderr)
             return 1
         return 0
     OUT.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
     except grpc.RpcError as exc:
-        print(f"{address}: {exc.code().name} {exc.details()}", file=sys.stderr)  # noqa: T201
+        print(f"{address}: {exc.code().name} {exc.details()}", file=sys.stderr)
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
