@@ -289,6 +289,10 @@ def main() -> int:
         return delta.get(f"dmoe_expert_{what}_sum:{method}", 0.0) / count if count else 0.0
 
     throughput = samples / elapsed
+    loop = f"{server.pid}:"  # the main thread's id is the pid
+    loop_cpu = sum(
+        v - threads_before.get(k, 0.0) for k, v in threads_after.items() if k.startswith(loop)
+    )
     compute_s = sum(
         delta.get(f"dmoe_expert_compute_seconds_sum:{m}", 0.0) for m in ("forward", "backward")
     )
@@ -324,6 +328,15 @@ def main() -> int:
             if v - threads_before.get(k, 0.0) > 0.05
         },
         "cpu_efficiency": round(samples / (server_cpu + client_cpu) / per_cpu_second, 3),
+        # where the CPU goes, per sample (robust to other processes on the machine): the
+        # server's main thread runs the event loop, its other threads are mostly the compute
+        # workers (also grpc's poller and the metrics server)
+        "cpu_us_per_sample": {
+            "local": round(1e6 / per_cpu_second, 1),
+            "server_event_loop": round(1e6 * loop_cpu / samples, 1),
+            "server_other_threads": round(1e6 * (server_cpu - loop_cpu) / samples, 1),
+            "clients": round(1e6 * client_cpu / samples, 1),
+        },
         "clients_cpu_s_per_s": round(client_cpu / elapsed, 2),
     }
     print(
@@ -341,7 +354,8 @@ def main() -> int:
         f"CPU: server {report['server_cpu_s_per_s']} cores, "
         f"clients {report['clients_cpu_s_per_s']} cores (of {cores}); samples per CPU-second "
         f"vs local: {report['cpu_efficiency']}\n"
-        f"server CPU seconds by thread: {report['server_thread_cpu_s']}"
+        f"server CPU seconds by thread: {report['server_thread_cpu_s']}\n"
+        f"CPU us per sample: {report['cpu_us_per_sample']}"
     )
     if args.json:
         print(json.dumps(report))
