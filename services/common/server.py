@@ -129,6 +129,10 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             (True, True): handler.stream_stream,
         }[kind]
 
+        async def internal_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+            log.exception("unhandled error in %s", method, extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
         @contextlib.asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             started, error = time.perf_counter(), False
@@ -139,8 +143,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as exc:
                 error = True
-                log.exception("unhandled error in %s", method, extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                await internal_error(exc, context)
             finally:
                 finish(context, error, started)
 
@@ -161,16 +164,13 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             metrics.in_flight.inc()
             try:
                 if isinstance(request, _Unparsable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
-                    )
+                    await check(request, context)
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
                 error = True
-                log.exception("unhandled error in %s", method, extra={"method": method})
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                await internal_error(exc, context)
             finally:
                 finish(context, error, started)
 
