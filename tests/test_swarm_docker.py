@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -199,9 +200,11 @@ def test_swarm_trains_survives_an_expert_kill_and_is_monitored(swarm: Swarm) -> 
             empty.append(f"{board} / {title}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
-    # kill one expert server: training goes on
-    victim = swarm.containers("expert")[0]
-    sh("docker", "kill", victim)
+    # the chaos CLI kills one expert server: training goes on
+    chaos = [sys.executable, "deploy/chaos.py", "--project", PROJECT, "--seed", "0"]
+    (killed,) = [json.loads(line) for line in sh(*chaos, "kill").splitlines()]
+    victim = swarm.inspect(killed["container"], "{{.Id}}")
+    assert swarm.inspect(victim, "{{.State.Running}}") == "false"
     before = swarm.value(steps)
     wait_for("steps after the kill", lambda: swarm.value(steps) >= before + 50, 300)
 
@@ -239,3 +242,13 @@ def test_swarm_trains_survives_an_expert_kill_and_is_monitored(swarm: Swarm) -> 
     wait_for("the restarted expert's uids in the DHT", declared, 120)
     after = swarm.value(steps)
     wait_for("steps after the restart", lambda: swarm.value(steps) >= after + 20, 300)
+
+    # the chaos CLI adds latency and loss to every expert: training still goes on
+    shaped = sh(*chaos, "netem", "--latency-ms", "30", "--loss", "0.02").splitlines()
+    assert len(shaped) == 3
+    for container in swarm.containers("expert"):
+        qdisc = sh("docker", "exec", "-u", "root", container, "tc", "qdisc", "show", "dev", "eth0")
+        assert "netem" in qdisc and "delay 30" in qdisc and "loss 2%" in qdisc, qdisc
+    after = swarm.value(steps)
+    wait_for("steps under latency and loss", lambda: swarm.value(steps) >= after + 20, 300)
+    sh(*chaos, "netem", "--clear")
