@@ -10,7 +10,8 @@ Uses the Docker SDK against a running compose project (``deploy/swarm.sh up``):
 ``netem`` runs ``tc qdisc replace dev eth0 root netem ...`` as root inside each container of the
 service (the images ship iproute2; compose gives the expert service NET_ADMIN). A restarted
 container comes back with a fresh network namespace, so ``run`` applies netem again after each
-restart. Every command prints one JSON line per action, for scripts and tests.
+restart. Every command prints one JSON line per action, for scripts and tests. On a kernel
+built without netem (some VM kernels) ``netem`` exits with status 3 and says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import docker
 from docker.models.containers import Container
+
+NO_NETEM = 3  # exit status when the kernel cannot shape traffic
 
 
 def containers(
@@ -54,6 +57,14 @@ def netem(
         if len(command) == 7:
             raise SystemExit("netem needs --latency-ms or --loss (or --clear)")
     code, output = container.exec_run(command, user="root")
+    if code != 0 and b"qdisc kind is unknown" in output:
+        print(
+            f"{container.name}: this host's kernel has no netem (sch_netem), so latency and "
+            "loss cannot be shaped here; use the expert runtime's own injection instead "
+            "(DMOE_SIMULATE_LATENCY_MS, DMOE_SIMULATE_FAILURE_RATE)",
+            file=sys.stderr,
+        )
+        raise SystemExit(NO_NETEM)
     if code != 0 and not (clear and b"No such file" in output):
         raise SystemExit(f"{container.name}: {' '.join(command)} failed: {output.decode()}")
     report("netem", container, command=" ".join(command))

@@ -3,32 +3,15 @@ bootstrap peer, replicas are republished."""
 
 import asyncio
 import random
-import socket
 import time
 
 from grpc_health.v1 import health_pb2
+from helpers import free_port, make_swarm
 
 from services.dht.client import DHTClient
 from services.dht.config import NodeConfig
 from services.dht.routing import key_to_id, nearest_of
 from services.dht.server import RunningNode, start_node
-
-
-async def make_swarm(
-    n: int, rng: random.Random, config: NodeConfig | None = None
-) -> list[RunningNode]:
-    nodes = [await start_node(config)]
-    for i in range(1, n):
-        peers = [x.address for x in rng.sample(nodes, min(3, i))]
-        nodes.append(await start_node(config, initial_peers=peers))
-    await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in nodes)), 60)
-    return nodes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def health(node: RunningNode) -> int:

@@ -14,9 +14,9 @@ where there is none.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = f"dmoe-e2e-{os.getpid()}"
@@ -61,10 +62,15 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def kernel_has_netem() -> bool | None:
+    """What the running kernel's config says about sch_netem (None: no config to read)."""
+    try:
+        config = gzip.decompress(Path("/proc/config.gz").read_bytes()).decode()
+    except OSError:
+        return None
+    if "CONFIG_NET_SCH_NETEM=" in config:
+        return True
+    return False if "CONFIG_NET_SCH_NETEM is not set" in config else None
 
 
 class Swarm:
@@ -244,11 +250,20 @@ def test_swarm_trains_survives_an_expert_kill_and_is_monitored(swarm: Swarm) -> 
     wait_for("steps after the restart", lambda: swarm.value(steps) >= after + 20, 300)
 
     # the chaos CLI adds latency and loss to every expert: training still goes on
-    shaped = sh(*chaos, "netem", "--latency-ms", "30", "--loss", "0.02").splitlines()
-    assert len(shaped) == 3
-    for container in swarm.containers("expert"):
-        qdisc = sh("docker", "exec", "-u", "root", container, "tc", "qdisc", "show", "dev", "eth0")
-        assert "netem" in qdisc and "delay 30" in qdisc and "loss 2%" in qdisc, qdisc
+    netem = [*chaos, "netem", "--latency-ms", "30", "--loss", "0.02"]
+    shaped = subprocess.run(netem, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if shaped.returncode == 3:  # a kernel without sch_netem, as on CI's VM kernel
+        assert kernel_has_netem() is not True, shaped.stderr
+        assert "no netem" in shaped.stderr and "DMOE_SIMULATE_LATENCY_MS" in shaped.stderr
+    else:
+        assert shaped.returncode == 0, shaped.stderr
+        assert len(shaped.stdout.splitlines()) == 3
+        for container in swarm.containers("expert"):
+            qdisc = sh(
+                "docker", "exec", "-u", "root", container, "tc", "qdisc", "show", "dev", "eth0"
+            )
+            assert "netem" in qdisc and "delay 30" in qdisc and "loss 2%" in qdisc, qdisc
     after = swarm.value(steps)
     wait_for("steps under latency and loss", lambda: swarm.value(steps) >= after + 20, 300)
-    sh(*chaos, "netem", "--clear")
+    if shaped.returncode == 0:
+        sh(*chaos, "netem", "--clear")
