@@ -85,8 +85,8 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] 
             (
                 "Lookup hops (rounds) per operation",
                 [
-                    ("p50 {{operation}}", q("dmoe_dht_lookup_rounds", 0.5, "operation")),
-                    ("p95 {{operation}}", q("dmoe_dht_lookup_rounds", 0.95, "operation")),
+                    ("p50 {{method}}", q("dmoe_dht_lookup_rounds", 0.5, "method")),
+                    ("p95 {{method}}", q("dmoe_dht_lookup_rounds", 0.95, "method")),
                 ],
                 "none",
             ),
