@@ -1,4 +1,4 @@
-"""DHTClient per the contract (notes/dht_contract.md), against real nodes."""
+"""DHTClient per the contract (docs/contracts.md), against real nodes."""
 
 import asyncio
 import socket

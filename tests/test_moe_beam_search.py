@@ -17,7 +17,7 @@ GRID = (32, 32, 32)
 
 
 def declarations(uids: list[str], address: str, expiration: float) -> list[tuple]:
-    """The key scheme of dht_contract.md: d+1 entries per expert."""
+    """The key scheme of docs/contracts.md: d+1 entries per expert."""
     items = []
     for uid in uids:
         parts = uid.split(".")

@@ -1,4 +1,4 @@
-"""Declaring hosted experts in the DHT (key scheme: /work/notes/dht_contract.md).
+"""Declaring hosted experts in the DHT (key scheme: docs/contracts.md).
 
 For uid ``ffn.3.14`` at ``host:port``: key ``ffn.3.14`` -> address; key ``ffn.3.`` subkey ``14``
 -> address; key ``ffn.`` subkey ``3`` -> address; all in one ``put`` per period with expiration
