@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import free_port
 
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.checkpoints import list_checkpoints
@@ -23,12 +23,6 @@ from services.expert.layers import get_expert_class
 
 ROOT = Path(__file__).resolve().parent.parent
 H = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(port: int, ckpt: Path, seed: int, every: float) -> subprocess.Popen[bytes]:
@@ -64,7 +58,7 @@ def _checkpoint(ckpt: Path, uid: str, steps: int) -> dict:
 
 def test_sigterm_and_kill9_restore(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    port = _free_port()
+    port = free_port()
     torch.manual_seed(0)
     data = [(torch.randn(4, H), torch.randn(4, H)) for _ in range(4)]
     probe = torch.randn(3, H)

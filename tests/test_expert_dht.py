@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import free_port
 
 from services.dht.client import DHTClient, DHTUnavailable
 from services.expert.server import ExpertConfig, ExpertServer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_dht(port: int) -> subprocess.Popen[bytes]:
@@ -55,7 +49,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_declared_after_start_redeclared_after_outage_gone_after_stop() -> None:
-    port = _free_port()
+    port = free_port()
     dht_proc = _start_dht(port)
     peer = f"127.0.0.1:{port}"
 
@@ -124,7 +118,7 @@ def test_declared_after_start_redeclared_after_outage_gone_after_stop() -> None:
 
 
 def test_num_experts_skips_uids_declared_by_others() -> None:
-    port = _free_port()
+    port = free_port()
     dht_proc = _start_dht(port)
     peer = f"127.0.0.1:{port}"
 

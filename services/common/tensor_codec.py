@@ -17,6 +17,7 @@ Lossy compressions, for floating tensors only, with their error bounds:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -96,8 +97,11 @@ def encode(
     return msg
 
 
-def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
-    """Rebuild the tensor; raises :class:`TensorDecodeError` naming what is wrong."""
+def check(msg: tensor_pb2.Tensor) -> tuple[torch.dtype, tuple[int, ...], torch.dtype]:
+    """Validate a message's metadata against its buffer, in plain Python (no torch calls).
+
+    Returns (dtype, shape, wire dtype); raises :class:`TensorDecodeError` naming what is wrong.
+    """
     dtype = WIRE_TO_TORCH.get(msg.dtype)
     if dtype is None:
         raise TensorDecodeError(f"unknown or unspecified dtype {msg.dtype}")
@@ -112,15 +116,19 @@ def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
         wire = _LOSSY_WIRE_DTYPE[msg.compression]
     else:
         raise TensorDecodeError(f"unknown compression {msg.compression}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * wire.itemsize
+    expected = math.prod(shape) * wire.itemsize
     if len(msg.buffer) != expected:
         raise TensorDecodeError(
             f"buffer has {len(msg.buffer)} bytes, shape {list(shape)} of "
             f"{dtype_name(wire)} needs {expected}"
         )
+    return dtype, shape, wire
+
+
+def decode(msg: tensor_pb2.Tensor) -> torch.Tensor:
+    """Rebuild the tensor; raises :class:`TensorDecodeError` naming what is wrong."""
+    dtype, shape, wire = check(msg)
+    numel = math.prod(shape)
     # frombuffer refuses an empty buffer
     flat = torch.frombuffer(msg.buffer, dtype=wire) if numel else torch.empty(0, dtype=wire)
     if msg.compression == tensor_pb2.COMPRESSION_UINT8:
