@@ -66,19 +66,21 @@ def _local_worker(hidden: int, batch: int, seconds: float, backward: bool, out: 
     out.append(n * batch / (time.perf_counter() - started))
 
 
-def local_limit(hidden: int, seconds: float, backward: bool, cores: int) -> dict[str, float]:
+def local_limit(
+    hidden: int, seconds: float, backward: bool, cores: int, batch: int = 256
+) -> dict[str, float]:
     import torch
 
     results: dict[str, float] = {}
     torch.set_num_threads(cores)
     out: list[float] = []
-    _local_worker(hidden, 256, seconds, backward, out)
+    _local_worker(hidden, batch, seconds, backward, out)
     results["all_cores_one_module"] = out[0]
     torch.set_num_threads(1)
     out = []
     cpu = time.process_time()
     threads = [
-        threading.Thread(target=_local_worker, args=(hidden, 256, seconds, backward, out))
+        threading.Thread(target=_local_worker, args=(hidden, batch, seconds, backward, out))
         for _ in range(cores)
     ]
     for t in threads:
@@ -203,6 +205,12 @@ def main() -> int:
     )
     parser.add_argument("--local-seconds", type=float, default=4.0)
     parser.add_argument("--server-args", default="", help="extra flags for the expert server")
+    parser.add_argument(
+        "--batch-curve",
+        action="store_true",
+        help="also measure the local limit at batches of 64 and 128 rows (the sizes a "
+        "closed loop of --clients forms): the ceiling no server can pass at those sizes",
+    )
     parser.add_argument("--profile", default=None, help="py-spy the server into this SVG/txt")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -282,6 +290,12 @@ def main() -> int:
     per_cpu_second = limits.pop("per_cpu_second")
     limit = max(limits.values())
 
+    curve = {}
+    if args.batch_curve:
+        for rows in (args.batch_size, 2 * args.batch_size):
+            at = local_limit(args.hidden_dim, args.local_seconds, args.backward, cores, rows)
+            curve[rows] = max(at["all_cores_one_module"], at["one_module_per_core"])
+
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 
     def mean(what: str, method: str) -> float:
@@ -339,6 +353,12 @@ def main() -> int:
         },
         "clients_cpu_s_per_s": round(client_cpu / elapsed, 2),
     }
+    if curve:
+        # compute alone (no RPC, no server, no clients) at the batch sizes a closed loop forms
+        report["local_limit_by_batch"] = {str(k): round(v, 1) for k, v in curve.items()}
+        report["local_limit_by_batch_ratio"] = {
+            str(k): round(v / limits["all_cores_one_module"], 3) for k, v in curve.items()
+        }
     print(
         f"{'forward+backward' if args.backward else 'forward'}: {throughput:,.0f} samples/s "
         f"over {args.clients} client processes, {args.experts} experts, batch {args.batch_size}\n"
@@ -357,6 +377,15 @@ def main() -> int:
         f"server CPU seconds by thread: {report['server_thread_cpu_s']}\n"
         f"CPU us per sample: {report['cpu_us_per_sample']}"
     )
+    if curve:
+        print(
+            "local limit by batch size (compute only, best of both layouts): "
+            + ", ".join(
+                f"{k} rows {v:,.0f} samples/s ({v / limits['all_cores_one_module']:.2f} "
+                "of the all-cores limit)"
+                for k, v in curve.items()
+            )
+        )
     if args.json:
         print(json.dumps(report))
     return 0

@@ -67,3 +67,20 @@ def test_help_and_bad_pattern_at_startup() -> None:
     )
     assert bad.returncode == 2
     assert "bad expert pattern" in bad.stderr
+
+
+def test_autograd_lazy_imports_are_paid_at_startup() -> None:
+    """The first backward must not import sympy under the GIL while requests wait."""
+    script = (
+        "import sys\n"
+        "from services.expert.server import ExpertConfig, ExpertServer\n"
+        "name = 'torch.fx.experimental.symbolic_shapes'\n"
+        "assert name not in sys.modules\n"
+        "server = ExpertServer(ExpertConfig(experts=['nop.0'], expert_cls='nop', hidden_dim=8))\n"
+        "server._build_backends(['nop.0'])\n"
+        "assert name in sys.modules, 'not preloaded'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

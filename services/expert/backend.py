@@ -70,6 +70,17 @@ def lr_factor(config: OptimizerConfig, step: int) -> float:
     return 1.0
 
 
+def preload_autograd() -> None:
+    """Import what ``torch.autograd.backward`` imports lazily on its first call.
+
+    With explicit output gradients, the first backward imports
+    ``torch.fx.experimental.symbolic_shapes`` (and sympy): ~0.6 s here, holding the GIL, so the
+    first Backward request would stall the event loop and every other request with it. The
+    server pays it once at start-up instead.
+    """
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+
 def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from services.common.server import RunningServer, start_server
 from services.expert import assignment
 from services.expert import uid as uids
-from services.expert.backend import ExpertBackend, OptimizerConfig
+from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
 from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
 from services.expert.layers import get_expert_class, load_custom_module
@@ -125,6 +125,7 @@ class ExpertServer:
         import torch
 
         cfg = self.config
+        preload_autograd()
         if cfg.custom_module:
             load_custom_module(cfg.custom_module)
         expert_class = get_expert_class(cfg.expert_cls)

@@ -1,0 +1,139 @@
+"""The CPU cost of one bare grpc.aio unary call on this machine: the floor under every service.
+
+A server process answers ``/floor.Echo/Echo`` by returning the first ``--reply-bytes`` of the
+request from a handler that does nothing else (no interceptor, no metrics, no protobuf); a
+client process sends ``--calls`` requests of ``--request-bytes`` with ``--concurrency`` calls
+in flight. Both are separate OS processes, like the services and their callers. Reports wall
+time per call and CPU microseconds per call on each side (user + system, all threads), so
+the per-RPC budgets of the DHT and expert benchmarks can be compared with what gRPC alone
+costs here (docs/performance.md).
+
+    python benchmarks/rpc_floor.py [--request-bytes 65536] [--concurrency 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SERVICE, METHOD = "floor.Echo", "Echo"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def serve(port: int, reply_bytes: int) -> None:
+    import grpc
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request[:reply_bytes]
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            METHOD: grpc.unary_unary_rpc_method_handler(
+                echo, request_deserializer=_identity, response_serializer=_identity
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def call(port: int, request_bytes: int, calls: int, concurrency: int) -> dict[str, float]:
+    import grpc
+
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    echo = channel.unary_unary(
+        f"/{SERVICE}/{METHOD}", request_serializer=_identity, response_deserializer=_identity
+    )
+    payload = os.urandom(request_bytes)
+    await channel.channel_ready()
+    for _ in range(min(200, calls)):  # warm-up: connection, first-call costs
+        await echo(payload)
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await echo(payload)
+
+    shares = [calls // concurrency + (i < calls % concurrency) for i in range(concurrency)]
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(n) for n in shares))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await channel.close()
+    return {"wall_s": wall, "client_cpu_s": cpu}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--request-bytes", type=int, default=65536)
+    parser.add_argument("--reply-bytes", type=int, default=None, help="default: request size")
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=1, help="calls in flight")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    reply_bytes = args.request_bytes if args.reply_bytes is None else args.reply_bytes
+    if args.serve is not None:
+        asyncio.run(serve(args.serve, reply_bytes))
+        return 0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--reply-bytes", str(reply_bytes)]
+    )
+    try:
+        time.sleep(0.5)
+        before = _cpu_seconds(server.pid)
+        result = asyncio.run(call(port, args.request_bytes, args.calls, args.concurrency))
+        server_cpu = _cpu_seconds(server.pid) - before
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    warm = min(200, args.calls)  # the server's CPU also covers the warm-up calls
+    report = {
+        "request_bytes": args.request_bytes,
+        "reply_bytes": reply_bytes,
+        "calls": args.calls,
+        "concurrency": args.concurrency,
+        "wall_us_per_call": round(1e6 * result["wall_s"] / args.calls, 1),
+        "client_cpu_us_per_call": round(1e6 * result["client_cpu_s"] / args.calls, 1),
+        "server_cpu_us_per_call": round(1e6 * server_cpu / (args.calls + warm), 1),
+    }
+    report["cpu_us_per_call"] = round(
+        report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
+    )
+    print(
+        f"bare grpc.aio unary call, {args.request_bytes} B request, {reply_bytes} B reply, "
+        f"{args.concurrency} in flight: {report['wall_us_per_call']:.0f} us wall per call; "
+        f"CPU per call: client {report['client_cpu_us_per_call']:.0f} us + server "
+        f"{report['server_cpu_us_per_call']:.0f} us = {report['cpu_us_per_call']:.0f} us"
+    )
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

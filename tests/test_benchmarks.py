@@ -1,0 +1,27 @@
+"""Benchmarks that are cheap enough to run in CI keep their output contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_rpc_floor_reports_cpu_per_call() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/rpc_floor.py", "--calls", "300", "--concurrency", "4",
+         "--request-bytes", "1000", "--reply-bytes", "10", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["calls"] == 300 and report["concurrency"] == 4
+    assert report["request_bytes"] == 1000 and report["reply_bytes"] == 10
+    for key in ("wall_us_per_call", "client_cpu_us_per_call", "server_cpu_us_per_call"):
+        assert report[key] > 0, key
+    assert report["cpu_us_per_call"] == round(
+        report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
+    )
