@@ -3,7 +3,9 @@
 A server process answers ``/floor.Echo/Echo`` by returning the first ``--reply-bytes`` of the
 request from a handler that does nothing else (no interceptor, no metrics, no protobuf); a
 client process sends ``--calls`` requests of ``--request-bytes`` with ``--concurrency`` calls
-in flight. Both are separate OS processes, like the services and their callers. Reports wall
+in flight. Both are separate OS processes, like the services and their callers. ``--api sync``
+measures grpcio's synchronous API instead (thread-pool server, blocking/future client), for
+comparison: the services use ``grpc.aio``. Reports wall
 time per call and CPU microseconds per call on each side (user + system, all threads), so
 the per-RPC budgets of the DHT and expert benchmarks can be compared with what gRPC alone
 costs here (docs/performance.md).
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SERVICE, METHOD = "floor.Echo", "Echo"
 
@@ -57,6 +60,57 @@ async def serve(port: int, reply_bytes: int) -> None:
     await server.wait_for_termination()
 
 
+def serve_sync(port: int, reply_bytes: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(
+        ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            METHOD: grpc.unary_unary_rpc_method_handler(
+                lambda request, context: request[:reply_bytes],
+                request_deserializer=_identity,
+                response_serializer=_identity,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def call_sync(port: int, request_bytes: int, calls: int, concurrency: int) -> dict[str, float]:
+    """``concurrency`` calls in flight from one thread through the future API."""
+    import grpc
+
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    echo = channel.unary_unary(
+        f"/{SERVICE}/{METHOD}", request_serializer=_identity, response_deserializer=_identity
+    )
+    payload = os.urandom(request_bytes)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    for _ in range(min(200, calls)):
+        echo(payload)
+    started, cpu = time.perf_counter(), time.process_time()
+    in_flight: list[Any] = []
+    for _ in range(calls):
+        if len(in_flight) == concurrency:
+            in_flight.pop(0).result()
+        in_flight.append(echo.future(payload))
+    for future in in_flight:
+        future.result()
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    channel.close()
+    return {"wall_s": wall, "client_cpu_s": cpu}
+
+
 async def call(port: int, request_bytes: int, calls: int, concurrency: int) -> dict[str, float]:
     import grpc
 
@@ -89,30 +143,39 @@ def main() -> int:
     parser.add_argument("--reply-bytes", type=int, default=None, help="default: request size")
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight")
+    parser.add_argument("--api", choices=["aio", "sync"], default="aio")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     reply_bytes = args.request_bytes if args.reply_bytes is None else args.reply_bytes
     if args.serve is not None:
-        asyncio.run(serve(args.serve, reply_bytes))
+        if args.api == "sync":
+            serve_sync(args.serve, reply_bytes)
+        else:
+            asyncio.run(serve(args.serve, reply_bytes))
         return 0
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--reply-bytes", str(reply_bytes)]
-    )
+        [sys.executable, __file__, "--serve", str(port), "--reply-bytes", str(reply_bytes),
+         "--api", args.api]
+    )  # fmt: skip
     try:
         time.sleep(0.5)
         before = _cpu_seconds(server.pid)
-        result = asyncio.run(call(port, args.request_bytes, args.calls, args.concurrency))
+        if args.api == "sync":
+            result = call_sync(port, args.request_bytes, args.calls, args.concurrency)
+        else:
+            result = asyncio.run(call(port, args.request_bytes, args.calls, args.concurrency))
         server_cpu = _cpu_seconds(server.pid) - before
     finally:
         server.terminate()
         server.wait(timeout=10)
     warm = min(200, args.calls)  # the server's CPU also covers the warm-up calls
     report = {
+        "api": args.api,
         "request_bytes": args.request_bytes,
         "reply_bytes": reply_bytes,
         "calls": args.calls,
@@ -125,7 +188,8 @@ def main() -> int:
         report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
     )
     print(
-        f"bare grpc.aio unary call, {args.request_bytes} B request, {reply_bytes} B reply, "
+        f"bare {'grpc.aio' if args.api == 'aio' else 'grpc (sync API)'} unary call, "
+        f"{args.request_bytes} B request, {reply_bytes} B reply, "
         f"{args.concurrency} in flight: {report['wall_us_per_call']:.0f} us wall per call; "
         f"CPU per call: client {report['client_cpu_us_per_call']:.0f} us + server "
         f"{report['server_cpu_us_per_call']:.0f} us = {report['cpu_us_per_call']:.0f} us"

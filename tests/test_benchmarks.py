@@ -18,7 +18,7 @@ def test_rpc_floor_reports_cpu_per_call() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["calls"] == 300 and report["concurrency"] == 4
+    assert report["api"] == "aio" and report["calls"] == 300 and report["concurrency"] == 4
     assert report["request_bytes"] == 1000 and report["reply_bytes"] == 10
     for key in ("wall_us_per_call", "client_cpu_us_per_call", "server_cpu_us_per_call"):
         assert report[key] > 0, key
