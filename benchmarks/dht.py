@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from proc import cpu_seconds, free_ports  # noqa: E402
 
 from services.dht.client import DHTClient  # noqa: E402
 from services.dht.config import NodeConfig  # noqa: E402
@@ -51,29 +52,8 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
 # ---------------------------------------------------------------------------- mode A
 PEER_RPCS = (["served", "Find"], ["served", "Store"], ["served", "Ping"])
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _served_rpcs(metric_ports: list[int]) -> dict[str, float]:
@@ -116,7 +96,7 @@ async def _wait_joined(address: str, deadline: float) -> None:
 async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     peers = args.peers
-    ports = _free_ports(2 * peers)
+    ports = free_ports(2 * peers)
     ports, metric_ports = ports[:peers], ports[peers:]
     addresses = [f"127.0.0.1:{p}" for p in ports]
     procs: list[subprocess.Popen[bytes]] = []
@@ -191,12 +171,12 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
                 done_rounds += 1
                 for victim, at in kill_at.items():
                     if at == done_rounds and procs[victim].poll() is None:
-                        cpu_end[victim] = _cpu_seconds(procs[victim].pid)
+                        cpu_end[victim] = cpu_seconds(procs[victim].pid)
                         procs[victim].send_signal(signal.SIGKILL)
                         killed.append(victim)
 
         cpu_end: dict[int, float] = {}
-        cpu_start = [_cpu_seconds(p.pid) for p in procs]
+        cpu_start = [cpu_seconds(p.pid) for p in procs]
         self_start = time.process_time()
         t_run = time.perf_counter()
         await asyncio.gather(*(task(t) for t in range(args.tasks)))
@@ -204,7 +184,7 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
         cpu_s = (
             time.process_time()
             - self_start
-            + sum(cpu_end.get(i, _cpu_seconds(p.pid)) - cpu_start[i] for i, p in enumerate(procs))
+            + sum(cpu_end.get(i, cpu_seconds(p.pid)) - cpu_start[i] for i, p in enumerate(procs))
         )
         for client in clients.values():
             await client.close()

@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -30,14 +29,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from proc import cpu_seconds, free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------- local compute limit ----------------
@@ -158,11 +153,6 @@ def _wait_serving(address: str, timeout: float) -> None:
     raise TimeoutError(f"expert server at {address} did not start")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread of ``pid`` (name from /proc: the main thread is the pid's)."""
     out: dict[str, float] = {}
@@ -220,7 +210,7 @@ def main() -> int:
     # load from other processes during one measurement cannot inflate the ratio
     limits = local_limit(args.hidden_dim, args.local_seconds, args.backward, cores)
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_ports(2)
     address = f"127.0.0.1:{port}"
     uids = [f"expert.{i}" for i in range(args.experts)]
     cmd = [
@@ -266,7 +256,7 @@ def main() -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(1.0)
-        server_cpu = _cpu_seconds(server.pid)
+        server_cpu = cpu_seconds(server.pid)
         threads_before = _thread_cpu(server.pid)
         start = time.perf_counter()
         go.set()
@@ -274,7 +264,7 @@ def main() -> int:
         for p in procs:
             p.join()
         elapsed = max(end for _, _, end, _, _ in done) - start
-        server_cpu = _cpu_seconds(server.pid) - server_cpu
+        server_cpu = cpu_seconds(server.pid) - server_cpu
         threads_after = _thread_cpu(server.pid)
         samples = sum(n for *_, n, _ in done)
         client_cpu = sum(c for *_, c in done)

@@ -19,23 +19,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from proc import cpu_seconds, free_ports
 
 SERVICE, METHOD = "floor.Echo", "Echo"
 
 
 def _identity(data: bytes) -> bytes:
     return data
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def serve(port: int, reply_bytes: int) -> None:
@@ -155,21 +150,19 @@ def main() -> int:
             asyncio.run(serve(args.serve, reply_bytes))
         return 0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--reply-bytes", str(reply_bytes),
          "--api", args.api]
     )  # fmt: skip
     try:
         time.sleep(0.5)
-        before = _cpu_seconds(server.pid)
+        before = cpu_seconds(server.pid)
         if args.api == "sync":
             result = call_sync(port, args.request_bytes, args.calls, args.concurrency)
         else:
             result = asyncio.run(call(port, args.request_bytes, args.calls, args.concurrency))
-        server_cpu = _cpu_seconds(server.pid) - before
+        server_cpu = cpu_seconds(server.pid) - before
     finally:
         server.terminate()
         server.wait(timeout=10)

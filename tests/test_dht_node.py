@@ -244,3 +244,33 @@ async def _conditional_store() -> None:
 
 def test_store_doubles_as_last_lookup_step_and_non_replicas_decline() -> None:
     asyncio.run(_conditional_store())
+
+
+async def _latest_rounds(k: int) -> tuple[int, int, int]:
+    """A latest get's (rounds, Find requests, subkeys seen) in a 9-node swarm where every
+    node knows every other."""
+    transport = InProcessTransport()
+    config = NodeConfig(k=k)
+    nodes = [make_node(transport, i, config) for i in range(9)]
+    for node in nodes:
+        for peer in nodes:
+            if peer is not node:
+                node.on_contact(peer.node_id, peer.address)
+    key = key_to_id(b"latest")
+    reader = next(
+        n for n in nodes if n.node_id not in nearest_of(key, [x.node_id for x in nodes], 5)
+    )
+    for i, writer in enumerate(nodes[:3]):
+        await writer.store_many([(key, Entry(f"s{i}".encode(), b"v", time.time() + 60))])
+    (state,) = await reader.lookup([key], "get", values=True, latest=True, beam=5)
+    seen = {e.subkey for e in state.entries}
+    for node in nodes:
+        await node.stop()
+    return state.rounds, state.rpcs, len(seen)
+
+
+def test_latest_get_in_a_small_swarm_asks_the_whole_beam_at_once() -> None:
+    # fewer contacts than k: the table holds the replica set, one round of 5 Finds
+    assert asyncio.run(_latest_rounds(k=20)) == (1, 5, 3)
+    # a full table (k=4 < 8 contacts): alpha=3 per round, the same 5 Finds in two rounds
+    assert asyncio.run(_latest_rounds(k=4)) == (2, 5, 3)

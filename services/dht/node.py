@@ -4,7 +4,8 @@
   target peer carrying every item that peer should replicate (the ``num_replicas``
   nearest answered nodes per key, this node included when it is among them).
 - ``get_many``: one batched lookup with values; a plain get stops at the first hit, a
-  ``latest`` get asks on until the beam has answered and merges (later expiration wins).
+  ``latest`` get asks on until the beam has answered (in a small swarm, all at once) and
+  merges (later expiration wins).
   The merged value is then cached, in the background, on the nearest answered node that
   lacked it, so popular keys are found in fewer hops.
 - Peers that fail a call are removed from the routing table and blacklisted with
@@ -261,7 +262,9 @@ class DHTNode:
             stop_on_value=values and not latest,
         )
 
-    async def _rounds(self, states: list[KeyLookup], *, values: bool, width: int) -> None:
+    async def _rounds(
+        self, states: list[KeyLookup], *, values: bool, width: int, alpha: int = 0
+    ) -> None:
         async def find(peer: int, address: str, ids: list[int]) -> Any:
             return await self._find(peer, address, ids, nodes_only=not values, beam=width)
 
@@ -270,7 +273,7 @@ class DHTNode:
             find=find,
             on_failure=lambda peer, address: None,  # _find already reported it
             is_blocked=self.blacklist.blocked,
-            alpha=self.config.alpha,
+            alpha=alpha or self.config.alpha,
         )
 
     async def lookup(
@@ -283,10 +286,21 @@ class DHTNode:
         beam: int | None = None,
     ) -> list[KeyLookup]:
         """Iterative lookup of many ids together (see :mod:`services.dht.lookup`);
-        ``beam`` defaults to k (node lookups)."""
+        ``beam`` defaults to k (node lookups).
+
+        A ``latest`` get in a small swarm (fewer than k contacts: the table most likely
+        holds every node, so its nearest are the replica set) asks its whole beam at once
+        instead of ``alpha`` peers per round: it must hear every replica anyway, so this
+        costs no extra RPC and saves a round trip (benchmark mode A: get 0.26 s instead of
+        0.29-0.31 s, same RPCs per round). In a large swarm the table's nearest are rarely
+        the replicas, and asking the whole beam each round cost 29% more RPCs (mode B: 11.1
+        instead of 8.6 per latest get), so it keeps ``alpha``.
+        """
         width = beam or self.config.k
         states = self._start(targets, values=values, latest=latest, width=width)
-        await self._rounds(states, values=values, width=width)
+        small = len(self.table) < self.config.k
+        alpha = max(self.config.alpha, width) if values and latest and small else self.config.alpha
+        await self._rounds(states, values=values, width=width, alpha=alpha)
         for state in states:
             self.metrics.lookup(operation, state.rounds, state.rpcs)
         return states
