@@ -31,11 +31,13 @@ import time
 import zlib
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proc import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.common.healthcheck import wait_serving  # noqa: E402
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
@@ -63,19 +65,10 @@ def spawn(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def wait_healthy(proc: subprocess.Popen, address: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{log.name} exited: {log.read_text()[-2000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+    if wait_serving(address, timeout, alive=lambda: proc.poll() is None):
+        return
+    if proc.poll() is not None:
+        raise RuntimeError(f"{log.name} exited: {log.read_text()[-2000:]}")
     raise RuntimeError(f"{log.name} not healthy after {timeout} s")
 
 

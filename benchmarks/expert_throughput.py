@@ -34,6 +34,7 @@ from proc import cpu_seconds, free_ports
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from services.common.healthcheck import wait_serving  # noqa: E402
 
 # ---------------- local compute limit ----------------
 
@@ -135,24 +136,6 @@ def _client_main(
     asyncio.run(run())
 
 
-def _wait_serving(address: str, timeout: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.time() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.time() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"expert server at {address} did not start")
-
-
 def _thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread of ``pid`` (name from /proc: the main thread is the pid's)."""
     out: dict[str, float] = {}
@@ -223,7 +206,8 @@ def main() -> int:
     server = subprocess.Popen(cmd, cwd=ROOT)
     profiler = None
     try:
-        _wait_serving(address, 60)
+        if not wait_serving(address, 60):
+            raise TimeoutError(f"expert server at {address} did not start")
         ctx = mp.get_context("spawn")
         ready, go, results = ctx.Barrier(args.clients + 1), ctx.Event(), ctx.Queue()
         procs = [

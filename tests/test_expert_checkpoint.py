@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import free_port
 
+from services.common.healthcheck import wait_serving
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.checkpoints import list_checkpoints
 from services.expert.client import ExpertClient
@@ -36,18 +35,13 @@ def _start(port: int, ckpt: Path, seed: int, every: float) -> subprocess.Popen[b
 
 
 async def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "expert server exited during start-up"
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+    def alive() -> bool:
+        return proc.poll() is None
+
+    address = f"127.0.0.1:{port}"
+    if await asyncio.to_thread(wait_serving, address, 60, alive=alive, interval=0.1):
+        return
+    assert alive(), "expert server exited during start-up"
     raise TimeoutError("expert server did not become SERVING")
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import free_port
 
+from services.common.healthcheck import wait_serving
 from services.proto import trainer_pb2, trainer_pb2_grpc
 
 H = 32
@@ -39,20 +39,9 @@ class Proc:
         )
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.popen.poll() is None, (
-                    f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
-                )
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
+        if wait_serving(self.address, timeout, alive=lambda: self.popen.poll() is None):
+            return
+        assert self.popen.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
         raise AssertionError(
             f"{self.name} not healthy in {timeout} s:\n{self.log.read_text()[-3000:]}"
         )

@@ -2,6 +2,8 @@
 
 Used as the container HEALTHCHECK: ``python -m services.common.healthcheck``
 checks ``127.0.0.1:$DMOE_PORT`` by default, so one line serves every image.
+:func:`wait_serving` is the same check polled until a service started as a
+subprocess (benchmarks, tests) is SERVING.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +28,30 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
         print(f"{address}: {exc.code().name} {exc.details()}", file=sys.stderr)
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_serving(
+    address: str,
+    timeout: float,
+    *,
+    alive: Callable[[], bool] = lambda: True,
+    interval: float = 0.2,
+) -> bool:
+    """Poll ``address`` until it answers SERVING (True), or until ``timeout`` passes or
+    ``alive()`` turns false, e.g. the service's process exited (False). Quiet: a refused
+    or failed check just means "not yet"."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and alive():
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(interval)
+    return False
 
 
 def main() -> int:
