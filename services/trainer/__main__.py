@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.common.server import start_server
     from services.trainer.backoff import Backoff
     from services.trainer.data import load_dataset
+    from services.trainer.dispatch import CallPolicy
     from services.trainer.metrics import TrainerMetrics
     from services.trainer.models import MoEOptions, build_model
     from services.trainer.progress import Progress
@@ -176,15 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         uid_prefix=args.uid_prefix,
         kind=args.moe_kind,
         k_best=args.k_best,
-        k_min=args.k_min,
-        forward_timeout=args.forward_timeout,
-        timeout_after_k_min=args.timeout_after_k_min,
-        backward_k_min=args.backward_k_min,
-        backward_timeout=args.backward_timeout,
-        forward_retries=args.forward_retries,
-        transient_retries=args.transient_retries,
-        allow_zero_outputs=args.allow_zero_outputs,
-        detect_anomalies=args.detect_anomalies,
+        policy=CallPolicy(
+            k_min=args.k_min,
+            forward_timeout=args.forward_timeout,
+            timeout_after_k_min=args.timeout_after_k_min,
+            backward_k_min=args.backward_k_min,
+            backward_timeout=args.backward_timeout,
+            forward_retries=args.forward_retries,
+            transient_retries=args.transient_retries,
+            allow_zero_outputs=args.allow_zero_outputs,
+            detect_anomalies=args.detect_anomalies,
+        ),
     )
     model = build_model(
         args.model,

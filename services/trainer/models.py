@@ -13,13 +13,14 @@ otherwise (``ffn``, ``ffn1``, ...), so each layer has its own experts.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from services.trainer.data import Dataset
+from services.trainer.dispatch import CallPolicy
 from services.trainer.moe import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from services.trainer.swarm import Swarm
 
@@ -32,15 +33,7 @@ class MoEOptions:
     uid_prefix: str = "ffn"
     kind: str = "mixture"  # mixture | switch
     k_best: int = 4
-    k_min: int = 1
-    forward_timeout: float = 10.0
-    timeout_after_k_min: float = 1.0
-    backward_k_min: int = 1
-    backward_timeout: float = 10.0
-    forward_retries: int = 1
-    transient_retries: int = 1
-    allow_zero_outputs: bool = False
-    detect_anomalies: bool = False
+    policy: CallPolicy = field(default_factory=CallPolicy)  # k_min, timeouts, retries
 
     def layer_prefix(self, index: int) -> str:
         base = self.uid_prefix.rstrip(".")
@@ -50,21 +43,10 @@ class MoEOptions:
 def make_moe(options: MoEOptions, swarm: Swarm, hidden: int, index: int) -> RemoteMixtureOfExperts:
     cls = RemoteSwitchMixtureOfExperts if options.kind == "switch" else RemoteMixtureOfExperts
     k_best = 1 if options.kind == "switch" else options.k_best
+    policy = asdict(options.policy)
+    k_min = min(policy.pop("k_min"), k_best)
     return cls(
-        hidden,
-        options.grid_size,
-        options.layer_prefix(index),
-        k_best,
-        min(options.k_min, k_best),
-        swarm=swarm,
-        forward_timeout=options.forward_timeout,
-        timeout_after_k_min=options.timeout_after_k_min,
-        backward_k_min=options.backward_k_min,
-        backward_timeout=options.backward_timeout,
-        forward_retries=options.forward_retries,
-        transient_retries=options.transient_retries,
-        allow_zero_outputs=options.allow_zero_outputs,
-        detect_anomalies=options.detect_anomalies,
+        hidden, options.grid_size, options.layer_prefix(index), k_best, k_min, swarm=swarm, **policy
     )
 
 
