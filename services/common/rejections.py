@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import OrderedDict
 
 from prometheus_client import CollectorRegistry, Counter
@@ -73,3 +74,18 @@ class Rejections:
     def count(self, reason: str) -> float:
         """The counter's value for ``reason`` (tests, status RPCs)."""
         return self.counter.labels(reason)._value.get()
+
+
+_shared: weakref.WeakKeyDictionary[CollectorRegistry, Rejections] = weakref.WeakKeyDictionary()
+
+
+def shared_rejections(
+    service: str, registry: CollectorRegistry, logger: logging.Logger
+) -> Rejections:
+    """The one :class:`Rejections` of ``registry``: the server bootstrap (limits, malformed
+    requests) and the service's own code (bad records, poisoned requests) count into the same
+    ``dmoe_<service>_rejected_total`` (a second counter of that name would not register)."""
+    held = _shared.get(registry)
+    if held is None:
+        held = _shared[registry] = Rejections(service, registry, logger)
+    return held
