@@ -39,8 +39,8 @@ async def _scenario() -> None:
             found = await client.get(["ffn.", b"ffn.3.", "ffn.3.14", "old", "nothing"])
         assert set(found) == {"ffn.", b"ffn.3.", "ffn.3.14", "old", "nothing"}
         assert found["ffn.3.14"] == ValueWithExpiration(b"10.0.0.5:31340", now + 30)
-        assert found[b"ffn.3."] == {b"14": ValueWithExpiration(b"10.0.0.5:31340", now + 30)}
-        assert found["ffn."] == {b"3": ValueWithExpiration(b"10.0.0.5:31340", now + 30)}
+        assert found[b"ffn.3."] == {b"14": [ValueWithExpiration(b"10.0.0.5:31340", now + 30)]}
+        assert found["ffn."] == {b"3": [ValueWithExpiration(b"10.0.0.5:31340", now + 30)]}
         assert found["old"] is None and found["nothing"] is None
 
         client = DHTClient([a.address])

@@ -6,7 +6,7 @@ import time
 
 from services.dht.config import NodeConfig
 from services.dht.node import DHTNode
-from services.dht.routing import ID_SPACE, key_to_id, nearest_of
+from services.dht.routing import ID_BITS, key_to_id, nearest_of
 from services.dht.storage import Entry
 from services.dht.transport import InProcessTransport
 
@@ -18,19 +18,51 @@ def make_node(transport: InProcessTransport, i: int, config: NodeConfig, **kw) -
     return node
 
 
+async def introduce(node: DHTNode, *peers: DHTNode) -> None:
+    """``node`` learns ``peers`` the way the protocol lets it: each proves its id (signed ping)."""
+    for peer in peers:
+        assert await node.ping(peer.address) is not None
+
+
+async def settle(nodes: list[DHTNode]) -> None:
+    """Wait until no node is still verifying a peer (background pings back)."""
+    for _ in range(200):
+        if not any(n._verifying for n in nodes):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("verifications did not finish")
+
+
+def far_half(me: DHTNode, transport: InProcessTransport, config: NodeConfig, count: int):
+    """Nodes whose ids differ from ``me``'s in the top bit (ids are hashes of keys, so keep
+    drawing keys until enough land there)."""
+    top = me.node_id >> (ID_BITS - 1)
+    found, i = [], 1
+    while len(found) < count:
+        node = make_node(transport, i, config)
+        if node.node_id >> (ID_BITS - 1) != top:
+            found.append(node)
+        else:
+            transport.unregister(node.address)
+        i += 1
+    return found
+
+
 async def _evict_scenario() -> None:
     transport = InProcessTransport()
     config = NodeConfig(k=2, depth_modulo=1)  # classic Kademlia: only the own bucket splits
-    me = make_node(transport, 0, config, node_id=0)
-    half = ID_SPACE // 2
-    a, b, c, d = (make_node(transport, i + 1, config, node_id=half + i) for i in range(4))
-    me.on_contact(a.node_id, a.address)
-    me.on_contact(b.node_id, b.address)
-    me.on_contact(c.node_id, c.address)  # bucket full: ping a (least recently seen)
+    me = make_node(transport, 0, config)
+    a, b, c, d = far_half(me, transport, config, 4)
+    for peer in (a, b):  # each pings back to check our id, which refreshes it: wait for that
+        await introduce(me, peer)
+        await settle([me, peer])
+    await introduce(me, c)  # bucket full: ping a (least recently seen)
+    await settle([me, a, b, c, d])
     await asyncio.sleep(0.05)
     assert a.node_id in me.table and c.node_id not in me.table  # a answered: it stays
     transport.unregister(b.address)  # b dies
-    me.on_contact(d.node_id, d.address)  # full again: ping b, which fails
+    await introduce(me, d)  # full again: ping b, which fails
+    await settle([me, d])
     await asyncio.sleep(0.05)
     assert b.node_id not in me.table and d.node_id in me.table
     assert me.blacklist.blocked(b.address)
@@ -82,8 +114,9 @@ async def _coalescing() -> None:
     transport = InProcessTransport()
     config = NodeConfig()
     a, b, c = (make_node(transport, i, config) for i in (1, 2, 3))
-    a.on_contact(b.node_id, b.address)
-    b.on_contact(c.node_id, c.address)
+    await introduce(a, b)
+    await introduce(b, c)
+    await settle([a, b, c])
     targets = [key_to_id(f"t{i}".encode()) for i in range(6)]
     before = transport.calls
     # six lookups started in the same loop turn ask b once, in one Find carrying six keys
@@ -115,12 +148,18 @@ async def _observed_host() -> None:
     transport = InProcessTransport()
     node = make_node(transport, 1, NodeConfig())
     other = make_node(transport, 2, NodeConfig())
+    for address in ("10.1.2.3:4000", "dht-2:4000"):  # where `other` really answers
+        transport.register(address, other.protocol)
     sender = dht_pb2.NodeInfo(node_id=other.info.node_id, address="127.0.0.1:4000")
     await node.protocol.handle("Ping", dht_pb2.PingRequest(sender=sender), caller_host="10.1.2.3")
-    assert node.table.address_of(other.node_id) == "10.1.2.3:4000"  # loopback announce fixed
+    await settle([node, other])
+    # the address checked (and so the one the table may hold) is the observed host's
+    assert node.verified.get("10.1.2.3:4000") == other.node_id  # loopback announce fixed
+    assert "127.0.0.1:4000" not in node.verified
     sender.address = "dht-2:4000"
     await node.protocol.handle("Ping", dht_pb2.PingRequest(sender=sender), caller_host="10.1.2.3")
-    assert node.table.address_of(other.node_id) == "dht-2:4000"  # a real name is kept
+    await settle([node, other])
+    assert node.verified.get("dht-2:4000") == other.node_id  # a real name is kept
     assert caller_host("ipv4:172.18.0.3:45678") == "172.18.0.3"
     assert caller_host("ipv6:%5B::1%5D:5678") == "::1"
     assert caller_host("unix:/tmp/sock") == ""
@@ -141,6 +180,12 @@ class Recorder:
         self.lookups.append(operation)
 
     def republished(self, count: int) -> None:
+        pass
+
+    def verification(self, outcome: str) -> None:
+        pass
+
+    def skewed_peer(self) -> None:
         pass
 
 
@@ -201,16 +246,16 @@ async def _conditional_store() -> None:
     transport = InProcessTransport()
     config = NodeConfig()
     key = key_to_id(b"conditional")
-    near = [make_node(transport, i, config, node_id=key ^ i) for i in range(1, 7)]
-    far = [make_node(transport, 10 + j, config, node_id=key ^ (1 << (150 + j))) for j in range(3)]
-    storer = make_node(transport, 20, config, node_id=key ^ (1 << 159))
+    # ids are hashes of keys: rank ten nodes by distance to the key instead of placing them
+    nodes = sorted(
+        (make_node(transport, i, config) for i in range(10)), key=lambda n: n.node_id ^ key
+    )
+    near, far, storer = nodes[:6], nodes[6:9], nodes[9]
     for node in far:  # they know the 5 nearest: not replicas themselves
-        for peer in near[:5]:
-            node.on_contact(peer.node_id, peer.address)
-    for peer in near[1:]:
-        near[0].on_contact(peer.node_id, peer.address)
-    for peer in (near[0], near[5], *far):  # the storer misses n2..n5
-        storer.on_contact(peer.node_id, peer.address)
+        await introduce(node, *near[:5])
+    await introduce(near[0], *near[1:])
+    await introduce(storer, near[0], near[5], *far)  # the storer misses n2..n5
+    await settle(nodes)
 
     # the wire rule: a conditional store is declined by a node that knows 5 nearer peers
     item = dht_pb2.StoreItem(
@@ -253,9 +298,8 @@ async def _latest_rounds(k: int) -> tuple[int, int, int]:
     config = NodeConfig(k=k)
     nodes = [make_node(transport, i, config) for i in range(9)]
     for node in nodes:
-        for peer in nodes:
-            if peer is not node:
-                node.on_contact(peer.node_id, peer.address)
+        await introduce(node, *(peer for peer in nodes if peer is not node))
+    await settle(nodes)
     key = key_to_id(b"latest")
     reader = next(
         n for n in nodes if n.node_id not in nearest_of(key, [x.node_id for x in nodes], 5)

@@ -94,7 +94,7 @@ def test_service_processes_join_serve_metrics_and_stop_on_sigterm() -> None:
                 assert await client.put([("svc.key", "sub", b"v", time.time() + 30)]) == [True]
             async with DHTClient([first.address]) as client:
                 found = await client.get(["svc.key"], latest=True)
-                assert found["svc.key"][b"sub"].value == b"v"
+                assert found["svc.key"][b"sub"][0].value == b"v"
 
         asyncio.run(use())
         text = second.metrics()

@@ -9,37 +9,37 @@ from services.dht.storage import Entry, Storage, StorageFull, merge_entries
 
 def test_later_expiration_wins_and_older_is_refused() -> None:
     s, now = Storage(), time.time()
-    assert s.store(1, None, b"a", now + 10)
-    assert not s.store(1, None, b"old", now + 5)
+    assert s.store(1, Entry(None, b"a", now + 10))
+    assert not s.store(1, Entry(None, b"old", now + 5))
     assert s.get(1) == [Entry(None, b"a", now + 10)]
-    assert s.store(1, None, b"b", now + 20)
+    assert s.store(1, Entry(None, b"b", now + 20))
     assert s.get(1) == [Entry(None, b"b", now + 20)]
-    assert not s.store(2, None, b"expired", now - 1)
+    assert not s.store(2, Entry(None, b"expired", now - 1))
     assert s.get(2) == []
 
 
 def test_subkeys_keep_separate_expirations() -> None:
     s, now = Storage(), time.time()
-    assert s.store(7, b"x", b"1", now + 10)
-    assert s.store(7, b"y", b"2", now + 0.2)
-    assert not s.store(7, b"x", b"stale", now + 5)  # older than the held x
+    assert s.store(7, Entry(b"x", b"1", now + 10))
+    assert s.store(7, Entry(b"y", b"2", now + 0.2))
+    assert not s.store(7, Entry(b"x", b"stale", now + 5))  # older than the held x
     assert {e.subkey: e.value for e in s.get(7)} == {b"x": b"1", b"y": b"2"}
     time.sleep(0.3)
     assert s.get(7) == [Entry(b"x", b"1", now + 10)]  # y expired, x untouched
     # a plain value replaces the dictionary only with a later expiration
-    assert not s.store(7, None, b"plain", now + 9)
-    assert s.store(7, None, b"plain", now + 11)
+    assert not s.store(7, Entry(None, b"plain", now + 9))
+    assert s.store(7, Entry(None, b"plain", now + 11))
     assert s.get(7) == [Entry(None, b"plain", now + 11)]
-    assert not s.store(7, b"z", b"3", now + 11)
-    assert s.store(7, b"z", b"3", now + 12)
+    assert not s.store(7, Entry(b"z", b"3", now + 11))
+    assert s.store(7, Entry(b"z", b"3", now + 12))
     assert s.get(7) == [Entry(b"z", b"3", now + 12)]
 
 
 def test_expired_entries_are_purged_and_counted() -> None:
     s, now = Storage(), time.time()
-    s.store(1, None, b"a", now + 0.1)
-    s.store(2, b"k", b"b", now + 0.1)
-    s.store(3, None, b"c", now + 60)
+    s.store(1, Entry(None, b"a", now + 0.1))
+    s.store(2, Entry(b"k", b"b", now + 0.1))
+    s.store(3, Entry(None, b"c", now + 60))
     assert len(s) == 3
     time.sleep(0.2)
     assert s.purge() == 2
@@ -48,22 +48,22 @@ def test_expired_entries_are_purged_and_counted() -> None:
 
 def test_capacity_refuses_new_entries_but_allows_updates() -> None:
     s, now = Storage(max_entries=2), time.time()
-    s.store(1, None, b"a", now + 10)
-    s.store(2, b"k", b"b", now + 10)
+    s.store(1, Entry(None, b"a", now + 10))
+    s.store(2, Entry(b"k", b"b", now + 10))
     with pytest.raises(StorageFull):
-        s.store(3, None, b"c", now + 10)
+        s.store(3, Entry(None, b"c", now + 10))
     with pytest.raises(StorageFull):
-        s.store(2, b"other", b"c", now + 10)
-    assert s.store(1, None, b"a2", now + 20)  # update in place needs no room
-    assert s.store(2, b"k", b"b2", now + 20)
+        s.store(2, Entry(b"other", b"c", now + 10))
+    assert s.store(1, Entry(None, b"a2", now + 20))  # update in place needs no room
+    assert s.store(2, Entry(b"k", b"b2", now + 20))
     assert len(s) == 2
 
 
 def test_cache_evicts_soonest_expiring() -> None:
     s, now = Storage(max_entries=2, evict_when_full=True), time.time()
-    s.store(1, None, b"a", now + 5)
-    s.store(2, None, b"b", now + 50)
-    assert s.store(3, None, b"c", now + 20)
+    s.store(1, Entry(None, b"a", now + 5))
+    s.store(2, Entry(None, b"b", now + 50))
+    assert s.store(3, Entry(None, b"c", now + 20))
     assert s.get(1) == [] and s.get(2) and s.get(3)
 
 
@@ -82,3 +82,46 @@ def test_merge_later_expiration_per_subkey() -> None:
     assert merge_entries([Entry(None, b"p", now + 10), Entry(b"a", b"1", now + 5)]) == [
         Entry(None, b"p", now + 10)
     ]
+
+
+OWNER_A, OWNER_B = b"a" * 32, b"b" * 32
+
+
+def test_owned_slots_are_separate_and_never_erased_by_plain_values() -> None:
+    """Storage rules for owned entries (signatures are checked before storage: here the
+    rules alone)."""
+    s, now = Storage(), time.time()
+    a = Entry(b"3", b"host-a:1", now + 30, OWNER_A, b"s" * 64)
+    b = Entry(b"3", b"host-b:1", now + 30, OWNER_B, b"s" * 64)
+    assert s.store(1, a) and s.store(1, b)
+    assert s.store(1, Entry(b"3", b"stranger:1", now + 3000))  # an unowned slot of its own
+    assert {e.value for e in s.get(1)} == {b"host-a:1", b"host-b:1", b"stranger:1"}
+    # replay of an older entry of A's slot: refused; A's newer one replaces it
+    assert not s.store(1, a._replace(expiration=now + 10))
+    assert s.store(1, a._replace(value=b"host-a:2", expiration=now + 40))
+    # a plain value never replaces a dictionary holding owned entries, whatever its expiration
+    assert not s.store(1, Entry(None, b"erase", now + 86_000))
+    assert len(s.get(1)) == 3
+    # an owned entry displaces a squatting plain value; an unowned one only when it expires later
+    assert s.store(2, Entry(None, b"squat", now + 86_000))
+    assert not s.store(2, Entry(b"3", b"x", now + 30))
+    assert s.store(2, a)
+    assert s.get(2) == [a]
+
+
+def test_merge_keeps_owned_entries_and_the_latest_per_slot() -> None:
+    now = time.time()
+    a_old = Entry(b"3", b"old", now + 10, OWNER_A, b"s" * 64)
+    a_new = a_old._replace(value=b"new", expiration=now + 20)
+    b = Entry(b"3", b"b", now + 15, OWNER_B, b"s" * 64)
+    plain = Entry(None, b"erase", now + 999)
+    assert merge_entries([a_old, plain, b, a_new]) == [a_new, b]
+    assert merge_entries([plain, Entry(b"x", b"1", now + 5)]) == [plain]  # unowned: latest wins
+
+
+def test_keep_until_shortens_an_entry_from_a_skewed_peer() -> None:
+    s, now = Storage(), time.time()
+    assert s.store(1, Entry(b"x", b"v", now + 60), keep_until=now + 0.1)
+    assert s.get(1)
+    time.sleep(0.15)
+    assert s.get(1) == []

@@ -53,7 +53,7 @@ async def _swarm_scenario() -> None:
             for key, _, value, expiration in items[:10]:
                 assert found[key] == ValueWithExpiration(value, expiration)
             assert found["dict."] == {
-                s.encode(): ValueWithExpiration(v, e) for _, s, v, e in items[10:]
+                s.encode(): [ValueWithExpiration(v, e)] for _, s, v, e in items[10:]
             }
             assert found["missing"] is None
 
@@ -96,7 +96,8 @@ async def _swarm_scenario() -> None:
             assert set(found["sub."]) == {b"long", b"short"}
             assert await client.put([("sub.", "long", b"L2", time.time() + 90)]) == [True]
             found = await client.get(["sub."], latest=True)
-            assert found["sub."][b"short"].value == b"S" and found["sub."][b"long"].value == b"L2"
+            assert [e.value for e in found["sub."][b"short"]] == [b"S"]
+            assert [e.value for e in found["sub."][b"long"]] == [b"L2"]
             await asyncio.sleep(max(0.0, soon - time.time()) + 0.3)
             async with DHTClient([rng.choice(nodes).address]) as other:
                 found = await other.get(["sub.", "short.plain"], latest=True)

@@ -40,7 +40,7 @@ def test_declaration_items_follow_the_dht_key_scheme() -> None:
     items = declaration_items(["ffn.3.14", "ffn.3.15"], "10.0.0.5:31340", 123.0)
     keys = {(k, s) for k, s, v, e in items}
     assert keys == {
-        ("ffn.3.14", None), ("ffn.3.15", None), ("ffn.3.", "14"), ("ffn.3.", "15"), ("ffn.", "3")
+        ("ffn.3.14", ""), ("ffn.3.15", ""), ("ffn.3.", "14"), ("ffn.3.", "15"), ("ffn.", "3")
     }  # fmt: skip
     assert all(v == b"10.0.0.5:31340" and e == 123.0 for _, _, v, e in items)
 

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import free_port
 
+from services.common.identity import Identity
 from services.dht.client import DHTClient, DHTUnavailable
 from services.expert.server import ExpertConfig, ExpertServer
 
@@ -72,11 +73,13 @@ def test_declared_after_start_redeclared_after_outage_gone_after_stop() -> None:
 
             await _until(declared, 20, "the declaration")
             found = await dht.get(keys)
-            assert found["ffn.0.3"].value == address
+            owner = server.identity.public_key
+            (entry,) = found["ffn.0.3"][b""]  # owned by the server: its own slot of the key
+            assert entry.value == address and entry.owner == owner
             assert set(found["ffn.0."]) == {b"3", b"4"}
-            assert found["ffn.1."][b"4"].value == address
+            assert [(e.value, e.owner) for e in found["ffn.1."][b"4"]] == [(address, owner)]
             assert set(found["ffn."]) == {b"0", b"1"}
-            expiration = found["ffn.0.3"].expiration
+            expiration = entry.expiration
             assert time.time() < expiration <= time.time() + 2 * config.update_period + 1
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -128,8 +131,12 @@ def test_num_experts_skips_uids_declared_by_others() -> None:
         try:
             await _until(lambda: dht.get(["probe"]), 60, "the DHT to start")
             taken = ["smp.0", "smp.1", "smp.3", "smp.4"]
-            stored = await dht.put([(u, None, b"10.0.0.9:1", time.time() + 60) for u in taken])
-            assert all(stored)
+            # taken: owned by another server; unowned values (anyone can write them) are not
+            other = DHTClient([peer], timeout=2.0, identity=Identity.generate())
+            items = [(u, "", b"10.0.0.9:1", time.time() + 60) for u in taken]
+            assert all(await other.put(items, owned=True))
+            assert all(await other.put([("smp.2", None, b"10.0.0.9:1", time.time() + 60)]))
+            await other.close()
             config = ExpertConfig(
                 experts=["smp.[0:5]"], num_experts=1, hidden_dim=8, dht_peers=[peer],
                 update_period=5.0,

@@ -50,17 +50,21 @@ def test_restarted_replica_hosts_and_restores_the_same_experts(tmp_path: Path) -
             with backend.lock:
                 backend.backward([torch.randn(4, H)], [torch.randn(4, H)])
             weights = {k: v.clone() for k, v in backend.module.state_dict().items()}
+            key = first.identity.public_key
+            assert key != other.identity.public_key
         finally:
             await first.stop(0.5)  # checkpoints on stop
             await other.stop(0.5)
         files = sorted(p.name for p in (tmp_path / "hosts").iterdir())
-        assert files == ["replica-a.json", "replica-b.json"]
+        assert files == ["replica-a.json", "replica-a.key", "replica-b.json", "replica-b.key"]
+        assert (tmp_path / "hosts" / "replica-a.key").stat().st_mode & 0o777 == 0o600
         assert json.loads((tmp_path / "hosts" / "replica-a.json").read_text())["uids"] == chosen
 
         # same hostname, another seed (a fresh random choice would differ): same experts back
         again = await ExpertServer(_config(tmp_path, "replica-a", seed=99)).start()
         try:
             assert list(again.backends) == chosen
+            assert again.identity.public_key == key  # it still owns its declarations
             restored = again.backends[chosen[0]]
             assert restored.steps == 1
             for k, v in restored.module.state_dict().items():

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from services.common.identity import Identity
 from services.dht.client import DHTClient
 from services.dht.server import start_node
 from services.trainer.beam_search import beam_search, make_uid, parse_uid
@@ -21,21 +22,21 @@ def declarations(uids: list[str], address: str, expiration: float) -> list[tuple
     items = []
     for uid in uids:
         parts = uid.split(".")
-        items.append((uid, None, address.encode(), expiration))
+        items.append((uid, "", address.encode(), expiration))
         for t in range(1, len(parts)):
             items.append((".".join(parts[:t]) + ".", parts[t], address.encode(), expiration))
     return items
 
 
 def in_memory_children(uids: list[str]):
-    table: dict[str, dict[int, str]] = {}
+    table: dict[str, dict[int, list[str]]] = {}
     for uid in uids:
         parts = uid.split(".")
         for t in range(1, len(parts)):
-            table.setdefault(".".join(parts[:t]) + ".", {})[int(parts[t])] = f"host:{uid}"
+            table.setdefault(".".join(parts[:t]) + ".", {})[int(parts[t])] = [f"host:{uid}"]
     calls: list[list[str]] = []
 
-    async def children(keys: list[str]) -> dict[str, dict[int, str]]:
+    async def children(keys: list[str]) -> dict[str, dict[int, list[str]]]:
         calls.append(keys)
         return {k: table.get(k, {}) for k in keys}
 
@@ -110,10 +111,10 @@ def test_beam_search_through_real_dht_equals_exhaustive() -> None:
 
     async def start_and_declare():
         node = await start_node()
-        async with DHTClient([node.address]) as client:
+        async with DHTClient([node.address], identity=Identity.generate()) as client:
             items = declarations(uids, "127.0.0.1:1", time.time() + 300)
             for start in range(0, len(items), 1000):
-                assert all(await client.put(items[start : start + 1000]))
+                assert all(await client.put(items[start : start + 1000], owned=True))
         return node
 
     swarm = Swarm(None)

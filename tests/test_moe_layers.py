@@ -7,6 +7,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from services.common.identity import Identity
 from services.dht.client import DHTClient
 from services.dht.server import start_node
 from services.expert.backend import OptimizerConfig
@@ -141,8 +142,8 @@ def test_all_experts_gone_error_or_zeros_promptly(swarm) -> None:
     items += [(f"gone.{i}.", str(j), dead, expiration) for i in range(3) for j in range(2)]
 
     async def declare():
-        async with DHTClient(swarm.initial_peers) as client:
-            assert all(await client.put(items))
+        async with DHTClient(swarm.initial_peers, identity=Identity.generate()) as client:
+            assert all(await client.put(items, owned=True))
 
     swarm.run(declare())
     layer = RemoteMixtureOfExperts(H, (3, 2), "gone", k_best=2, swarm=swarm, forward_timeout=20.0)
@@ -190,8 +191,8 @@ def test_samples_whose_experts_fail_are_retried_with_the_next_best(swarm) -> Non
     items += [("mix.0.", "1", dead, expiration)]
 
     async def declare():
-        async with DHTClient(swarm.initial_peers) as client:
-            assert all(await client.put(items))
+        async with DHTClient(swarm.initial_peers, identity=Identity.generate()) as client:
+            assert all(await client.put(items, owned=True))
 
     swarm.run(declare())
     swarm.backoff.success("mix.0.0", dead.decode())

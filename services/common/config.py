@@ -13,6 +13,9 @@ import os
 import socket
 from typing import Any
 
+from services.common.addresses import check_peer_address
+from services.common.identity import add_identity_flags
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -35,9 +38,10 @@ def peer_list(text: str) -> list[str]:
     """Parse ``host:port`` peers separated by commas or spaces."""
     peers = [p for p in text.replace(",", " ").split() if p]
     for peer in peers:
-        host, sep, port = peer.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise argparse.ArgumentTypeError(f"peer {peer!r} is not host:port")
+        try:
+            check_peer_address(peer)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"peer {peer!r}: {exc}") from None
     return peers
 
 
@@ -122,6 +126,7 @@ def service_parser(
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
     )
+    add_identity_flags(parser)
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",

@@ -28,7 +28,7 @@ class RateLimitedLog:
         self.max_keys = max_keys
         self._last: OrderedDict[object, tuple[float, int]] = OrderedDict()
 
-    def warn(self, key: object, message: str, **fields: object) -> bool:
+    def warn(self, key: object, message: str, /, **fields: object) -> bool:
         """Log now, or count the line as suppressed; True when it was logged."""
         now = time.monotonic()
         last, suppressed = self._last.get(key, (float("-inf"), 0))
@@ -64,7 +64,7 @@ class Rejections:
         self.log = RateLimitedLog(logger, interval)
         self._children: dict[str, object] = {}
 
-    def reject(self, reason: str, message: str, source: str = "", **fields: object) -> None:
+    def reject(self, reason: str, message: str, /, source: str = "", **fields: object) -> None:
         child = self._children.get(reason)
         if child is None:
             child = self._children[reason] = self.counter.labels(reason)

@@ -8,22 +8,13 @@ import logging
 import sys
 
 from services.common.config import announce_host, peer_list, service_parser
+from services.common.identity import default_identity_path, load_trusted_keys, resolve_identity
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.dht.config import NodeConfig
 from services.dht.server import start_node
 
 log = logging.getLogger("services.dht")
-
-
-def _node_id(text: str) -> int:
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("node id must be 40 hex digits") from None
-    if len(raw) != 20:
-        raise argparse.ArgumentTypeError("node id must be 40 hex digits")
-    return int.from_bytes(raw, "big")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "resolved at each attempt; retried with backoff until one answers)",
     )
     dht.add_argument(
-        "--node-id", type=_node_id, default=None, help="40 hex digits (default random)"
+        "--trusted-keys",
+        default=None,
+        help="file of public keys (one per line, hex or base64, # comments): store only "
+        "entries owned by these keys (a private swarm); unset: any owner, unowned too",
     )
     dht.add_argument("--k", type=int, default=defaults.k, help="bucket size and lookup beam")
     dht.add_argument("--alpha", type=int, default=defaults.alpha, help="parallel RPCs per lookup")
@@ -77,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="entries held as cached copies (oldest evicted)",
     )  # fmt: skip
     limits.add_argument("--max-keys-per-request", type=int, default=defaults.max_keys_per_request)
+    limits.add_argument(
+        "--max-ttl",
+        type=float,
+        default=defaults.max_ttl,
+        help="refuse expirations further than this past the node's clock (s)",
+    )
+    limits.add_argument(
+        "--max-clock-skew",
+        type=float,
+        default=defaults.max_clock_skew,
+        help="peers whose clock is off by more are logged and not trusted beyond it; this "
+        "node corrects its own clock when its peers' median is (s)",
+    )
     timers = parser.add_argument_group("timers")
     timers.add_argument("--refresh-interval", type=float, default=defaults.refresh_interval,
                         help="refresh buckets untouched this long (s)")  # fmt: skip
@@ -110,10 +117,16 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
         republish_interval=args.republish_interval,
         blacklist_base=args.blacklist_base,
         blacklist_max=args.blacklist_max,
+        max_ttl=args.max_ttl,
+        max_clock_skew=args.max_clock_skew,
     )
 
 
 async def serve(args: argparse.Namespace) -> None:
+    identity = resolve_identity(
+        args.identity_file, default_identity_path("dht", args.port) if args.port else None
+    )
+    trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
     running = await start_node(
         config_from(args),
         initial_peers=args.initial_peers,
@@ -122,7 +135,8 @@ async def serve(args: argparse.Namespace) -> None:
         announce_host=announce_host(args.host, args.announce_host),
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
-        node_id=args.node_id,
+        identity=identity,
+        trusted=trusted,
     )
     log.info(
         "dht node started",
@@ -131,6 +145,8 @@ async def serve(args: argparse.Namespace) -> None:
             "port": running.server.port,
             "metrics_port": running.server.metrics_port,
             "node_id": running.node.info.node_id.hex(),
+            "public_key": identity.hex,
+            "trusted_keys": len(trusted) if trusted is not None else "any",
             "initial_peers": ",".join(args.initial_peers),
         },
     )
@@ -146,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(args.log_level, args.log_format)
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except (OSError, ValueError) as exc:  # identity or trusted-keys file unusable, port taken
+        log.error("cannot start: %s", exc)
+        return 2
     return 0
 
 

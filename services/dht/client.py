@@ -5,6 +5,13 @@ answers; nodes are tried in the order given. A channel is cached per node and dr
 after a connection failure, so the next attempt dials again and re-resolves DNS (a
 restarted container with a new IP is found). Invalid input is a ``ValueError`` carrying
 the server's message; no node answering is :class:`DHTUnavailable`.
+
+Owned entries (:mod:`services.dht.records`): ``put(..., owned=True)`` signs every item with
+the client's identity, into the client's own slot of each key; ``get`` checks every owned
+entry's signature again (a hostile DHT node cannot forge what this client accepts) and, with
+``trusted`` keys, keeps only entries those keys own. Dropped entries are counted in
+``rejected`` and logged (rate-limited). Every reply carries the node's clock: :meth:`now`
+is this host's time corrected by it, what expirations should be based on.
 """
 
 from __future__ import annotations
@@ -12,22 +19,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 
+from services.common.identity import Identity
+from services.common.rejections import RateLimitedLog
 from services.common.server import channel_options
+from services.dht.protocol import entry_to_proto
+from services.dht.records import Entry, ownership_problem, sign_entry
+from services.dht.routing import id_to_bytes, key_to_id
 from services.proto import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 Key = str | bytes
+MAX_CLOCK_SKEW = 10.0  # seconds: a DHT clock further off than this is worth a warning
 
 
 class ValueWithExpiration(NamedTuple):
     value: bytes
     expiration: float
+    owner: bytes = b""  # the public key that signed it; empty: unowned
+
+
+# What ``get`` returns per key: nothing, a plain value, or a dictionary whose subkeys each
+# hold one entry per slot (one unowned, and one per owner: several servers declaring the same
+# subkey side by side), latest expiration first.
+Found = ValueWithExpiration | dict[bytes, list[ValueWithExpiration]] | None
 
 
 class DHTUnavailable(ConnectionError):
@@ -60,6 +82,9 @@ class DHTClient:
         addresses: Sequence[str] | str,
         timeout: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        *,
+        identity: Identity | None = None,
+        trusted: frozenset[bytes] | None = None,
     ) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.replace(",", " ").split() if a]
@@ -70,6 +95,27 @@ class DHTClient:
         self._options = channel_options(max_message_bytes)
         self._stubs: dict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTStub]] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self.identity = identity
+        self.trusted = trusted
+        self.clock_offset = 0.0  # the DHT node's clock minus this host's, from the last reply
+        self.rejected: Counter[str] = Counter()  # entries dropped by get, per reason
+        self._warn = RateLimitedLog(log)
+
+    def now(self) -> float:
+        """This host's time corrected to the DHT's clock (as of the last reply)."""
+        return time.time() + self.clock_offset
+
+    def _clock(self, dht_time: float, sent: float) -> None:
+        if not dht_time or not math.isfinite(dht_time):
+            return
+        offset = dht_time - (sent + time.time()) / 2
+        self.clock_offset = offset
+        if abs(offset) > MAX_CLOCK_SKEW:
+            self._warn.warn(
+                "clock",
+                "this host's clock differs from the DHT's; expirations use the DHT's clock",
+                offset_s=round(offset, 3),
+            )
 
     async def __aenter__(self) -> DHTClient:
         return self
@@ -122,22 +168,38 @@ class DHTClient:
                     self._drop(address)
         raise DHTUnavailable("no DHT node answered: " + "; ".join(errors))
 
-    async def put(self, items: Iterable[tuple[Key, Key | None, bytes, float]]) -> list[bool]:
+    async def put(
+        self, items: Iterable[tuple[Key, Key | None, bytes, float]], *, owned: bool = False
+    ) -> list[bool]:
         """Store (key, subkey or None, value, absolute expiration) items in one RPC.
 
+        ``owned``: sign every item with this client's identity, into its own slot (every
+        item needs a subkey); nobody else can then overwrite or remove it.
         Returns, per item, whether at least one node accepted it (False: expired, an
         entry with a later expiration is held, or storage is full everywhere).
         """
+        if owned and self.identity is None:
+            raise ValueError("owned entries need a DHTClient with an identity")
         request = dht_pb2.PutRequest()
         for key, subkey, value, expiration in items:
             if not math.isfinite(expiration):
                 raise ValueError("expiration must be a finite UNIX time")
-            entry = dht_pb2.ValueEntry(value=bytes(value), expiration=float(expiration))
-            if subkey is not None:
-                entry.subkey = _as_bytes(subkey, "subkey")
-            request.items.append(dht_pb2.PutItem(key=_as_bytes(key, "key"), entry=entry))
+            key_bytes = _as_bytes(key, "key")
+            sub = None if subkey is None else _as_bytes(subkey, "subkey")
+            if owned:
+                if sub is None:
+                    raise ValueError("owned entries need a subkey")
+                assert self.identity is not None
+                entry = sign_entry(
+                    self.identity, id_to_bytes(key_to_id(key_bytes)), sub, bytes(value),
+                    float(expiration),
+                )  # fmt: skip
+            else:
+                entry = Entry(sub, bytes(value), float(expiration))
+            request.items.append(dht_pb2.PutItem(key=key_bytes, entry=entry_to_proto(entry)))
         if not request.items:
             return []
+        sent = time.time()
         try:
             reply = await self._call("Put", request)
         except grpc.aio.AioRpcError as exc:
@@ -145,30 +207,51 @@ class DHTClient:
                 raise
             log.warning("DHT storage full, items not stored", extra={"details": exc.details()})
             return [False] * len(request.items)
+        self._clock(reply.dht_time, sent)
         return list(reply.stored)
 
-    async def get(
-        self, keys: Sequence[Key], latest: bool = False
-    ) -> dict[Key, ValueWithExpiration | dict[bytes, ValueWithExpiration] | None]:
-        """Look up many keys in one RPC; the result is keyed by each key exactly as given."""
+    async def get(self, keys: Sequence[Key], latest: bool = False) -> dict[Key, Found]:
+        """Look up many keys in one RPC; the result is keyed by each key exactly as given
+        (see :data:`Found`). Entries whose ownership does not hold are dropped here."""
         keys = list(keys)
         if not keys:
             return {}
-        request = dht_pb2.GetRequest(keys=[_as_bytes(k, "key") for k in keys], latest=latest)
+        raw = [_as_bytes(k, "key") for k in keys]
+        request = dht_pb2.GetRequest(keys=raw, latest=latest)
+        sent = time.time()
         reply = await self._call("Get", request)
         if len(reply.results) != len(keys):
             raise DHTUnavailable("DHT node answered the wrong number of results")
-        found: dict[Key, ValueWithExpiration | dict[bytes, ValueWithExpiration] | None] = {}
-        for key, result in zip(keys, reply.results, strict=True):
-            if not result.found or not result.entries:
-                found[key] = None
-            elif len(result.entries) == 1 and not result.entries[0].HasField("subkey"):
-                entry = result.entries[0]
-                found[key] = ValueWithExpiration(entry.value, entry.expiration)
+        self._clock(reply.dht_time, sent)
+        return {
+            key: self._found(key_bytes, result)
+            for key, key_bytes, result in zip(keys, raw, reply.results, strict=True)
+        }
+
+    def _found(self, key: bytes, result: dht_pb2.GetResult) -> Found:
+        if not result.found or not result.entries:
+            return None
+        key_id = id_to_bytes(key_to_id(key))
+        plain: ValueWithExpiration | None = None
+        subkeys: dict[bytes, list[ValueWithExpiration]] = {}
+        for e in result.entries:
+            subkey = e.subkey if e.HasField("subkey") else None
+            entry = Entry(subkey, e.value, e.expiration, e.owner, e.signature)
+            problem = ownership_problem(key_id, entry, self.trusted)
+            if problem:
+                self.rejected[problem] += 1
+                self._warn.warn(
+                    problem, "dropped a DHT entry", reason=problem, key=key[:100].decode(
+                        "utf-8", "replace"),
+                )  # fmt: skip
+                continue
+            value = ValueWithExpiration(e.value, e.expiration, e.owner)
+            if subkey is None:
+                plain = value
             else:
-                found[key] = {
-                    e.subkey: ValueWithExpiration(e.value, e.expiration)
-                    for e in result.entries
-                    if e.HasField("subkey")
-                }
-        return found
+                subkeys.setdefault(subkey, []).append(value)
+        if subkeys:
+            for values in subkeys.values():
+                values.sort(key=lambda v: -v.expiration)
+            return subkeys
+        return plain

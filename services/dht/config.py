@@ -14,6 +14,9 @@ class NodeConfig:
     set to have answered, and in a small swarm a beam of k would ask every node each
     time (measured: about half the RPCs of a k-beam in benchmark mode A).
 
+    Expirations are capped at ``max_ttl`` past the node's DHT time (see
+    :mod:`services.dht.clock`), so nobody parks a record for years.
+
     ``rpc_timeout`` is short on purpose: a peer that is dead or overloaded costs at most
     that much once, and is then blacklisted for ``blacklist_base`` s, doubling per failure
     up to ``blacklist_max``.
@@ -38,6 +41,12 @@ class NodeConfig:
     maintenance_interval: float = 1.0
     bootstrap_backoff_max: float = 5.0
     seed_ping_interval: float = 15.0  # re-ping the initial peers this often
+    max_ttl: float = 86_400.0  # expirations further than this past the node's clock: refused
+    max_clock_skew: float = 10.0  # peers' clocks beyond this are logged and not trusted
+    max_clock_correction: float = 300.0  # most this node corrects its own clock by
+    max_verifications: int = 32  # identity pings in flight (peers proving their id)
+    verify_retry: float = 30.0  # an address that failed to prove its id is not asked again sooner
+    simulate_clock_offset: float = 0.0  # play a host clock this far off (tests, chaos drills)
 
     def __post_init__(self) -> None:
         for name in ("k", "alpha", "num_replicas", "depth_modulo", "max_records"):
@@ -47,3 +56,5 @@ class NodeConfig:
             raise ValueError("value_beam must be 0 or >= num_replicas")
         if self.rpc_timeout <= 0:
             raise ValueError("rpc_timeout must be > 0")
+        if self.max_ttl <= 0 or self.max_clock_skew <= 0:
+            raise ValueError("max_ttl and max_clock_skew must be > 0")

@@ -27,6 +27,10 @@ METRIC_NAMES = (
     "dmoe_dht_lookup_rounds",
     "dmoe_dht_lookup_rpcs",
     "dmoe_dht_republished_entries_total",
+    "dmoe_dht_peer_verifications_total",
+    "dmoe_dht_clock_correction_seconds",
+    "dmoe_dht_skewed_peers_total",
+    "dmoe_dht_rejected_total",
 )
 
 
@@ -68,6 +72,17 @@ class NodeMetrics:
             "Entries this node republished to the nearest nodes",
             registry=registry,
         )
+        self.skewed = Counter(
+            "dmoe_dht_skewed_peers",
+            "Peers found with a clock off by more than --max-clock-skew (once per peer and hour)",
+            registry=registry,
+        )
+        self.verifications = Counter(
+            "dmoe_dht_peer_verifications",
+            "Signed pings that checked a peer's id, by outcome (proved, refused)",
+            ["outcome"],
+            registry=registry,
+        )
 
     def bind(self, node: DHTNode) -> None:
         """Create the scrape-time gauges reading ``node``."""
@@ -87,6 +102,11 @@ class NodeMetrics:
         Gauge(
             "dmoe_dht_joined", "1 once the node has joined the DHT", registry=registry
         ).set_function(lambda: 1 if node.joined.is_set() else 0)
+        Gauge(
+            "dmoe_dht_clock_correction_seconds",
+            "Seconds added to this host's clock: its DHT peers' median offset, when off",
+            registry=registry,
+        ).set_function(lambda: node.clock.correction)
 
     def rpc(self, method: str, code: str, seconds: float) -> None:
         children = self._children.get((method, code))
@@ -103,3 +123,9 @@ class NodeMetrics:
     def republished(self, count: int) -> None:
         if count:
             self.republished_total.inc(count)
+
+    def verification(self, outcome: str) -> None:
+        self.verifications.labels(outcome).inc()
+
+    def skewed_peer(self) -> None:
+        self.skewed.inc()

@@ -8,8 +8,11 @@
   merges (later expiration wins).
   The merged value is then cached, in the background, on the nearest answered node that
   lacked it, so popular keys are found in fewer hops.
+- A peer enters the routing table only once it proved, at the address it claimed, that its
+  id is the hash of a key it holds (a signed ping); a claim alone (a caller's ``sender``, an
+  answer's ``peer``) only triggers that check, so a forged claim never evicts anyone.
 - Peers that fail a call are removed from the routing table and blacklisted with
-  exponential backoff; any call *from* a peer clears its blacklist entry.
+  exponential backoff; any call *from* a verified peer clears its blacklist entry.
 - Maintenance: purge expired records, refresh buckets untouched for a while, republish
   held records not re-stored by anyone for ``republish_interval`` (so one replica
   republishes and the others skip), and re-ping the initial peers now and then
@@ -22,18 +25,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
+import struct
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
+from services.common.addresses import is_peer_address
+from services.common.identity import Identity
+from services.common.rejections import Rejections
 from services.dht.batching import Coalescer
+from services.dht.clock import DHTClock
 from services.dht.config import NodeConfig
 from services.dht.lookup import KeyLookup, run_rounds, start_lookups
-from services.dht.protocol import PeerProtocol, entry_to_proto
+from services.dht.protocol import PeerProtocol, entry_to_proto, node_info, proven_id
+from services.dht.records import Entry, ownership_problem
 from services.dht.routing import ID_BYTES, RoutingTable, id_from_bytes, id_to_bytes, random_id
-from services.dht.storage import Entry, Storage, StorageFull, merge_entries
+from services.dht.storage import Storage, StorageFull, merge_entries
 from services.dht.transport import Transport, TransportError
 from services.proto import dht_pb2
 
@@ -41,11 +53,12 @@ log = logging.getLogger(__name__)
 
 
 def _peers(infos: Iterable[dht_pb2.NodeInfo]) -> list[tuple[int, str]]:
-    """(id, address) of well-formed peer infos; malformed ones are skipped."""
+    """(id, address) of well-formed peer infos; malformed ones (and addresses that are not
+    ``host:port``: a stranger's list must not make us dial ``unix:`` sockets) are skipped."""
     peers = []
     for info in infos:
         raw = info.node_id
-        if len(raw) == ID_BYTES:
+        if len(raw) == ID_BYTES and is_peer_address(info.address):
             peers.append((int.from_bytes(raw, "big"), info.address))
     return peers
 
@@ -60,6 +73,12 @@ class NullMetrics:
         pass
 
     def republished(self, count: int) -> None:
+        pass
+
+    def verification(self, outcome: str) -> None:
+        pass
+
+    def skewed_peer(self) -> None:
         pass
 
 
@@ -98,18 +117,37 @@ class DHTNode:
         transport: Transport,
         config: NodeConfig | None = None,
         *,
-        node_id: int | None = None,
+        identity: Identity | None = None,
         address: str = "",
         metrics: Any = None,
+        trusted: frozenset[bytes] | None = None,
+        rejections: Rejections | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         self.transport = transport
-        self.node_id = random_id() if node_id is None else node_id
+        self.identity = identity or Identity.generate()
+        self.node_id = int.from_bytes(hashlib.sha1(self.identity.public_key).digest(), "big")
+        self.trusted = trusted  # only entries owned by these keys are stored (private swarm)
+        offset = self.config.simulate_clock_offset
+        self.clock = DHTClock(
+            self.config.max_clock_skew,
+            self.config.max_clock_correction,
+            source=(lambda: time.time() + offset) if offset else time.time,
+        )
         self.table = RoutingTable(self.node_id, self.config.k, self.config.depth_modulo)
-        self.storage = Storage(self.config.max_records)
-        self.cache = Storage(self.config.max_cache_records, evict_when_full=True)
+        self.storage = Storage(self.config.max_records, clock=self.clock.now)
+        self.cache = Storage(
+            self.config.max_cache_records, evict_when_full=True, clock=self.clock.now
+        )
         self.blacklist = Blacklist(self.config.blacklist_base, self.config.blacklist_max)
         self.metrics = metrics or NullMetrics()
+        self.rejections = rejections or Rejections("dht", None, log)
+        self.clock.on_skewed = self.metrics.skewed_peer
+        # addresses that proved their id by a signed ping (LRU), and those being asked
+        self.verified: OrderedDict[str, int] = OrderedDict()
+        self._verifying: set[str] = set()
+        self._unverifiable: dict[str, float] = {}  # address -> monotonic time to ask again
+        self._demote_secret = os.urandom(32)
         self.protocol = PeerProtocol(self)
         self.joined = asyncio.Event()
         self.stopping = False
@@ -133,7 +171,14 @@ class DHTNode:
     @address.setter
     def address(self, value: str) -> None:
         self._address = value
-        self.info = dht_pb2.NodeInfo(node_id=id_to_bytes(self.node_id), address=value)
+        self.info = node_info(self.identity, value)
+
+    def demote_token(self, key_id: int, entry: Entry) -> bytes:
+        """What a conditional store returns for an entry it stored: only that caller can
+        later demote the copy (a stranger who learned the entry through Find cannot)."""
+        message = id_to_bytes(key_id) + struct.pack(">d", entry.expiration)
+        message += entry.owner + b"\x00" + (entry.subkey if entry.subkey is not None else b"\xff")
+        return hmac.new(self._demote_secret, message, hashlib.sha256).digest()[:16]
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, initial_peers: Sequence[str] = ()) -> None:
@@ -159,9 +204,16 @@ class DHTNode:
 
     # ------------------------------------------------------------------ contacts
     def on_contact(self, node_id: int, address: str) -> None:
-        """A peer proved alive (it called us or answered): refresh it in the table."""
+        """A peer claims ``node_id`` at ``address`` (it called us or answered). A claim
+        that address already proved refreshes it in the table; any other starts a signed
+        ping to that address first (:meth:`_verify`), so nobody enters the table, or evicts
+        anyone, with an id they cannot prove."""
         if node_id == self.node_id or not address:
             return
+        if self.verified.get(address) != node_id:
+            self._verify_later(address)
+            return
+        self.verified.move_to_end(address)
         self.blacklist.clear(address)
         oldest = self.table.add_or_update(node_id, address)
         if oldest is not None:
@@ -170,6 +222,41 @@ class DHTNode:
                 bucket.pinging = True
                 self._spawn(self._ping_or_evict(oldest[0], oldest[1]))
 
+    def _verify_later(self, address: str) -> None:
+        if (
+            address in self._verifying
+            or self.stopping
+            or len(self._verifying) >= self.config.max_verifications
+            or self.blacklist.blocked(address)
+            or self._unverifiable.get(address, 0.0) > time.monotonic()
+        ):
+            return
+        self._verifying.add(address)
+        self._spawn(self._verify(address))
+
+    async def _verify(self, address: str) -> None:
+        try:
+            await self.ping(address)
+        finally:
+            self._verifying.discard(address)
+
+    def _proved(self, address: str, node_id: int) -> None:
+        self.verified[address] = node_id
+        self.verified.move_to_end(address)
+        while len(self.verified) > 4 * self.config.k * 64:
+            self.verified.popitem(last=False)
+        self._unverifiable.pop(address, None)
+
+    def _unproved(self, address: str) -> None:
+        self.metrics.verification("refused")
+        self.rejections.reject(
+            "unproven_id", "peer did not prove its id (ping signature)", source=address
+        )
+        now = time.monotonic()
+        self._unverifiable[address] = now + self.config.verify_retry
+        if len(self._unverifiable) > 4096:
+            self._unverifiable = {a: t for a, t in self._unverifiable.items() if t > now}
+
     def on_failure(self, node_id: int | None, address: str) -> None:
         if node_id is not None:
             self.table.remove(node_id)
@@ -177,13 +264,15 @@ class DHTNode:
 
     async def _ping_or_evict(self, node_id: int, address: str) -> None:
         try:
-            alive = await self.ping(address) is not None
+            reply = await self.ping(address)
         finally:
             self.table.bucket_for(node_id).pinging = False
-        if alive:
-            self.on_contact(node_id, address)
-        else:
+        if reply is None:
             self.on_failure(node_id, address)
+        elif reply.peer.node_id != id_to_bytes(node_id):
+            self.table.remove(node_id)  # another node lives there now (ping added it)
+        else:
+            self.on_contact(node_id, address)
 
     def local_entries(self, key_id: int) -> list[Entry]:
         cached = self.cache.get(key_id)
@@ -206,11 +295,25 @@ class DHTNode:
             self.on_contact(id_from_bytes(peer.node_id), address)
 
     async def ping(self, address: str) -> dht_pb2.PingResponse | None:
+        """Ping ``address``; the reply must prove the peer's id (it signs our nonce). A proven
+        peer enters the routing table and its clock is compared with ours; None when it
+        does not answer or cannot prove its id."""
+        nonce = os.urandom(16)
+        sent = self.clock.source()
         try:
-            reply = await self._call(address, "Ping", dht_pb2.PingRequest(sender=self.info))
+            reply = await self._call(
+                address, "Ping", dht_pb2.PingRequest(sender=self.info, nonce=nonce)
+            )
         except TransportError:
             return None
-        self._answered(reply.peer, address)
+        peer_id = proven_id(reply.peer, nonce, reply.signature)
+        if peer_id is None:
+            self._unproved(address)
+            return None
+        self.metrics.verification("proved")
+        self.clock.observe(address, reply.dht_time, sent, self.clock.source())
+        self._proved(address, peer_id)
+        self.on_contact(peer_id, address)
         return reply
 
     async def _find(
@@ -238,14 +341,32 @@ class DHTNode:
             self.on_failure(peer_id, address)
             raise TransportError("INTERNAL", "peer answered the wrong number of results")
         self._answered(reply.peer, address)
-        answers = []
-        for result in reply.results:
-            entries = [
-                Entry(e.subkey if e.HasField("subkey") else None, e.value, e.expiration)
-                for e in result.entries
-            ]
-            answers.append((entries, _peers(result.nearest)))
-        return answers
+        return [
+            (self._believable(target, result.entries, address), _peers(result.nearest))
+            for target, result in zip(targets, reply.results, strict=True)
+        ]
+
+    def _believable(
+        self, key_id: int, entries: Iterable[dht_pb2.ValueEntry], source: str
+    ) -> list[Entry]:
+        """A peer's answer for ``key_id`` without what it could have forged: entries whose
+        ownership does not hold would otherwise shadow real ones in the merge."""
+        key = id_to_bytes(key_id)
+        kept = []
+        for e in entries:
+            entry = Entry(
+                e.subkey if e.HasField("subkey") else None,
+                e.value,
+                e.expiration,
+                e.owner,
+                e.signature,
+            )
+            problem = ownership_problem(key, entry, self.trusted)
+            if problem:
+                self.rejections.reject(problem, "dropped an entry a peer returned", source)
+                continue
+            kept.append(entry)
+        return kept
 
     # ------------------------------------------------------------------ lookups
     def _start(
@@ -335,7 +456,8 @@ class DHTNode:
             for s in self._start(list(by_key), values=False, latest=False, width=self.value_beam)
         }
         done: set[tuple[int, int]] = set()  # (node id, item index) answered, not declined
-        accepted: dict[tuple[int, int], str] = {}  # (node id, item index) stored -> address
+        # (node id, item index) stored -> (address, the token that lets us demote it)
+        accepted: dict[tuple[int, int], tuple[str, bytes]] = {}
         full = False
 
         # step 1: conditional stores on the replica set the routing table suggests
@@ -366,14 +488,14 @@ class DHTNode:
                     state.answer(node_id, address, [], [], self.blacklist.blocked)
                 done.update((node_id, i) for i in indices)
                 return
-            for index, (stored, declined, nearest) in zip(indices, answers, strict=True):
+            for index, (stored, declined, nearest, token) in zip(indices, answers, strict=True):
                 state = states[items[index][0]]
                 state.answer(node_id, address, [], nearest, self.blacklist.blocked)
                 if not declined:
                     done.add((node_id, index))
                     counts[index] += stored
                     if stored:
-                        accepted[(node_id, index)] = address
+                        accepted[(node_id, index)] = (address, token)
 
         await asyncio.gather(*(offer(n, a, group) for (n, a), group in offers.items()))
         for state in states.values():
@@ -390,9 +512,7 @@ class DHTNode:
             for node_id, address in states[key_id].nearest_answered(replicas):
                 if node_id == self.node_id:
                     try:
-                        counts[index] += self.storage.store(
-                            key_id, entry.subkey, entry.value, entry.expiration
-                        )
+                        counts[index] += self.storage.store(key_id, entry)
                     except StorageFull:
                         full = True
                 elif (node_id, index) not in done:
@@ -405,7 +525,7 @@ class DHTNode:
                 )
             except TransportError as exc:
                 return exc.code == "RESOURCE_EXHAUSTED"
-            for i, (stored, _, _) in zip(indices, answers, strict=True):
+            for i, (stored, _, _, _) in zip(indices, answers, strict=True):
                 counts[i] += stored
             return False
 
@@ -415,16 +535,16 @@ class DHTNode:
             for index, (key_id, _) in enumerate(items)
             for node_id, _ in states[key_id].nearest_answered(replicas)
         }
-        demote: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for (node_id, index), address in accepted.items():
+        demote: dict[tuple[int, str], list[tuple[int, bytes]]] = defaultdict(list)
+        for (node_id, index), (address, token) in accepted.items():
             if (node_id, index) not in final:
-                demote[(node_id, address)].append(index)
+                demote[(node_id, address)].append((index, token))
                 counts[index] -= 1
 
-        async def send_demote(node_id: int, address: str, indices: list[int]) -> None:
-            store_items = self._store_items(items, indices)
-            for item in store_items:
-                item.demote = True
+        async def send_demote(node_id: int, address: str, held: list[tuple[int, bytes]]) -> None:
+            store_items = self._store_items(items, [index for index, _ in held])
+            for item, (_, token) in zip(store_items, held, strict=True):
+                item.demote, item.demote_token = True, token
             with contextlib.suppress(TransportError):
                 await self._stores.submit((node_id, address, 0), store_items)
 
@@ -444,7 +564,8 @@ class DHTNode:
         ]
 
     async def get_many(self, key_ids: Sequence[int], latest: bool = False) -> list[list[Entry]]:
-        """The merged live entries per key (empty list: not found)."""
+        """The merged live entries per key (empty list: not found); entries whose ownership
+        does not hold were dropped as they arrived."""
         if not key_ids:
             return []
         keys = list(dict.fromkeys(key_ids))
@@ -457,7 +578,7 @@ class DHTNode:
         found: dict[int, list[Entry]] = {}
         cache_plan: dict[tuple[int, str], list[tuple[int, Entry]]] = defaultdict(list)
         for key_id, state in states.items():
-            merged = merge_entries(state.entries)
+            merged = merge_entries(state.entries, self.clock.now())
             found[key_id] = merged
             if not merged:
                 continue
@@ -467,7 +588,7 @@ class DHTNode:
                 if node_id == self.node_id:
                     with contextlib.suppress(StorageFull):
                         for e in merged:
-                            self.cache.store(key_id, e.subkey, e.value, e.expiration)
+                            self.cache.store(key_id, e)
                 else:
                     cache_plan[(node_id, address)].extend((key_id, e) for e in merged)
                 break
@@ -485,11 +606,14 @@ class DHTNode:
 
     async def _store_rpc(
         self, dest: tuple[int, str, int], items: list[dht_pb2.StoreItem]
-    ) -> list[tuple[bool, bool, list[tuple[int, str]]]]:
+    ) -> list[tuple[bool, bool, list[tuple[int, str]], bytes]]:
         """One Store call (conditional when ``replicas``); per item (stored, declined,
-        nearest peers). A peer that is unreachable or too slow is reported failed."""
+        nearest peers, demote token). A peer that is unreachable or too slow is reported
+        failed."""
         node_id, address, replicas = dest
-        request = dht_pb2.StoreRequest(sender=self.info, items=items, replicas=replicas)
+        request = dht_pb2.StoreRequest(
+            sender=self.info, items=items, replicas=replicas, dht_time=self.clock.now()
+        )
         try:
             reply = await self._call(address, "Store", request)
         except TransportError as exc:
@@ -500,13 +624,16 @@ class DHTNode:
         if len(reply.stored) != len(items):
             raise TransportError("INTERNAL", "peer answered the wrong number of flags")
         if not replicas:
-            return [(ok, False, []) for ok in reply.stored]
+            return [(ok, False, [], b"") for ok in reply.stored]
         if len(reply.declined) != len(items) or len(reply.nearest) != len(items):
             raise TransportError("INTERNAL", "peer answered the wrong number of results")
+        tokens = list(reply.demote_tokens)
+        if len(tokens) != len(items):
+            tokens = [b""] * len(items)  # nothing to demote with: copies stay replicas
         return [
-            (ok, declined, _peers(result.nearest))
-            for ok, declined, result in zip(
-                reply.stored, reply.declined, reply.nearest, strict=True
+            (ok, declined, _peers(result.nearest), token)
+            for ok, declined, result, token in zip(
+                reply.stored, reply.declined, reply.nearest, tokens, strict=True
             )
         ]
 
@@ -576,7 +703,7 @@ class DHTNode:
         Records somebody stored here within the last ``republish_interval`` are skipped
         (another replica just republished them), unless ``force``.
         """
-        now, wall = time.monotonic(), time.time()
+        now, wall = time.monotonic(), self.clock.now()
         items = []
         for key_id, entries in self.storage.items():
             last = self.storage.last_stored.get(key_id, 0.0)

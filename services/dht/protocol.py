@@ -2,24 +2,30 @@
 
 :class:`PeerProtocol` holds the handlers as plain coroutines (protobuf in, protobuf out,
 :class:`RequestRejected` for bad input), so the gRPC servicer and the in-process transport
-run the same code. Every call from a DHT node (a request with a ``sender``) refreshes the
-caller in the routing table: that is how a node learns who is alive without extra traffic.
-Input is validated before anything is stored: ids must be 20 bytes, sizes within limits,
-expirations finite.
+run the same code. Every call from a DHT node (a request with a ``sender``) reports the caller
+to the node, which adds it to the routing table once it proved its id (see
+``DHTNode.on_contact``). Input is validated before anything is stored: ids must be 20 bytes,
+addresses ``host:port``, sizes within limits, expirations finite and within ``max_ttl``,
+owned entries signed by their owner (:mod:`services.dht.records`). Ping replies sign the
+caller's nonce: that is how a node proves its id is the hash of a key it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import math
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
 
+from services.common.addresses import check_peer_address
+from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
+from services.dht.records import PROBLEMS, Entry, ownership_problem
 from services.dht.routing import id_from_bytes, id_to_bytes
-from services.dht.storage import Entry, StorageFull
+from services.dht.storage import StorageFull
 from services.proto import dht_pb2, dht_pb2_grpc
 
 if TYPE_CHECKING:
@@ -47,8 +53,15 @@ def parse_id(raw: bytes, what: str) -> int:
         raise invalid(f"{what}: {exc}") from None
 
 
-def parse_entry(entry: dht_pb2.ValueEntry, config: NodeConfig, where: str) -> Entry:
-    """Check sizes and expiration of a wire entry."""
+PING_TAG = b"dmoe.dht.ping.v1\x00"
+MAX_NONCE_BYTES = 32
+
+
+def parse_entry(
+    entry: dht_pb2.ValueEntry, config: NodeConfig, where: str, now: float | None = None
+) -> Entry:
+    """Check sizes and expiration of a wire entry (``now``: the node's DHT time, for the
+    ``max_ttl`` cap). Ownership is checked apart: it needs the key id."""
     subkey = entry.subkey if entry.HasField("subkey") else None
     if subkey is not None and len(subkey) > config.max_subkey_bytes:
         raise invalid(f"{where}: subkey is {len(subkey)} bytes, limit {config.max_subkey_bytes}")
@@ -56,14 +69,47 @@ def parse_entry(entry: dht_pb2.ValueEntry, config: NodeConfig, where: str) -> En
         raise invalid(f"{where}: value is {len(entry.value)} bytes, limit {config.max_value_bytes}")
     if not math.isfinite(entry.expiration):
         raise invalid(f"{where}: expiration must be a finite UNIX time")
-    return Entry(subkey, entry.value, entry.expiration)
+    if now is not None and entry.expiration > now + config.max_ttl:
+        raise invalid(
+            f"{where}: expiration is {entry.expiration - now:.0f} s ahead of this node's "
+            f"clock, limit {config.max_ttl:.0f} s (--max-ttl)"
+        )
+    if len(entry.owner) > PUBLIC_KEY_BYTES or len(entry.signature) > 2 * PUBLIC_KEY_BYTES:
+        raise invalid(f"{where}: owner or signature too long")
+    return Entry(subkey, entry.value, entry.expiration, entry.owner, entry.signature)
 
 
 def entry_to_proto(entry: Entry) -> dht_pb2.ValueEntry:
-    message = dht_pb2.ValueEntry(value=entry.value, expiration=entry.expiration)
+    message = dht_pb2.ValueEntry(
+        value=entry.value,
+        expiration=entry.expiration,
+        owner=entry.owner,
+        signature=entry.signature,
+    )
     if entry.subkey is not None:
         message.subkey = entry.subkey
     return message
+
+
+def node_info(identity: Identity, address: str) -> dht_pb2.NodeInfo:
+    """This node as peers see it; its id is the SHA-1 of its public key."""
+    node_id = hashlib.sha1(identity.public_key).digest()
+    return dht_pb2.NodeInfo(node_id=node_id, address=address, public_key=identity.public_key)
+
+
+def sign_ping(identity: Identity, nonce: bytes) -> bytes:
+    return identity.sign(PING_TAG + nonce)
+
+
+def proven_id(peer: dht_pb2.NodeInfo, nonce: bytes, signature: bytes) -> int | None:
+    """The peer's id when its ping reply proves it (the id is the hash of the key that
+    signed our nonce); None otherwise."""
+    key = peer.public_key
+    if len(key) != PUBLIC_KEY_BYTES or hashlib.sha1(key).digest() != peer.node_id:
+        return None
+    if not verify(key, signature, PING_TAG + nonce):
+        return None
+    return int.from_bytes(peer.node_id, "big")
 
 
 def check_batch(count: int, config: NodeConfig, what: str) -> None:
@@ -99,7 +145,8 @@ class PeerProtocol:
         raise RequestRejected(grpc.StatusCode.UNIMPLEMENTED, f"no peer method {method}")
 
     def _sender(self, sender: dht_pb2.NodeInfo, caller_host: str) -> tuple[int, str] | None:
-        """Validate the caller: (id, address to reach it), or None for a non-node caller.
+        """Validate the caller: (claimed id, address to reach it), or None for a non-node
+        caller. The claim is only a claim: the node verifies it before trusting it.
 
         A caller that announces a loopback host but called from elsewhere (a container
         started without ``--announce-host``) is recorded under the host it called from.
@@ -107,68 +154,111 @@ class PeerProtocol:
         if not sender.node_id and not sender.address:
             return None
         node_id = parse_id(sender.node_id, "sender.node_id")
-        host, sep, port = sender.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise invalid(f"sender.address {sender.address[:100]!r} is not host:port")
+        try:
+            check_peer_address(sender.address)
+        except ValueError as exc:
+            self.node.rejections.reject(
+                "bad_address", "peer announced an address it cannot be reached at",
+                source=caller_host, address=sender.address[:100],
+            )  # fmt: skip
+            raise invalid(f"sender.address {sender.address[:100]!r}: {exc}") from None
+        if sender.public_key and hashlib.sha1(sender.public_key).digest() != sender.node_id:
+            raise invalid("sender.node_id is not the SHA-1 of sender.public_key")
         address = sender.address
+        host, _, port = address.rpartition(":")
         if _is_loopback(host) and caller_host and not _is_loopback(caller_host):
             address = f"[{caller_host}]:{port}" if ":" in caller_host else f"{caller_host}:{port}"
         return node_id, address
 
     async def ping(self, request: dht_pb2.PingRequest, caller_host: str) -> dht_pb2.PingResponse:
+        node = self.node
+        if len(request.nonce) > MAX_NONCE_BYTES:
+            raise invalid(f"nonce is {len(request.nonce)} bytes, limit {MAX_NONCE_BYTES}")
         sender = self._sender(request.sender, caller_host)
         if sender is not None:
-            self.node.on_contact(*sender)
+            node.on_contact(*sender)
         return dht_pb2.PingResponse(
-            peer=self.node.info, dht_time=time.time(), caller_host=caller_host
+            peer=node.info,
+            dht_time=node.clock.now(),
+            caller_host=caller_host,
+            signature=sign_ping(node.identity, request.nonce),
         )
 
+    def _owned(self, key_id: int, entry: Entry, where: str, source: str) -> None:
+        """Refuse an entry whose ownership does not hold (see :mod:`services.dht.records`)."""
+        problem = ownership_problem(id_to_bytes(key_id), entry, self.node.trusted)
+        if problem:
+            self.node.rejections.reject(problem, "refused a DHT entry", source=source)
+            raise invalid(f"{where}: {PROBLEMS[problem]}")
+
     async def store(self, request: dht_pb2.StoreRequest, caller_host: str) -> dht_pb2.StoreResponse:
-        config = self.node.config
+        node = self.node
+        config = node.config
         sender = self._sender(request.sender, caller_host)
+        source = sender[1] if sender is not None else caller_host
         check_batch(len(request.items), config, "items")
-        items = [
-            (
-                parse_id(item.key_id, f"items[{i}].key_id"),
-                parse_entry(item.entry, config, f"items[{i}]"),
-                item.in_cache,
-            )
-            for i, item in enumerate(request.items)
-        ]
+        now = node.clock.now()
+        items = []
+        for i, item in enumerate(request.items):
+            key_id = parse_id(item.key_id, f"items[{i}].key_id")
+            entry = parse_entry(item.entry, config, f"items[{i}]", now)
+            if not item.demote:
+                self._owned(key_id, entry, f"items[{i}]", source)
+            items.append((key_id, entry, item))
         if sender is not None:
-            self.node.on_contact(*sender)
+            node.on_contact(*sender)
         replicas = min(request.replicas, config.k)  # bounds the reply's size
         sender_id = sender[0] if sender is not None else None
-        stored, declined, nearest, full = [], [], [], 0
-        for (key_id, entry, in_cache), item in zip(items, request.items, strict=True):
+        skew = node.clock.sender_offset(source, request.dht_time)
+        stored, declined, nearest, tokens, full = [], [], [], [], 0
+        for key_id, entry, item in items:
+            token = b""
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
-                closer = self.node.table.count_nearer(key_id, self.node.node_id, replicas)
+                closer = node.table.count_nearer(key_id, node.node_id, replicas)
                 declined.append(closer >= replicas and not item.demote)
                 if declined[-1]:
                     stored.append(False)
+                    tokens.append(token)
                     continue
-            if item.demote:  # a replica copy becomes a cached one (flag: it was held)
-                taken = self.node.storage.take(key_id, entry.subkey, entry.expiration)
-                if taken is not None:
-                    with contextlib.suppress(StorageFull):
-                        self.node.cache.store(key_id, *taken)
-                stored.append(taken is not None)
-                continue
-            target = self.node.cache if in_cache else self.node.storage
-            try:
-                stored.append(target.store(key_id, entry.subkey, entry.value, entry.expiration))
-            except StorageFull:
-                stored.append(False)
-                full += 1
+            if item.demote:
+                stored.append(self._demote(key_id, entry, item.demote_token, source))
+            else:
+                target = node.cache if item.in_cache else node.storage
+                keep = entry.expiration - skew if skew > 0 else None
+                try:
+                    stored.append(target.store(key_id, entry, keep))
+                except StorageFull:
+                    stored.append(False)
+                    full += 1
+                if stored[-1] and replicas and not item.in_cache:
+                    token = node.demote_token(key_id, entry)
+            tokens.append(token)
         if full and not any(stored):
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"storage full ({config.max_records} entries); {full} items refused",
             )
         return dht_pb2.StoreResponse(
-            stored=stored, peer=self.node.info, declined=declined, nearest=nearest
+            stored=stored,
+            peer=node.info,
+            declined=declined,
+            nearest=nearest,
+            demote_tokens=tokens if replicas else [],
         )
+
+    def _demote(self, key_id: int, entry: Entry, token: bytes, source: str) -> bool:
+        """A replica copy becomes a cached one, only for the caller that stored it (it
+        holds the token this node returned then). True when it was held."""
+        node = self.node
+        if not hmac.compare_digest(token, node.demote_token(key_id, entry)):
+            node.rejections.reject("demote_token", "refused a demote without its token", source)
+            return False
+        taken = node.storage.take(key_id, entry.slot, entry.expiration)
+        if taken is not None:
+            with contextlib.suppress(StorageFull):
+                node.cache.store(key_id, taken[0], taken[1])
+        return taken is not None
 
     def _nearest(self, key_id: int, count: int, exclude: int | None) -> dht_pb2.FindResult:
         return dht_pb2.FindResult(

@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from services.common.identity import Identity
+from services.common.rejections import shared_rejections
 from services.common.server import RunningServer, start_server
 from services.dht.config import NodeConfig
 from services.dht.metrics import NodeMetrics
@@ -50,9 +52,14 @@ async def start_node(
     announce_host: str = "127.0.0.1",
     metrics_port: int | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
-    node_id: int | None = None,
+    identity: Identity | None = None,
+    trusted: frozenset[bytes] | None = None,
 ) -> RunningNode:
-    """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined."""
+    """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined.
+
+    ``identity``: the node's key (its id is the key's SHA-1); a fresh one when None.
+    ``trusted``: store only entries owned by these public keys (a private swarm).
+    """
     config = config or NodeConfig()
     transport = GrpcTransport(max_message_bytes)
     holder: dict[str, DHTNode] = {}
@@ -65,7 +72,14 @@ async def start_node(
 
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
-    node = DHTNode(transport, config, node_id=node_id, metrics=metrics)
+    node = DHTNode(
+        transport,
+        config,
+        identity=identity,
+        metrics=metrics,
+        trusted=trusted,
+        rejections=shared_rejections("dht", registry, log),
+    )
     holder["node"] = node
     metrics.bind(node)
     running = await start_server(

@@ -1,18 +1,19 @@
 """The client-facing ``dmoe.DHT`` service: Put/Get of many keys, NodeStatus.
 
 Keys are arbitrary bytes hashed to ids here (SHA-1); the caller never sees ids. Put and
-Get validate the whole request first (sizes, finite expirations, batch size) and answer
-INVALID_ARGUMENT before touching the DHT, so a bad item never half-applies a batch.
+Get validate the whole request first (sizes, finite expirations within ``max_ttl``, batch
+size, owned entries signed by their owner) and answer INVALID_ARGUMENT before touching the
+DHT, so a bad item never half-applies a batch. Replies carry the node's ``dht_time``, so a
+client whose clock is off can base its expirations on the DHT's clock.
 """
 
 from __future__ import annotations
-
-import time
 
 import grpc
 
 from services.dht.node import DHTNode
 from services.dht.protocol import RequestRejected, check_batch, entry_to_proto, invalid, parse_entry
+from services.dht.records import PROBLEMS, ownership_problem
 from services.dht.routing import id_to_bytes, key_to_id
 from services.proto import dht_pb2, dht_pb2_grpc
 
@@ -38,18 +39,20 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
     ) -> dht_pb2.PutResponse:
         node = self.node
         await self._check_up(context)
+        now = node.clock.now()
         try:
             check_batch(len(request.items), node.config, "items")
-            items = [
-                (
-                    _key_id(item.key, node, f"items[{i}]"),
-                    parse_entry(item.entry, node.config, f"items[{i}]"),
-                )
-                for i, item in enumerate(request.items)
-            ]
+            items = []
+            for i, item in enumerate(request.items):
+                key_id = _key_id(item.key, node, f"items[{i}]")
+                entry = parse_entry(item.entry, node.config, f"items[{i}]", now)
+                problem = ownership_problem(id_to_bytes(key_id), entry, node.trusted)
+                if problem:
+                    node.rejections.reject(problem, "refused a Put", source=context.peer())
+                    raise invalid(f"items[{i}]: {PROBLEMS[problem]}")
+                items.append((key_id, entry))
         except RequestRejected as exc:
             await context.abort(exc.code, exc.message)
-        now = time.time()
         live = [i for i, (_, entry) in enumerate(items) if entry.expiration > now]
         counts, full = await node.store_many([items[i] for i in live])
         replicas = [0] * len(items)
@@ -59,7 +62,9 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "DHT storage full: no node accepted the items"
             )
-        return dht_pb2.PutResponse(stored=[c > 0 for c in replicas], replicas=replicas)
+        return dht_pb2.PutResponse(
+            stored=[c > 0 for c in replicas], replicas=replicas, dht_time=node.clock.now()
+        )
 
     async def Get(
         self, request: dht_pb2.GetRequest, context: grpc.aio.ServicerContext
@@ -76,7 +81,8 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
             results=[
                 dht_pb2.GetResult(found=bool(entries), entries=[entry_to_proto(e) for e in entries])
                 for entries in found
-            ]
+            ],
+            dht_time=node.clock.now(),
         )
 
     async def NodeStatus(
@@ -92,4 +98,6 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
                 dht_pb2.NodeInfo(node_id=id_to_bytes(i), address=a)
                 for i, a in node.table.contacts().items()
             ],
+            dht_time=node.clock.now(),
+            clock_correction=node.clock.correction,
         )

@@ -151,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         checkpoint_keep=args.checkpoint_keep,
         simulate_failure_rate=args.simulate_failure_rate,
         simulate_latency_ms=args.simulate_latency_ms,
+        identity_file=args.identity_file,
     )
 
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         uids.grid_size(uids.split_patterns(config.experts))  # bad patterns fail before loading
         asyncio.run(_run(config, args.shutdown_grace))
-    except (ValueError, ConnectionError) as exc:  # bad flags, patterns, checkpoints; no DHT
+    except (ValueError, OSError) as exc:  # bad flags, patterns, checkpoints, identity; no DHT
         log.error("cannot start: %s", exc)
         return 2
     return 0

@@ -28,9 +28,18 @@ log = logging.getLogger(__name__)
 HOSTS_DIR = "hosts"  # uids always contain a dot, so no expert's checkpoint folder is named so
 
 
+def _host(hostname: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", hostname or socket.gethostname()) or "host"
+
+
 def assignment_path(checkpoint_dir: Path, hostname: str | None = None) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", hostname or socket.gethostname()) or "host"
-    return checkpoint_dir / HOSTS_DIR / f"{name}.json"
+    return checkpoint_dir / HOSTS_DIR / f"{_host(hostname)}.json"
+
+
+def identity_path(checkpoint_dir: Path, hostname: str | None = None) -> Path:
+    """The host's identity key beside its assignment: a restarted container keeps owning the
+    DHT declarations of the experts it keeps hosting."""
+    return checkpoint_dir / HOSTS_DIR / f"{_host(hostname)}.key"
 
 
 def load(path: Path, patterns: list[str], count: int) -> list[str] | None:

@@ -1,9 +1,11 @@
 """Declaring hosted experts in the DHT (key scheme: docs/contracts.md).
 
-For uid ``ffn.3.14`` at ``host:port``: key ``ffn.3.14`` -> address; key ``ffn.3.`` subkey ``14``
--> address; key ``ffn.`` subkey ``3`` -> address; all in one ``put`` per period with expiration
-``now + 2 * period``. A missed round (DHT down) therefore does not make the experts vanish,
-and after shutdown they vanish within two periods because nobody renews them.
+For uid ``ffn.3.14`` at ``host:port``: key ``ffn.3.14`` subkey ``""`` -> address; key ``ffn.3.``
+subkey ``14`` -> address; key ``ffn.`` subkey ``3`` -> address; every entry *owned* by this
+server (signed with its identity, in its own slot: nobody else can overwrite or remove it, and
+other servers hosting the same uid declare side by side); all in one ``put`` per period with
+expiration ``DHT time + 2 * period``. A missed round (DHT down) therefore does not make the
+experts vanish, and after shutdown they vanish within two periods because nobody renews them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,15 +20,15 @@ from services.expert.metrics import ExpertMetrics
 
 log = logging.getLogger(__name__)
 
-Item = tuple[str, str | None, bytes, float]
+Item = tuple[str, str, bytes, float]
 
 
 def declaration_items(uids: Iterable[str], address: str, expiration: float) -> list[Item]:
     """The DHT entries announcing ``uids`` (shared prefix entries appear once)."""
     value = address.encode()
-    items: dict[tuple[str, str | None], Item] = {}
+    items: dict[tuple[str, str], Item] = {}
     for uid in uids:
-        items[(uid, None)] = (uid, None, value, expiration)
+        items[(uid, "")] = (uid, "", value, expiration)
         parts = uid.split(".")
         for depth in range(1, len(parts)):
             key = ".".join(parts[:depth]) + "."
@@ -61,9 +62,9 @@ class Declarer:
         self._task: asyncio.Task[None] | None = None
 
     async def declare_once(self) -> bool:
-        items = declaration_items(self.uids, self.address, time.time() + 2 * self.period)
+        items = declaration_items(self.uids, self.address, self.client.now() + 2 * self.period)
         try:
-            stored = await self.client.put(items)
+            stored = await self.client.put(items, owned=True)
         except Exception as exc:
             reason = "unavailable" if isinstance(exc, ConnectionError) else type(exc).__name__
             self.metrics.declaration_failures.labels(reason).inc()

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from services.common.identity import Identity, default_identity_path, resolve_identity
 from services.common.server import RunningServer, start_server
 from services.expert import assignment
 from services.expert import uid as uids
@@ -62,11 +63,20 @@ class ExpertConfig:
     hostname: str | None = None  # names <checkpoint_dir>/hosts/<hostname>.json; None: this host
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
+    identity_file: str | None = None  # None: <checkpoint_dir>/identity/<hostname>.key, if any
 
 
 async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
+    """The candidates another server declared (an owned entry: unowned values anyone can
+    write, so they do not make a uid taken)."""
     found = await client.get(candidates, latest=False)
-    return {uid for uid in candidates if found.get(uid) is not None}
+    mine = client.identity.public_key if client.identity is not None else b""
+    return {
+        uid
+        for uid in candidates
+        if isinstance(found.get(uid), dict)
+        and any(v.owner and v.owner != mine for values in found[uid].values() for v in values)
+    }
 
 
 class ExpertServer:
@@ -84,6 +94,18 @@ class ExpertServer:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._serving_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self.identity: Identity | None = None
+
+    def _identity(self) -> Identity:
+        """The server's key: it owns the experts' DHT declarations. Kept beside the
+        checkpoints by default, so a restarted container keeps owning its declarations."""
+        cfg = self.config
+        default = None
+        if cfg.checkpoint_dir:
+            default = assignment.identity_path(Path(cfg.checkpoint_dir), cfg.hostname)
+        elif cfg.port:
+            default = default_identity_path("expert", cfg.port)
+        return resolve_identity(cfg.identity_file, default)
 
     @property
     def port(self) -> int:
@@ -147,10 +169,11 @@ class ExpertServer:
             # Each torch call in a compute thread releases the GIL; getting it back waits for
             # the event loop to yield it, at worst a whole switch interval (5 ms by default).
             sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
+        self.identity = await asyncio.to_thread(self._identity)
         if cfg.dht_peers:
             from services.dht.client import DHTClient
 
-            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0)
+            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0, identity=self.identity)
         chosen = await self._choose_uids()
         await asyncio.to_thread(self._build_backends, chosen)
         backends = list(self.backends.values())
@@ -191,6 +214,7 @@ class ExpertServer:
             failure_rate=cfg.simulate_failure_rate,
             latency_ms=cfg.simulate_latency_ms,
             seed=cfg.seed,
+            public_key=self.identity.public_key,
         )
         self.running = await start_server(
             "expert",
@@ -209,6 +233,7 @@ class ExpertServer:
                 "experts": len(backends),
                 "workers": self.scheduler.workers,
                 "torch_threads": self.scheduler.torch_threads,
+                "public_key": self.identity.hex,
             },
         )
         if self.checkpointer is not None and cfg.checkpoint_every > 0:

@@ -75,8 +75,10 @@ class ExpertServicer:
         failure_rate: float = 0.0,
         latency_ms: float = 0.0,
         seed: int | None = None,
+        public_key: bytes = b"",
     ) -> None:
         self.backends = backends
+        self.public_key = public_key
         self.pools = pools
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
@@ -142,6 +144,7 @@ class ExpertServicer:
             num_parameters=backend.num_parameters,
             optimizer_steps=backend.steps,
             max_batch_size=backend.max_batch_size,
+            public_key=self.public_key,
         )
 
     async def Forward(

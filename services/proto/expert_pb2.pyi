@@ -22,7 +22,7 @@ class TensorSchema(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("uid", "expert_class", "inputs", "outputs", "num_parameters", "optimizer_steps", "max_batch_size")
+    __slots__ = ("uid", "expert_class", "inputs", "outputs", "num_parameters", "optimizer_steps", "max_batch_size", "public_key")
     UID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CLASS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class InfoResponse(_message.Message):
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     uid: str
     expert_class: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSchema]
@@ -37,7 +38,8 @@ class InfoResponse(_message.Message):
     num_parameters: int
     optimizer_steps: int
     max_batch_size: int
-    def __init__(self, uid: _Optional[str] = ..., expert_class: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., num_parameters: _Optional[int] = ..., optimizer_steps: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, uid: _Optional[str] = ..., expert_class: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., num_parameters: _Optional[int] = ..., optimizer_steps: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
     __slots__ = ("uid", "tensors", "reply_compression")

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swarm.add_argument("--backoff-max", type=float, default=60.0, help="longest back-off, s")
     swarm.add_argument(
+        "--trusted-keys",
+        default=None,
+        help="file of public keys (one per line, hex or base64, # comments): use only experts "
+        "declared by these keys (a private swarm); unset: any server's declarations",
+    )
+    swarm.add_argument(
         "--compression",
         choices=list(_COMPRESSIONS),
         default="none",
@@ -149,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     from prometheus_client import CollectorRegistry
 
     from services.common.config import announce_host
+    from services.common.identity import (
+        default_identity_path,
+        load_trusted_keys,
+        resolve_identity,
+    )
     from services.common.server import start_server
     from services.trainer.backoff import Backoff
     from services.trainer.data import load_dataset
@@ -160,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     from services.trainer.swarm import Swarm
     from services.trainer.train import TooManyFailures, Trainer
 
+    try:
+        trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+        identity = resolve_identity(
+            args.identity_file, default_identity_path("trainer", args.port) if args.port else None
+        )
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     torch.manual_seed(args.seed)
     dataset = load_dataset(args.dataset, args.data_path, seed=args.seed, seq_len=args.seq_len)
     registry = CollectorRegistry()
@@ -171,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metrics,
         max_message_bytes=args.max_message_bytes,
         compression=_COMPRESSIONS[args.compression],
+        trusted=trusted,
+        identity=identity,
     )
     options = MoEOptions(
         grid_size=args.grid,
@@ -218,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         lr_decay=args.lr_decay,
     )
     trainer.restore()
-    servicer = TrainerServicer(trainer, args.model_module or args.model, dataset.name)
+    servicer = TrainerServicer(
+        trainer, args.model_module or args.model, dataset.name, identity.public_key
+    )
     running = swarm.run(
         start_server(
             "trainer",
@@ -240,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "dataset": dataset.name,
             "resumed_step": trainer.state.step,
+            "public_key": identity.hex,
+            "trusted_keys": len(trusted) if trusted is not None else "any",
         },
     )
     stop = threading.Event()

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-# prefix ("ffn.3.") -> {coordinate: value}; the value is the server address on the last level.
-ChildrenFn = Callable[[list[str]], Awaitable[dict[str, dict[int, str]]]]
+# prefix ("ffn.3.") -> {coordinate: [server address, ...]}: the servers that declared it
+# (on the last level, the replicas hosting that expert).
+ChildrenFn = Callable[[list[str]], Awaitable[dict[str, dict[int, list[str]]]]]
 
 
 def normalize_prefix(uid_prefix: str) -> str:
@@ -79,8 +80,9 @@ async def beam_search(
 
     ``grid_scores[t]`` is ``[batch, grid_size[t]]``. ``children(prefixes)`` answers, for each
     prefix, the live coordinates of the next dimension (one batched DHT get per call; it is
-    called exactly ``len(grid_scores)`` times). ``exclude(uid, address)`` drops experts (for example
-    ones in back-off) before the final top-k, so the next best live expert takes their place.
+    called exactly ``len(grid_scores)`` times). ``exclude(uid, address)`` drops a server of an
+    expert (for example one in back-off) before the final top-k: another server hosting the
+    same expert serves instead, or, when none is left, the next best live expert.
     """
     if k_best < 1:
         raise ValueError("k_best must be >= 1")
@@ -113,14 +115,15 @@ async def beam_search(
         found = await children(keys) if keys else {}
         alive = torch.zeros(len(keys) + 1, grid, dtype=torch.bool)  # last row: invalid beams
         for u, key in enumerate(keys):
-            for coord, value in (found.get(key) or {}).items():
-                if not 0 <= coord < grid:
+            for coord, servers in (found.get(key) or {}).items():
+                if not 0 <= coord < grid or not servers:
                     continue
                 if last:
                     uid = key + str(coord)
-                    if exclude is not None and exclude(uid, value):
+                    usable = [a for a in servers if exclude is None or not exclude(uid, a)]
+                    if not usable:
                         continue
-                    addresses[uid] = value
+                    addresses[uid] = usable[0]
                 alive[u, coord] = True
         inverse = torch.where(flat_valid, inverse, torch.full_like(inverse, len(keys)))
         beam_alive = alive[inverse].view(batch, -1, grid)

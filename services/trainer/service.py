@@ -11,8 +11,9 @@ from services.trainer.train import Trainer
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, trainer: Trainer, model: str, dataset: str) -> None:
+    def __init__(self, trainer: Trainer, model: str, dataset: str, public_key: bytes = b"") -> None:
         self.trainer, self.model, self.dataset = trainer, model, dataset
+        self.public_key = public_key
         self.started = time.time()
 
     async def Status(
@@ -33,6 +34,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             steps_per_second=state.steps_per_second,
             failed_steps=state.failed_steps,
             uptime_seconds=time.time() - self.started,
+            public_key=self.public_key,
         )
 
 

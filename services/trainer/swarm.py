@@ -6,17 +6,28 @@ server address (a channel reused by all layers, forward and backward), a short c
 answers (beam search asks the same prefixes every step; a declaration lives for about two
 update periods, so a cache of a second or two saves almost all lookups and delays noticing a
 new expert by at most that), and the :class:`~services.trainer.backoff.Backoff` record.
+
+Everything read from the DHT was written by somebody else, maybe a hostile peer: a
+declaration is believed only when it is owned (signed by the server that made it; the DHT
+client checks the signature), by a ``trusted`` key when the swarm is private, its subkey is
+a coordinate and its value a ``host:port``. Anything else is skipped, counted in
+``dmoe_trainer_rejected_total{reason}`` and logged once a minute per source: nothing a peer
+writes can crash the trainer or make it dial something that is not a TCP peer.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import torch
 
+from services.common.addresses import is_peer_address
+from services.common.identity import Identity
+from services.common.rejections import Rejections, shared_rejections
 from services.proto import expert_pb2, tensor_pb2
 from services.trainer.background_loop import BackgroundLoop
 from services.trainer.backoff import Backoff
@@ -24,10 +35,21 @@ from services.trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_COORDINATE = 1 << 20  # no grid is that wide: a larger subkey is garbage
+
+# coordinate -> [(address, expiration)]: every server that declared it
+Children = dict[int, list[tuple[str, float]]]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def parse_coordinate(subkey: bytes) -> int | None:
+    """``b"14"`` -> 14; None for anything that is not a grid coordinate (non-ASCII, sign,
+    leading zeros, too large), which a stranger may have written."""
+    if not subkey or len(subkey) > 7 or not subkey.isdigit():
+        return None
+    if len(subkey) > 1 and subkey[:1] == b"0":
+        return None
+    coord = int(subkey)
+    return coord if coord < MAX_COORDINATE else None
 
 
 class Swarm:
@@ -50,6 +72,8 @@ class Swarm:
         max_message_bytes: int = 64 * 1024 * 1024,
         compression: int = tensor_pb2.COMPRESSION_NONE,
         client_factory: Callable[[str], Any] | None = None,
+        trusted: frozenset[bytes] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.loop = BackgroundLoop()
         self._client_factory = client_factory
@@ -60,9 +84,16 @@ class Swarm:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.compression = compression
+        self.trusted = trusted  # only experts declared by these keys (a private swarm)
+        self.identity = identity
+        self.rejections = (
+            shared_rejections("trainer", metrics.registry, log)
+            if metrics is not None
+            else Rejections("trainer", None, log)
+        )
         self._dht: Any = None
         self._clients: dict[str, Any] = {}
-        self._cache: dict[str, tuple[float, dict[int, tuple[str, float]]]] = {}
+        self._cache: dict[str, tuple[float, Children]] = {}
         self._infos: dict[str, expert_pb2.InfoResponse] = {}
 
     # ---- running coroutines from synchronous code -------------------------------------------
@@ -76,54 +107,85 @@ class Swarm:
                 raise RuntimeError("this Swarm has no DHT peers (initial_peers)")
             from services.dht.client import DHTClient
 
-            self._dht = DHTClient(self.initial_peers, timeout=self.dht_timeout)
+            self._dht = DHTClient(
+                self.initial_peers,
+                timeout=self.dht_timeout,
+                identity=self.identity,
+                trusted=self.trusted,
+            )
         return self._dht
 
-    async def children(self, prefixes: list[str]) -> dict[str, dict[int, str]]:
-        """Live next coordinates under each prefix, ``{prefix: {coord: address}}``.
+    async def children(self, prefixes: list[str]) -> dict[str, dict[int, list[str]]]:
+        """Live next coordinates under each prefix and the servers that declared them,
+        ``{prefix: {coord: [address, ...]}}`` (several servers may host one expert).
 
         One batched DHT get for the prefixes not answered by the cache. When the DHT cannot
         be reached, a stale cached answer (still unexpired values only) is used if there is one.
         """
-        now = time.time()
-        result: dict[str, dict[int, str]] = {}
-        missing: list[str] = []
-        for prefix in prefixes:
-            cached = self._cache.get(prefix)
-            if cached is not None and now - cached[0] < self.cache_ttl:
-                result[prefix] = {c: a for c, (a, exp) in cached[1].items() if exp > now}
-            else:
-                missing.append(prefix)
-        if not missing:
-            return result
         from services.dht.client import DHTUnavailable
 
-        try:
-            found = await self._dht_client().get(missing)
-        except DHTUnavailable:
-            stale = [p for p in missing if p in self._cache]
-            if len(stale) < len(missing):
-                raise
-            log.warning("DHT unreachable, using cached expert lists", extra={"keys": len(stale)})
-            for prefix in stale:
-                result[prefix] = {
-                    c: a for c, (a, exp) in self._cache[prefix][1].items() if exp > now
-                }
-            return result
-        for prefix in missing:
-            entry: dict[int, tuple[str, float]] = {}
-            value = found.get(prefix)
-            if isinstance(value, dict):
-                for subkey, item in value.items():
-                    try:
-                        coord = int(_text(subkey))
-                    except ValueError:
-                        continue
-                    if coord >= 0 and item.expiration > now:
-                        entry[coord] = (_text(item.value), item.expiration)
-            self._cache[prefix] = (now, entry)
-            result[prefix] = {c: a for c, (a, _exp) in entry.items()}
+        now = time.time()
+        missing = [
+            p for p in prefixes if p not in self._cache or now - self._cache[p][0] >= self.cache_ttl
+        ]
+        if missing:
+            try:
+                found = await self._dht_client().get(missing)
+            except DHTUnavailable:
+                if any(p not in self._cache for p in missing):
+                    raise
+                log.warning(
+                    "DHT unreachable, using cached expert lists", extra={"keys": len(missing)}
+                )
+            else:
+                for prefix in missing:
+                    self._cache[prefix] = (now, self._declarations(prefix, found.get(prefix), now))
+        # replicas in random order: spreads the load, and a stranger who declares the same
+        # expert with a far expiration cannot put its own server first
+        result: dict[str, dict[int, list[str]]] = {}
+        for prefix in prefixes:
+            live: dict[int, list[str]] = {}
+            for coord, servers in self._cache[prefix][1].items():
+                addresses = [address for address, exp in servers if exp > now]
+                if addresses:
+                    live[coord] = random.sample(addresses, len(addresses))
+            result[prefix] = live
         return result
+
+    def _declarations(self, prefix: str, value: Any, now: float) -> Children:
+        """The believable declarations in one DHT answer (see the module docstring)."""
+        children: Children = {}
+        if value is None:
+            return children
+        if not isinstance(value, dict):
+            self.rejections.reject("not_a_dictionary", "a plain value under an expert prefix",
+                                   source=prefix)  # fmt: skip
+            return children
+        for subkey, entries in value.items():
+            coord = parse_coordinate(subkey)
+            for entry in entries:
+                source = entry.owner.hex()[:16] or "unowned"
+                reason = ""
+                if coord is None:
+                    reason = "bad_coordinate"
+                elif not entry.owner:
+                    reason = "unowned_declaration"
+                else:
+                    try:
+                        address = entry.value.decode("ascii")
+                    except UnicodeDecodeError:
+                        address = ""
+                    if not is_peer_address(address):
+                        reason = "bad_address"
+                if reason:
+                    self.rejections.reject(
+                        reason, "skipped an expert declaration", source=source, prefix=prefix,
+                        subkey=subkey[:40].decode("utf-8", "replace"),
+                    )  # fmt: skip
+                    continue
+                if entry.expiration > now:
+                    children.setdefault(coord, []).append((address, entry.expiration))  # type: ignore[arg-type]
+        return children
 
     # ---- experts -----------------------------------------------------------------------------
     def client(self, address: str) -> Any:

@@ -1,0 +1,95 @@
+"""DHT time: this host's clock, compared with the peers' and corrected when it is off.
+
+Expirations in the DHT are absolute UNIX times, so a node whose clock runs 30 s ahead sees
+every 30-second declaration as already expired: it refuses to store it and drops it from
+every answer, silently. So
+- each ping reply carries the peer's ``dht_time``; the offset ``peer_time - midpoint of the
+  round trip`` is kept per peer;
+- each Store carries the sender's ``dht_time``: a sender whose clock is off by more than
+  ``max_skew`` is logged once an hour and counted, and the entries it stores here are kept
+  only as long as its own clock says (``keep_until``: expiration minus its offset), so a
+  peer running ahead cannot make records outlive their owners' intent;
+- when the median offset of at least three pinged peers exceeds ``max_skew``, *this* node is the
+  one that is off: it warns once and adds the median (capped at ``max_correction``) to its
+  clock. A few hostile peers cannot move the median; a hostile majority of the peers this
+  node pinged could move it by at most ``max_correction``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from services.common.rejections import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+class DHTClock:
+    def __init__(
+        self,
+        max_skew: float = 10.0,
+        max_correction: float = 300.0,
+        max_peers: int = 256,
+        source: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source  # the host clock (tests replace it to play a skewed host)
+        self.max_skew = max_skew
+        self.max_correction = max_correction
+        self.max_peers = max_peers
+        self.correction = 0.0
+        self.on_skewed: Callable[[], None] = lambda: None  # a peer found beyond max_skew
+        self._offsets: OrderedDict[str, float] = OrderedDict()  # raw offsets vs this host
+        self._warn = RateLimitedLog(log, interval=3600.0)
+
+    def now(self) -> float:
+        return self.source() + self.correction
+
+    def observe(self, address: str, peer_time: float, sent: float, received: float) -> None:
+        """A ping to ``address`` left at ``sent`` and came back at ``received`` (host
+        clock, :attr:`source`) carrying the peer's ``peer_time``."""
+        if not math.isfinite(peer_time):
+            return
+        self._offsets[address] = peer_time - (sent + received) / 2
+        self._offsets.move_to_end(address)
+        while len(self._offsets) > self.max_peers:
+            self._offsets.popitem(last=False)
+        self._recompute()
+
+    def _recompute(self) -> None:
+        if len(self._offsets) < 3:
+            return
+        median = statistics.median(self._offsets.values())
+        correction = 0.0
+        if abs(median) > self.max_skew:
+            correction = max(-self.max_correction, min(self.max_correction, median))
+        if correction and abs(correction - self.correction) > self.max_skew:
+            self._warn.warn(
+                "self",
+                "this host's clock differs from its DHT peers' median; correcting DHT time "
+                "(fix the host clock, e.g. NTP)",
+                correction_s=round(correction, 3),
+            )
+        self.correction = correction
+
+    def sender_offset(self, address: str, sender_time: float) -> float:
+        """A request from ``address`` says its clock read ``sender_time`` (0: not said): the
+        offset when it exceeds ``max_skew`` (logged once an hour per peer, counted), else 0."""
+        if not sender_time or not math.isfinite(sender_time):
+            return 0.0
+        offset = sender_time - self.now()
+        if abs(offset) <= self.max_skew:
+            return 0.0
+        if self._warn.warn(
+            ("peer", address),
+            "peer clock differs from this node's DHT time; its entries are kept only as long "
+            "as its clock says",
+            peer=address,
+            offset_s=round(offset, 3),
+        ):
+            self.on_skewed()
+        return offset
