@@ -13,6 +13,8 @@ import os
 import socket
 from typing import Any
 
+from services.common.tls import add_tls_flags
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -133,6 +135,7 @@ def service_parser(
     logs.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="log line format"
     )
+    add_tls_flags(parser)
     return parser
 
 

@@ -10,6 +10,7 @@ import sys
 from services.common.config import announce_host, peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
+from services.common.tls import TLSConfig, tls_from_args
 from services.dht.config import NodeConfig
 from services.dht.server import start_node
 
@@ -113,7 +114,7 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, tls: TLSConfig | None = None) -> None:
     running = await start_node(
         config_from(args),
         initial_peers=args.initial_peers,
@@ -123,6 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         node_id=args.node_id,
+        tls=tls,
     )
     log.info(
         "dht node started",
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         config_from(args)
     except ValueError as exc:
         parser.error(str(exc))
+    tls = tls_from_args(args, parser)
     setup_logging(args.log_level, args.log_format)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args, tls))
     return 0
 
 

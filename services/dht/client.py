@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from services.common.server import channel_options
+from services.common.tls import TLSConfig, aio_channel
 from services.proto import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class DHTClient:
         addresses: Sequence[str] | str,
         timeout: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: TLSConfig | None = None,
     ) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.replace(",", " ").split() if a]
@@ -68,6 +70,7 @@ class DHTClient:
         self.addresses = list(addresses)
         self.timeout = timeout
         self._options = channel_options(max_message_bytes)
+        self._tls = tls
         self._stubs: dict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTStub]] = {}
         self._closing: set[asyncio.Future[None]] = set()
 
@@ -87,7 +90,7 @@ class DHTClient:
     def _stub(self, address: str) -> dht_pb2_grpc.DHTStub:
         held = self._stubs.get(address)
         if held is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self._options, self._tls)
             held = (channel, dht_pb2_grpc.DHTStub(channel))
             self._stubs[address] = held
         return held[1]

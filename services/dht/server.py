@@ -12,6 +12,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common.server import RunningServer, start_server
+from services.common.tls import TLSConfig
 from services.dht.config import NodeConfig
 from services.dht.metrics import NodeMetrics
 from services.dht.node import DHTNode
@@ -51,10 +52,11 @@ async def start_node(
     metrics_port: int | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
     node_id: int | None = None,
+    tls: TLSConfig | None = None,
 ) -> RunningNode:
     """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined."""
     config = config or NodeConfig()
-    transport = GrpcTransport(max_message_bytes)
+    transport = GrpcTransport(max_message_bytes, tls=tls)  # serving TLS: dial peers with it
     holder: dict[str, DHTNode] = {}
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -76,6 +78,7 @@ async def start_node(
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         registry=registry,
+        tls=tls,
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers)

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from services.common.server import RunningServer, start_server
+from services.common.tls import TLSConfig
 from services.expert import assignment
 from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
@@ -62,6 +63,7 @@ class ExpertConfig:
     hostname: str | None = None  # names <checkpoint_dir>/hosts/<hostname>.json; None: this host
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
+    tls: TLSConfig | None = None  # the gRPC port and the DHT client (services.common.tls)
 
 
 async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
@@ -150,7 +152,7 @@ class ExpertServer:
         if cfg.dht_peers:
             from services.dht.client import DHTClient
 
-            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0)
+            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0, tls=cfg.tls)
         chosen = await self._choose_uids()
         await asyncio.to_thread(self._build_backends, chosen)
         backends = list(self.backends.values())
@@ -200,6 +202,7 @@ class ExpertServer:
             metrics_port=cfg.metrics_port,
             max_message_bytes=cfg.max_message_bytes,
             registry=self.registry,
+            tls=cfg.tls,
         )
         log.info(
             "expert server listening",

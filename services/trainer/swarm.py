@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 from services.trainer.background_loop import BackgroundLoop
 from services.trainer.backoff import Backoff
@@ -36,7 +37,8 @@ class Swarm:
     ``initial_peers``: DHT nodes (``host:port``), or None for a model that only uses
     :class:`~services.trainer.remote_expert.RemoteExpert` with explicit addresses.
     ``client_factory(address)`` replaces the default ``ExpertClient`` (same async interface),
-    e.g. to add tracing or another transport.
+    e.g. to add tracing or another transport. ``tls``: every DHT and expert channel uses it
+    (``services.common.tls``; None: plaintext).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Swarm:
         max_message_bytes: int = 64 * 1024 * 1024,
         compression: int = tensor_pb2.COMPRESSION_NONE,
         client_factory: Callable[[str], Any] | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.loop = BackgroundLoop()
         self._client_factory = client_factory
@@ -60,6 +63,7 @@ class Swarm:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.compression = compression
+        self.tls = tls
         self._dht: Any = None
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, tuple[float, dict[int, tuple[str, float]]]] = {}
@@ -76,7 +80,7 @@ class Swarm:
                 raise RuntimeError("this Swarm has no DHT peers (initial_peers)")
             from services.dht.client import DHTClient
 
-            self._dht = DHTClient(self.initial_peers, timeout=self.dht_timeout)
+            self._dht = DHTClient(self.initial_peers, timeout=self.dht_timeout, tls=self.tls)
         return self._dht
 
     async def children(self, prefixes: list[str]) -> dict[str, dict[int, str]]:
@@ -135,7 +139,9 @@ class Swarm:
             else:
                 from services.expert.client import ExpertClient
 
-                client = ExpertClient(address, max_message_bytes=self.max_message_bytes)
+                client = ExpertClient(
+                    address, max_message_bytes=self.max_message_bytes, tls=self.tls
+                )
             self._clients[address] = client
         return client
 
