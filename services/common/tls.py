@@ -80,7 +80,7 @@ class TLSConfig:
             raise TLSError("give --tls-cert and --tls-key together")
         if not self.cert and not self.ca:
             raise TLSError("TLS needs --tls-cert and --tls-key, or --tls-ca")
-        if self.server_name is not None and not re.fullmatch(r"[A-Za-z0-9.:*-]+", self.server_name):
+        if self.server_name and not re.fullmatch(r"[A-Za-z0-9.:*-]+", self.server_name):
             raise TLSError(f"--tls-server-name {self.server_name!r} is not a host name")
         if self.cert and self.key:
             cert, key = _read("--tls-cert", self.cert), _read("--tls-key", self.key)
@@ -179,13 +179,13 @@ def add_tls_flags(parser: argparse.ArgumentParser, *, from_env: bool = False) ->
         "host (e.g. the swarm-wide name 'dmoe': peers dial each other by IP)",
     }
     for flag in FLAGS:
-        default = None
+        default, text = None, helps[flag]
         if from_env:
             from services.common.config import env_name
 
-            default = os.environ.get(env_name(flag)) or None
+            default, text = os.environ.get(env_name(flag)) or None, f"{text} [env {env_name(flag)}]"
         metavar = "NAME" if flag == "--tls-server-name" else "PATH"
-        group.add_argument(flag, default=default, metavar=metavar, help=helps[flag])
+        group.add_argument(flag, default=default, metavar=metavar, help=text)
 
 
 def tls_from_args(
