@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The simulated dmoe swarm in Docker, in one command.
 #
-#   deploy/swarm.sh up [--detach] [--no-monitoring] [--scale SERVICE=N ...]
+#   deploy/swarm.sh up [--detach] [--no-monitoring] [--tls] [--scale SERVICE=N ...]
 #   deploy/swarm.sh status | logs [SERVICE] | down
 #
 # `up` makes sure Docker and Compose are there (installing them on Debian as root),
@@ -10,18 +10,25 @@
 # (and Grafana when its image can be had), waits until every container is healthy,
 # prints where to look, then follows the trainers' logs (Ctrl-C stops following; the
 # swarm keeps running until `deploy/swarm.sh down`).
+#
+# --tls (or DMOE_TLS=1): a private swarm over mutual TLS. Makes deploy/tls/certs/ when
+# missing (deploy/tls/make_certs.py: a CA and a pair per service, plus `client` for your own
+# tools; needs Python's cryptography on this host) and adds deploy/docker-compose.tls.yml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 project=${DMOE_PROJECT:-dmoe}
-file=deploy/docker-compose.yml
+files=(-f deploy/docker-compose.yml)
 export DMOE_TAG=${DMOE_TAG:-latest}
+tls=${DMOE_TLS:-}
+tls_dir=deploy/tls/certs
+tls_services=(dht-bootstrap dht expert trainer)
 
 compose_cmd() {
   local compose
   compose=$(deploy/offline/ensure-docker.sh | tail -n1)
   # shellcheck disable=SC2086
-  $compose -p "$project" -f "$file" "$@"
+  $compose -p "$project" "${files[@]}" "$@"
 }
 
 registry_reachable() {
@@ -38,6 +45,21 @@ build_images() {
     compose_cmd build
     OFFLINE=
   fi
+}
+
+make_certs() {
+  if ! python3 -c 'import cryptography' 2>/dev/null; then
+    echo "--tls makes certificates with Python's cryptography package:" \
+      "pip install cryptography (or apt-get install python3-cryptography)" >&2
+    exit 1
+  fi
+  python3 deploy/tls/make_certs.py "$tls_dir" --names "${tls_services[@]}" client
+  # Keys are 0600 and the containers run as uid 10001 (deploy/Dockerfile): hand them the
+  # services' keys (through a container, so this works without root too).
+  local keys=() name
+  for name in "${tls_services[@]}"; do keys+=("/certs/$name.key"); done
+  docker run --rm --user 0 --entrypoint chown -v "$PWD/$tls_dir:/certs" \
+    "dmoe-dht:$DMOE_TAG" 10001 "${keys[@]}"
 }
 
 wait_healthy() {
@@ -58,6 +80,7 @@ wait_healthy() {
 
 cmd=${1:-up}
 shift || true
+if [ -n "$tls" ] && [ "$cmd" != up ]; then files+=(-f deploy/docker-compose.tls.yml); fi
 case "$cmd" in
   up)
     detach= monitoring=1 scale=()
@@ -65,6 +88,7 @@ case "$cmd" in
       case "$1" in
         --detach|-d) detach=1 ;;
         --no-monitoring) monitoring= ;;
+        --tls) tls=1 ;;
         --scale) scale+=(--scale "$2"); shift ;;
         --scale=*) scale+=(--scale "${1#--scale=}") ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
@@ -72,6 +96,10 @@ case "$cmd" in
       shift
     done
     build_images
+    if [ -n "$tls" ]; then
+      make_certs
+      files+=(-f deploy/docker-compose.tls.yml)
+    fi
     services=(dht-bootstrap dht expert trainer)
     profile=()
     if [ -n "$monitoring" ]; then
@@ -90,6 +118,7 @@ case "$cmd" in
     echo
     echo "swarm is up.  Prometheus: http://localhost:${DMOE_PROMETHEUS_PORT:-9090}" \
       "$([[ " ${services[*]} " == *" grafana "* ]] && echo " Grafana: http://localhost:${DMOE_GRAFANA_PORT:-3000}")"
+    [ -z "$tls" ] || echo "mutual TLS on every gRPC port; a client certificate: $tls_dir/client.{crt,key}, CA $tls_dir/ca.crt, server name dmoe"
     echo "stop it with: deploy/swarm.sh down"
     if [ -z "$detach" ]; then
       compose_cmd logs -f --tail 20 trainer

@@ -1,7 +1,9 @@
 """The simulated swarm of deploy/docker-compose.yml as local processes, for machines
 without Docker: DHT nodes, expert servers (each a random slice of one grid) and trainers.
 
-Usage: ``python scripts/local_swarm.py [--experts 3] [--trainers 2] [--steps 0]``.
+Usage: ``python scripts/local_swarm.py [--experts 3] [--trainers 2] [--steps 0] [--tls]``.
+``--tls`` runs it over mutual TLS: certificates in ``<log-dir>/tls`` (made when missing by
+``deploy/tls/make_certs.py``), one pair shared by the processes, ``client.{crt,key}`` for yours.
 Ctrl-C (or SIGTERM) stops every process gracefully. Logs go to ``--log-dir``; each
 process's gRPC and metrics ports are printed at start so Prometheus can scrape them.
 """
@@ -23,6 +25,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tls_flags(folder: Path) -> list[str]:
+    """Make the certificates when missing; the flags every process gets."""
+    make = [sys.executable, str(ROOT / "deploy/tls/make_certs.py"), str(folder)]
+    subprocess.run([*make, "--names", "local", "client"], check=True)
+    return [
+        "--tls-cert", str(folder / "local.crt"), "--tls-key", str(folder / "local.key"),
+        "--tls-ca", str(folder / "ca.crt"), "--tls-server-name", "dmoe",
+    ]  # fmt: skip
 
 
 def start(name: str, service: str, args: list[str], log_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -56,16 +68,19 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=0, help="trainer steps; 0: until stopped")
     parser.add_argument("--log-dir", type=Path, default=ROOT / "benchmarks" / "out" / "swarm")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--tls", action="store_true", help="mutual TLS on every gRPC port")
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    tls = tls_flags(args.log_dir / "tls") if args.tls else []
     checkpoints = args.checkpoint_dir or args.log_dir / "checkpoints"
 
     procs: list[subprocess.Popen] = []
-    boot, boot_address = start("dht-0", "dht", [], args.log_dir)
+    boot, boot_address = start("dht-0", "dht", [*tls], args.log_dir)
     procs.append(boot)
     peers = [boot_address]
     for i in range(1, args.dht_nodes):
-        proc, address = start(f"dht-{i}", "dht", ["--initial-peers", boot_address], args.log_dir)
+        dht_args = ["--initial-peers", boot_address, *tls]
+        proc, address = start(f"dht-{i}", "dht", dht_args, args.log_dir)
         procs.append(proc)
         peers.append(address)
     initial = ",".join(peers)
@@ -83,6 +98,7 @@ def main() -> int:
             "5",
             "--checkpoint-dir",
             str(checkpoints / f"expert-{i}"),
+            *tls,
         ]
         procs.append(start(f"expert-{i}", "expert", expert_args, args.log_dir)[0])
         time.sleep(1.0)  # each server sees the others' declarations and picks other experts
@@ -102,6 +118,7 @@ def main() -> int:
             str(args.steps),
             "--seed",
             str(i),
+            *tls,
         ]
         procs.append(start(f"trainer-{i}", "trainer", trainer_args, args.log_dir)[0])
 

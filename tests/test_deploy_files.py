@@ -69,3 +69,34 @@ def test_prometheus_scrapes_every_service_by_dns() -> None:
     assert set(jobs) == {"dht", "expert", "trainer"}
     ports = {name: job["dns_sd_configs"][0]["port"] for name, job in jobs.items()}
     assert ports == {"dht": 9330, "expert": 9340, "trainer": 9350}
+
+
+def test_tls_override_mounts_each_service_its_own_pair_and_the_ca(tmp_path) -> None:
+    """deploy/docker-compose.tls.yml against the files deploy/swarm.sh has the script make."""
+    base = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())["services"]
+    services = yaml.safe_load((ROOT / "deploy/docker-compose.tls.yml").read_text())["services"]
+    # Prometheus and Grafana unchanged: /metrics stays plain HTTP
+    assert set(services) == {"dht-bootstrap", "dht", "expert", "trainer"}
+    assert set(services) <= set(base)
+    script = (ROOT / "deploy/swarm.sh").read_text()
+    assert "tls_services=(dht-bootstrap dht expert trainer)" in script
+    assert "-f deploy/docker-compose.tls.yml" in script
+    assert subprocess.run(["bash", "-n", "deploy/swarm.sh"], cwd=ROOT).returncode == 0
+    make = [sys.executable, "deploy/tls/make_certs.py", str(tmp_path), "--names", *services]
+    assert subprocess.run(make, cwd=ROOT, capture_output=True).returncode == 0
+
+    from services.common.tls import TLSConfig
+
+    for name, service in services.items():
+        env = service["environment"]
+        assert env["DMOE_TLS_SERVER_NAME"] == "dmoe"
+        mounts = {}
+        for volume in service["volumes"]:
+            source, target, mode = volume.split(":")
+            assert mode == "ro" and source.startswith("./tls/certs/"), volume
+            mounts[target] = tmp_path / source.removeprefix("./tls/certs/")
+        assert set(mounts) == {env["DMOE_TLS_CERT"], env["DMOE_TLS_KEY"], env["DMOE_TLS_CA"]}
+        assert {p.name for p in mounts.values()} == {"ca.crt", f"{name}.crt", f"{name}.key"}
+        # what the container reads makes a working mutual-TLS configuration
+        tls = TLSConfig(*(str(mounts[env[f"DMOE_TLS_{v}"]]) for v in ("CERT", "KEY", "CA")))
+        assert tls.mutual

@@ -15,6 +15,7 @@ from typing import Any
 
 from services.common.addresses import check_peer_address
 from services.common.identity import add_identity_flags
+from services.common.tls import add_tls_flags
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -138,6 +139,7 @@ def service_parser(
     logs.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="log line format"
     )
+    add_tls_flags(parser)
     return parser
 
 

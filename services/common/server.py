@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services import __version__
+from services.common.tls import TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +263,15 @@ async def start_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     registry: CollectorRegistry | None = None,
     metrics_host: str | None = None,
+    tls: TLSConfig | None = None,
 ) -> RunningServer:
     """Start a guarded gRPC server for ``service`` (``dht``, ``expert``, ``trainer``).
 
     ``register(server)`` adds the service's servicers and returns their full names
     (``dmoe.DHT``) for health and reflection. ``metrics_port=None`` or ``-1`` serves no
-    ``/metrics``; the registry is still filled, so tests can read it directly.
+    ``/metrics``; the registry is still filled, so tests can read it directly. ``tls``
+    serves TLS (mutual TLS when it has a CA, see ``services.common.tls``); ``/metrics``
+    stays plain HTTP either way.
     """
     registry = registry if registry is not None else CollectorRegistry()
     Gauge("dmoe_build_info", "Build information", ["service", "version"], registry=registry).labels(
@@ -289,7 +293,11 @@ async def start_server(
         server,
     )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.server_credentials())
+        log.info("gRPC port serves TLS", extra={"service": service, "mutual_tls": tls.mutual})
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {address}")
     await server.start()

@@ -11,6 +11,7 @@ from services.common.config import announce_host, peer_list, service_parser
 from services.common.identity import default_identity_path, load_trusted_keys, resolve_identity
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
+from services.common.tls import TLSConfig, tls_from_args
 from services.dht.config import NodeConfig
 from services.dht.server import start_node
 
@@ -122,7 +123,7 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, tls: TLSConfig | None = None) -> None:
     identity = resolve_identity(
         args.identity_file, default_identity_path("dht", args.port) if args.port else None
     )
@@ -137,6 +138,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_message_bytes=args.max_message_bytes,
         identity=identity,
         trusted=trusted,
+        tls=tls,
     )
     log.info(
         "dht node started",
@@ -161,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         config_from(args)
     except ValueError as exc:
         parser.error(str(exc))
+    tls = tls_from_args(args, parser)
     setup_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, tls))
     except (OSError, ValueError) as exc:  # identity or trusted-keys file unusable, port taken
         log.error("cannot start: %s", exc)
         return 2

@@ -29,6 +29,7 @@ import grpc
 from services.common.identity import Identity
 from services.common.rejections import RateLimitedLog
 from services.common.server import channel_options
+from services.common.tls import TLSConfig, aio_channel
 from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry, ownership_problem, sign_entry
 from services.dht.routing import id_to_bytes, key_to_id
@@ -85,6 +86,7 @@ class DHTClient:
         *,
         identity: Identity | None = None,
         trusted: frozenset[bytes] | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         if isinstance(addresses, str):
             addresses = [a for a in addresses.replace(",", " ").split() if a]
@@ -93,6 +95,7 @@ class DHTClient:
         self.addresses = list(addresses)
         self.timeout = timeout
         self._options = channel_options(max_message_bytes)
+        self._tls = tls
         self._stubs: dict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTStub]] = {}
         self._closing: set[asyncio.Future[None]] = set()
         self.identity = identity
@@ -133,7 +136,7 @@ class DHTClient:
     def _stub(self, address: str) -> dht_pb2_grpc.DHTStub:
         held = self._stubs.get(address)
         if held is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = aio_channel(address, self._options, self._tls)
             held = (channel, dht_pb2_grpc.DHTStub(channel))
             self._stubs[address] = held
         return held[1]

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from services.common.identity import Identity
 from services.common.rejections import shared_rejections
 from services.common.server import RunningServer, start_server
+from services.common.tls import TLSConfig
 from services.dht.config import NodeConfig
 from services.dht.metrics import NodeMetrics
 from services.dht.node import DHTNode
@@ -54,6 +55,7 @@ async def start_node(
     max_message_bytes: int = 64 * 1024 * 1024,
     identity: Identity | None = None,
     trusted: frozenset[bytes] | None = None,
+    tls: TLSConfig | None = None,
 ) -> RunningNode:
     """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined.
 
@@ -61,7 +63,7 @@ async def start_node(
     ``trusted``: store only entries owned by these public keys (a private swarm).
     """
     config = config or NodeConfig()
-    transport = GrpcTransport(max_message_bytes)
+    transport = GrpcTransport(max_message_bytes, tls=tls)  # serving TLS: dial peers with it
     holder: dict[str, DHTNode] = {}
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -90,6 +92,7 @@ async def start_node(
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         registry=registry,
+        tls=tls,
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from services.common.server import channel_options
+from services.common.tls import TLSConfig, aio_channel
 from services.dht.protocol import RequestRejected
 from services.proto import dht_pb2_grpc
 
@@ -57,8 +58,14 @@ class GrpcTransport(Transport):
 
     name = "grpc"
 
-    def __init__(self, max_message_bytes: int = 64 * 1024 * 1024, max_channels: int = 512) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        max_channels: int = 512,
+        tls: TLSConfig | None = None,
+    ) -> None:
         self._options = channel_options(max_message_bytes)
+        self._tls = tls  # a node serving TLS dials its peers with TLS (same swarm CA)
         self._max_channels = max_channels
         self.close_grace = 5.0
         self._closing: set[asyncio.Future[None]] = set()
@@ -71,7 +78,7 @@ class GrpcTransport(Transport):
         if held is not None:
             self._stubs.move_to_end(address)
             return held[1]
-        channel = grpc.aio.insecure_channel(address, options=self._options)
+        channel = aio_channel(address, self._options, self._tls)
         stub = dht_pb2_grpc.DHTPeerStub(channel)
         self._stubs[address] = (channel, stub)
         while len(self._stubs) > self._max_channels:

@@ -10,6 +10,7 @@ import sys
 from services.common.config import peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
+from services.common.tls import tls_from_args
 from services.expert.backend import OptimizerConfig
 from services.expert.server import ExpertConfig, ExpertServer
 
@@ -163,6 +164,7 @@ async def _run(config: ExpertConfig, grace: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tls = tls_from_args(args, parser)
     setup_logging(args.log_level, args.log_format)
     if not args.no_dht and not args.initial_peers:
         parser.error(
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         config = config_from_args(args)
+        config.tls = tls
         from services.expert import uid as uids
 
         uids.grid_size(uids.split_patterns(config.experts))  # bad patterns fail before loading

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
 import torch
 
 from services.common.server import channel_options
 from services.common.tensor_codec import decode, encode
+from services.common.tls import TLSConfig, aio_channel
 from services.proto import expert_pb2, tensor_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -35,13 +35,12 @@ class ExpertClient:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         stream_chunk_bytes: int = 4 * 1024 * 1024,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.address = address
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(1024, min(stream_chunk_bytes, max_message_bytes - _HEADROOM))
-        self._channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_message_bytes)
-        )
+        self._channel = aio_channel(address, channel_options(max_message_bytes), tls)
         ch = self._channel
         self._info = ch.unary_unary(
             "/dmoe.Expert/Info",

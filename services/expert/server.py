@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity, default_identity_path, resolve_identity
 from services.common.server import RunningServer, start_server
+from services.common.tls import TLSConfig
 from services.expert import assignment
 from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
@@ -64,6 +65,7 @@ class ExpertConfig:
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
     identity_file: str | None = None  # None: <checkpoint_dir>/identity/<hostname>.key, if any
+    tls: TLSConfig | None = None  # the gRPC port and the DHT client (services.common.tls)
 
 
 async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
@@ -173,7 +175,9 @@ class ExpertServer:
         if cfg.dht_peers:
             from services.dht.client import DHTClient
 
-            self.dht = DHTClient(list(cfg.dht_peers), timeout=5.0, identity=self.identity)
+            self.dht = DHTClient(
+                list(cfg.dht_peers), timeout=5.0, identity=self.identity, tls=cfg.tls
+            )
         chosen = await self._choose_uids()
         await asyncio.to_thread(self._build_backends, chosen)
         backends = list(self.backends.values())
@@ -224,6 +228,7 @@ class ExpertServer:
             metrics_port=cfg.metrics_port,
             max_message_bytes=cfg.max_message_bytes,
             registry=self.registry,
+            tls=cfg.tls,
         )
         log.info(
             "expert server listening",

@@ -10,6 +10,7 @@ import threading
 
 from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
+from services.common.tls import tls_from_args
 
 log = logging.getLogger("services.trainer")
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tls = tls_from_args(args, parser)
     if not args.initial_peers and not args.model_module:
         parser.error(
             "--initial-peers (or DMOE_INITIAL_PEERS) is required: the DHT finds the experts"
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         compression=_COMPRESSIONS[args.compression],
         trusted=trusted,
         identity=identity,
+        tls=tls,
     )
     options = MoEOptions(
         grid_size=args.grid,
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             max_message_bytes=args.max_message_bytes,
             registry=registry,
+            tls=tls,
         )
     )
     swarm.run(running.set_serving(True))

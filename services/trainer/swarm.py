@@ -28,6 +28,7 @@ import torch
 from services.common.addresses import is_peer_address
 from services.common.identity import Identity
 from services.common.rejections import Rejections, shared_rejections
+from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 from services.trainer.background_loop import BackgroundLoop
 from services.trainer.backoff import Backoff
@@ -58,7 +59,8 @@ class Swarm:
     ``initial_peers``: DHT nodes (``host:port``), or None for a model that only uses
     :class:`~services.trainer.remote_expert.RemoteExpert` with explicit addresses.
     ``client_factory(address)`` replaces the default ``ExpertClient`` (same async interface),
-    e.g. to add tracing or another transport.
+    e.g. to add tracing or another transport. ``tls``: every DHT and expert channel uses it
+    (``services.common.tls``; None: plaintext).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Swarm:
         client_factory: Callable[[str], Any] | None = None,
         trusted: frozenset[bytes] | None = None,
         identity: Identity | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.loop = BackgroundLoop()
         self._client_factory = client_factory
@@ -91,6 +94,7 @@ class Swarm:
             if metrics is not None
             else Rejections("trainer", None, log)
         )
+        self.tls = tls
         self._dht: Any = None
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, tuple[float, Children]] = {}
@@ -112,6 +116,7 @@ class Swarm:
                 timeout=self.dht_timeout,
                 identity=self.identity,
                 trusted=self.trusted,
+                tls=self.tls,
             )
         return self._dht
 
@@ -197,7 +202,9 @@ class Swarm:
             else:
                 from services.expert.client import ExpertClient
 
-                client = ExpertClient(address, max_message_bytes=self.max_message_bytes)
+                client = ExpertClient(
+                    address, max_message_bytes=self.max_message_bytes, tls=self.tls
+                )
             self._clients[address] = client
         return client
 
