@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
+
+from services.common.limits import ServerLimits
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -39,6 +42,17 @@ def peer_list(text: str) -> list[str]:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise argparse.ArgumentTypeError(f"peer {peer!r} is not host:port")
     return peers
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected >= 0 (0: no limit), got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def _long_flag(action: argparse.Action) -> str | None:
@@ -122,6 +136,19 @@ def service_parser(
         default=5.0,
         help="seconds in-flight calls get to finish on SIGTERM",
     )
+    limits, defaults = parser.add_argument_group("server limits (0: no limit)"), ServerLimits()
+    count, rate = _non_negative(int), _non_negative(float)
+    limits.add_argument("--max-concurrent-rpcs", type=count, default=defaults.max_concurrent_rpcs,
+                        help="calls served at once, all callers together")  # fmt: skip
+    limits.add_argument("--max-peer-rps", type=rate, default=defaults.max_peer_rps,
+                        help="calls per second from one IP address, sustained")  # fmt: skip
+    limits.add_argument("--max-peer-burst", type=count, default=defaults.max_peer_burst,
+                        help="calls one IP may send at once (0: one second's worth)")  # fmt: skip
+    limits.add_argument("--max-peer-streams", type=count, default=defaults.max_peer_streams,
+                        help="streaming calls open at once from one IP")  # fmt: skip
+    limits.add_argument("--max-peer-bytes-in-flight", type=count,
+                        default=defaults.max_peer_bytes_in_flight,
+                        help="request bytes held by the calls of one IP being served")  # fmt: skip
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",

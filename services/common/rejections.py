@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import OrderedDict
 
 from prometheus_client import CollectorRegistry, Counter
@@ -44,8 +45,19 @@ class RateLimitedLog:
         return True
 
 
+# registry -> service -> its Rejections: one counter per registry, shared by the server's guard
+# and the service's own checks (a second Counter of the same name would not register)
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Rejections]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class Rejections:
-    """Counts and logs refused input: ``dmoe_<service>_rejected_total{reason}``."""
+    """Counts and logs refused input: ``dmoe_<service>_rejected_total{reason}``.
+
+    :meth:`of` returns the instance already made for a registry and service, so the common
+    server's guard and a service's handlers can both count into one counter.
+    """
 
     def __init__(
         self,
@@ -62,6 +74,16 @@ class Rejections:
         )
         self.log = RateLimitedLog(logger, interval)
         self._children: dict[str, object] = {}
+        if registry is not None:
+            _SHARED.setdefault(registry, {})[service] = self
+
+    @classmethod
+    def of(
+        cls, service: str, registry: CollectorRegistry | None, logger: logging.Logger
+    ) -> Rejections:
+        """The ``Rejections`` of ``service`` in ``registry``, made on first use."""
+        held = _SHARED.get(registry, {}).get(service) if registry is not None else None
+        return held if held is not None else cls(service, registry, logger)
 
     def reject(self, reason: str, message: str, source: str = "", **fields: object) -> None:
         child = self._children.get(reason)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from services.common.config import announce_host, peer_list, service_parser
+from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.dht.config import NodeConfig
@@ -123,6 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         node_id=args.node_id,
+        limits=ServerLimits.from_args(args),
     )
     log.info(
         "dht node started",

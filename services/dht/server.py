@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from services.common.limits import ServerLimits
 from services.common.server import RunningServer, start_server
 from services.dht.config import NodeConfig
 from services.dht.metrics import NodeMetrics
@@ -51,6 +52,7 @@ async def start_node(
     metrics_port: int | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
     node_id: int | None = None,
+    limits: ServerLimits | None = None,
 ) -> RunningNode:
     """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined."""
     config = config or NodeConfig()
@@ -76,6 +78,7 @@ async def start_node(
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         registry=registry,
+        limits=limits,
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from services.common.config import peer_list, service_parser
+from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.expert.backend import OptimizerConfig
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         checkpoint_keep=args.checkpoint_keep,
         simulate_failure_rate=args.simulate_failure_rate,
         simulate_latency_ms=args.simulate_latency_ms,
+        limits=ServerLimits.from_args(args),
     )
 
 

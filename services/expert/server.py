@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from services.common.limits import ServerLimits
 from services.common.server import RunningServer, start_server
 from services.expert import assignment
 from services.expert import uid as uids
@@ -62,6 +63,7 @@ class ExpertConfig:
     hostname: str | None = None  # names <checkpoint_dir>/hosts/<hostname>.json; None: this host
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
+    limits: ServerLimits = field(default_factory=ServerLimits)  # what the gRPC server admits
 
 
 async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
@@ -200,6 +202,7 @@ class ExpertServer:
             metrics_port=cfg.metrics_port,
             max_message_bytes=cfg.max_message_bytes,
             registry=self.registry,
+            limits=cfg.limits,
         )
         log.info(
             "expert server listening",

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from prometheus_client import CollectorRegistry
 
     from services.common.config import announce_host
+    from services.common.limits import ServerLimits
     from services.common.server import start_server
     from services.trainer.backoff import Backoff
     from services.trainer.data import load_dataset
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             max_message_bytes=args.max_message_bytes,
             registry=registry,
+            limits=ServerLimits.from_args(args),
         )
     )
     swarm.run(running.set_serving(True))
