@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
+from helpers import Proc, free_port
 
 from services.common.limits import Admission, Peer, Refused, ServerLimits, peer_key
 from services.common.server import RunningServer, start_server
@@ -250,9 +253,32 @@ def test_peer_table_stays_bounded_and_keeps_callers_in_flight() -> None:
 
 
 def test_limits_must_not_be_negative() -> None:
-    with pytest.raises(ValueError):
-        ServerLimits(max_peer_rps=-1)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            ServerLimits(max_peer_rps=bad)
     assert ServerLimits(max_peer_rps=50, max_peer_burst=0).burst == 50
     unlimited = Admission(ServerLimits.unlimited())
     for _ in range(1000):
         assert isinstance(unlimited.admit("ipv4:127.0.0.1:1", 1 << 40, True), Peer)
+
+
+def test_flags_and_env_reach_the_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.expert.__main__ import build_parser, config_from_args
+
+    monkeypatch.setenv("DMOE_MAX_PEER_RPS", "7.5")
+    args = build_parser().parse_args(["--no-dht", "--max-peer-streams", "3"])
+    limits = config_from_args(args).limits
+    assert (limits.max_peer_streams, limits.max_peer_rps) == (3, 7.5)
+    assert limits.max_concurrent_rpcs == ServerLimits().max_concurrent_rpcs
+    # a real DHT process: a request over its per-peer byte budget is refused before parsing
+    dht = Proc("dht", ["services.dht", "--metrics-port", "-1", "--max-peer-bytes-in-flight", "64"],
+               tmp_path, free_port())  # fmt: skip
+    try:
+        dht.wait_healthy()
+        with grpc.insecure_channel(dht.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/dmoe.DHT/Get")(b"x" * 100, timeout=10)
+            assert err.value.code() == EXHAUSTED
+            assert "--max-peer-bytes-in-flight" in err.value.details()
+    finally:
+        dht.stop()

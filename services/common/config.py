@@ -9,6 +9,7 @@ values, so a bad ``DMOE_PORT=abc`` fails exactly like ``--port abc``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -47,8 +48,8 @@ def peer_list(text: str) -> list[str]:
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected >= 0 (0: no limit), got {text}")
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: no limit), got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error messages

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -48,8 +49,9 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name} must be >= 0 (0: no limit)")
+            value = getattr(self, f.name)
+            if not (value >= 0 and math.isfinite(value)):  # NaN fails the comparison
+                raise ValueError(f"{f.name} must be a finite number >= 0 (0: no limit)")
         if self.max_peers < 1:
             raise ValueError("max_peers must be >= 1")
 

@@ -185,7 +185,8 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
         async def malformed(request: _Unparsable, context: grpc.aio.ServicerContext) -> None:
             message = f"malformed request: {request.error}"
             source = peer_key(context.peer())
-            rejections.reject("malformed", f"malformed {method} request", source, method=method)
+            rejections.reject("malformed", f"malformed {method} request", source, method=method,
+                              error=str(request.error)[:200])  # fmt: skip
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
         async def failed(exc: Exception, context: grpc.aio.ServicerContext) -> None:
