@@ -5,7 +5,9 @@ request from a handler that does nothing else (no interceptor, no metrics, no pr
 client process sends ``--calls`` requests of ``--request-bytes`` with ``--concurrency`` calls
 in flight. Both are separate OS processes, like the services and their callers. ``--api sync``
 measures grpcio's synchronous API instead (thread-pool server, blocking/future client), for
-comparison: the services use ``grpc.aio``. Reports wall
+comparison: the services use ``grpc.aio``. ``--guard on`` serves through the services' own
+bootstrap (``services.common.server``: guard interceptor, metrics, admission limits) and
+``--guard unlimited`` the same with the limits off: the difference is what they cost. Reports wall
 time per call and CPU microseconds per call on each side (user + system, all threads), so
 the per-RPC budgets of the DHT and expert benchmarks can be compared with what gRPC alone
 costs here (docs/performance.md).
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from proc import cpu_seconds, free_ports
@@ -33,10 +36,8 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-async def serve(port: int, reply_bytes: int) -> None:
+async def serve(port: int, reply_bytes: int, guard: str) -> None:
     import grpc
-
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
 
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request[:reply_bytes]
@@ -49,6 +50,23 @@ async def serve(port: int, reply_bytes: int) -> None:
             )
         },
     )
+    if guard != "none":  # the services' bootstrap: guard, metrics, admission limits
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from services.common.server import start_server
+
+        def register(server: grpc.aio.Server) -> list[str]:
+            server.add_generic_rpc_handlers((handler,))
+            return [SERVICE]
+
+        extra: dict[str, Any] = {}
+        if guard == "unlimited":
+            from services.common.limits import ServerLimits
+
+            extra["limits"] = ServerLimits.unlimited()
+        running = await start_server("floor", register, port=port, metrics_port=None, **extra)
+        await running.server.wait_for_termination()
+        return
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -139,6 +157,13 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight")
     parser.add_argument("--api", choices=["aio", "sync"], default="aio")
+    parser.add_argument(
+        "--guard",
+        choices=["none", "on", "unlimited"],
+        default="none",
+        help="serve through the services' common bootstrap (guard interceptor, metrics, "
+        "admission limits; 'unlimited': limits off) instead of a bare server (aio only)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,16 +172,19 @@ def main() -> int:
         if args.api == "sync":
             serve_sync(args.serve, reply_bytes)
         else:
-            asyncio.run(serve(args.serve, reply_bytes))
+            asyncio.run(serve(args.serve, reply_bytes, args.guard))
         return 0
 
     (port,) = free_ports(1)
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(port), "--reply-bytes", str(reply_bytes),
-         "--api", args.api]
+         "--api", args.api, "--guard", args.guard]
     )  # fmt: skip
     try:
-        time.sleep(0.5)
+        import grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ready:  # bound: imports are done
+            grpc.channel_ready_future(ready).result(timeout=60)
         before = cpu_seconds(server.pid)
         if args.api == "sync":
             result = call_sync(port, args.request_bytes, args.calls, args.concurrency)
@@ -169,6 +197,7 @@ def main() -> int:
     warm = min(200, args.calls)  # the server's CPU also covers the warm-up calls
     report = {
         "api": args.api,
+        "guard": args.guard,
         "request_bytes": args.request_bytes,
         "reply_bytes": reply_bytes,
         "calls": args.calls,
@@ -181,7 +210,8 @@ def main() -> int:
         report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
     )
     print(
-        f"bare {'grpc.aio' if args.api == 'aio' else 'grpc (sync API)'} unary call, "
+        f"{'bare' if args.guard == 'none' else 'guarded (' + args.guard + ')'} "
+        f"{'grpc.aio' if args.api == 'aio' else 'grpc (sync API)'} unary call, "
         f"{args.request_bytes} B request, {reply_bytes} B reply, "
         f"{args.concurrency} in flight: {report['wall_us_per_call']:.0f} us wall per call; "
         f"CPU per call: client {report['client_cpu_us_per_call']:.0f} us + server "

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+from services.common.healthcheck import wait_serving
 from services.dht.config import NodeConfig
 from services.dht.server import RunningNode, start_node
 
@@ -14,6 +20,51 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Proc:
+    """A service as a real OS process (``python -m <args> --host 127.0.0.1 --port <port>``),
+    its stderr in ``<logdir>/<name>.log``."""
+
+    def __init__(self, name: str, args: list[str], logdir: Path, port: int) -> None:
+        self.name, self.port = name, port
+        self.address = f"127.0.0.1:{port}"
+        self.log = logdir / f"{name}.log"
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "w"),  # noqa: SIM115 - closed with the process
+            env=ENV,
+        )
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        if wait_serving(self.address, timeout, alive=lambda: self.popen.poll() is None):
+            return
+        assert self.popen.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
+        raise AssertionError(
+            f"{self.name} not healthy in {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(
+                f"{self.name} still running after {timeout} s:\n{self.log.read_text()[-3000:]}"
+            ) from None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
 
 
 async def make_swarm(

@@ -7,18 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_rpc_floor_reports_cpu_per_call() -> None:
+@pytest.mark.parametrize("guard", ["none", "on"])
+def test_rpc_floor_reports_cpu_per_call(guard: str) -> None:
     done = subprocess.run(
         [sys.executable, "benchmarks/rpc_floor.py", "--calls", "300", "--concurrency", "4",
-         "--request-bytes", "1000", "--reply-bytes", "10", "--json"],
+         "--request-bytes", "1000", "--reply-bytes", "10", "--guard", guard, "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["api"] == "aio" and report["calls"] == 300 and report["concurrency"] == 4
+    assert report["guard"] == guard
     assert report["request_bytes"] == 1000 and report["reply_bytes"] == 10
     for key in ("wall_us_per_call", "client_cpu_us_per_call", "server_cpu_us_per_call"):
         assert report[key] > 0, key

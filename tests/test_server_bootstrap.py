@@ -21,20 +21,59 @@ def _register(server: grpc.aio.Server) -> list[str]:
             raise RuntimeError("unlucky shape")
         if request.shape and request.shape[0] == 7:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        if request.shape and request.shape[0] == 11:
+            raise NotImplementedError("not yet")
+        if request.shape and request.shape[0] == 12:
+            context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+            context.set_details("set before raising")
+            raise ValueError("after the status was set")
         return request
 
+    def stub(request: tensor_pb2.Tensor, context: grpc.ServicerContext) -> None:
+        """What generated servicer bases do for a method nobody implemented (a plain def)."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
+    codec = {
+        "request_deserializer": tensor_pb2.Tensor.FromString,
+        "response_serializer": tensor_pb2.Tensor.SerializeToString,
+    }
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Echo": grpc.unary_unary_rpc_method_handler(
-                echo,
-                request_deserializer=tensor_pb2.Tensor.FromString,
-                response_serializer=tensor_pb2.Tensor.SerializeToString,
-            )
+            "Echo": grpc.unary_unary_rpc_method_handler(echo, **codec),
+            "Stub": grpc.unary_unary_rpc_method_handler(stub, **codec),
         },
     )
     server.add_generic_rpc_handlers((handler,))
     return [SERVICE]
+
+
+async def _health_and_reflection_are_guarded(channel: grpc.aio.Channel) -> None:
+    """Corrupt bytes to health and reflection are INVALID_ARGUMENT; List lists everything."""
+    garbage = b"\xff\xff\xff garbage"
+    calls = [
+        channel.unary_unary("/grpc.health.v1.Health/Check")(garbage),
+        channel.unary_unary("/grpc.health.v1.Health/List")(garbage),
+        channel.unary_stream("/grpc.health.v1.Health/Watch")(garbage).read(),
+        channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+            iter([garbage])
+        ).read(),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "malformed" in err.value.details()
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE)
+    )
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    listed = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+    serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    assert dict(listed.statuses) == {"": serving, SERVICE: serving}
 
 
 async def _scenario() -> None:
@@ -66,6 +105,18 @@ async def _scenario() -> None:
             await raw(b"\0" * (65 * 1024 * 1024))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert await raw(ok) == ok  # still serving
+        # a status the handler chose (or NotImplementedError) is kept, not INTERNAL
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(tensor_pb2.Tensor(shape=[11]).SerializeToString())
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(tensor_pb2.Tensor(shape=[12]).SerializeToString())
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details() == "set before raising"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary(f"/{SERVICE}/Stub")(ok)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert err.value.details() == "Method not implemented!"
 
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
 
@@ -75,6 +126,7 @@ async def _scenario() -> None:
         async for answer in refl.ServerReflectionInfo(ask()):
             names = {s.name for s in answer.list_services_response.service}
         assert {SERVICE, "grpc.health.v1.Health"} <= names
+        await _health_and_reflection_are_guarded(channel)
 
     url = f"http://127.0.0.1:{running.metrics_port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
@@ -84,11 +136,15 @@ async def _scenario() -> None:
     assert 'dmoe_test_rpc_requests_total{code="INTERNAL",method="Echo"} 1.0' in text
     assert 'dmoe_test_rpc_requests_total{code="NOT_FOUND",method="Echo"} 1.0' in text
     assert "dmoe_test_rpc_duration_seconds_bucket" in text
+    assert 'dmoe_test_rejected_total{reason="malformed"} 5.0' in text
+    assert 'dmoe_test_rpc_requests_total{code="INVALID_ARGUMENT",method="Check"} 1.0' in text
     await running.stop(0.5)
 
 
-def test_bootstrap_health_reflection_metrics_and_guard() -> None:
+def test_bootstrap_health_reflection_metrics_and_guard(caplog: pytest.LogCaptureFixture) -> None:
     asyncio.run(_scenario())
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert [r.getMessage() for r in tracebacks] == ["unhandled error in Echo"]  # shape 13 only
 
 
 def test_env_vars_fill_flags_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:

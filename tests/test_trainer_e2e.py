@@ -7,62 +7,18 @@ digits batches of 64, a few hundred steps.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from helpers import free_port
+from helpers import Proc, free_port
 
-from services.common.healthcheck import wait_serving
 from services.proto import trainer_pb2, trainer_pb2_grpc
 
 H = 32
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], logdir: Path, port: int) -> None:
-        self.name, self.port = name, port
-        self.address = f"127.0.0.1:{port}"
-        self.log = logdir / f"{name}.log"
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log, "w"),  # noqa: SIM115 - closed with the process
-            env=ENV,
-        )
-
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        if wait_serving(self.address, timeout, alive=lambda: self.popen.poll() is None):
-            return
-        assert self.popen.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
-        raise AssertionError(
-            f"{self.name} not healthy in {timeout} s:\n{self.log.read_text()[-3000:]}"
-        )
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise AssertionError(
-                f"{self.name} still running after {timeout} s:\n{self.log.read_text()[-3000:]}"
-            ) from None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 def start_dht(logdir: Path) -> Proc:

@@ -9,12 +9,15 @@ values, so a bad ``DMOE_PORT=abc`` fails exactly like ``--port abc``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from services.common.addresses import check_peer_address
 from services.common.identity import add_identity_flags
+from services.common.limits import ServerLimits
 from services.common.tls import add_tls_flags
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -44,6 +47,17 @@ def peer_list(text: str) -> list[str]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"peer {peer!r}: {exc}") from None
     return peers
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: no limit), got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def _long_flag(action: argparse.Action) -> str | None:
@@ -128,6 +142,19 @@ def service_parser(
         help="seconds in-flight calls get to finish on SIGTERM",
     )
     add_identity_flags(parser)
+    limits, defaults = parser.add_argument_group("server limits (0: no limit)"), ServerLimits()
+    count, rate = _non_negative(int), _non_negative(float)
+    limits.add_argument("--max-concurrent-rpcs", type=count, default=defaults.max_concurrent_rpcs,
+                        help="calls served at once, all callers together")  # fmt: skip
+    limits.add_argument("--max-peer-rps", type=rate, default=defaults.max_peer_rps,
+                        help="calls per second from one IP address, sustained")  # fmt: skip
+    limits.add_argument("--max-peer-burst", type=count, default=defaults.max_peer_burst,
+                        help="calls one IP may send at once (0: one second's worth)")  # fmt: skip
+    limits.add_argument("--max-peer-streams", type=count, default=defaults.max_peer_streams,
+                        help="streaming calls open at once from one IP")  # fmt: skip
+    limits.add_argument("--max-peer-bytes-in-flight", type=count,
+                        default=defaults.max_peer_bytes_in_flight,
+                        help="request bytes held by the calls of one IP being served")  # fmt: skip
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",

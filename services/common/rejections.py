@@ -45,8 +45,19 @@ class RateLimitedLog:
         return True
 
 
+# registry -> service -> its Rejections: one counter per registry, shared by the server's guard
+# and the service's own checks (a second Counter of the same name would not register)
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Rejections]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class Rejections:
-    """Counts and logs refused input: ``dmoe_<service>_rejected_total{reason}``."""
+    """Counts and logs refused input: ``dmoe_<service>_rejected_total{reason}``.
+
+    :meth:`of` returns the instance already made for a registry and service, so the common
+    server's guard and a service's handlers can both count into one counter.
+    """
 
     def __init__(
         self,
@@ -63,6 +74,16 @@ class Rejections:
         )
         self.log = RateLimitedLog(logger, interval)
         self._children: dict[str, object] = {}
+        if registry is not None:
+            _SHARED.setdefault(registry, {})[service] = self
+
+    @classmethod
+    def of(
+        cls, service: str, registry: CollectorRegistry | None, logger: logging.Logger
+    ) -> Rejections:
+        """The ``Rejections`` of ``service`` in ``registry``, made on first use."""
+        held = _SHARED.get(registry, {}).get(service) if registry is not None else None
+        return held if held is not None else cls(service, registry, logger)
 
     def reject(self, reason: str, message: str, /, source: str = "", **fields: object) -> None:
         child = self._children.get(reason)
@@ -74,18 +95,3 @@ class Rejections:
     def count(self, reason: str) -> float:
         """The counter's value for ``reason`` (tests, status RPCs)."""
         return self.counter.labels(reason)._value.get()
-
-
-_shared: weakref.WeakKeyDictionary[CollectorRegistry, Rejections] = weakref.WeakKeyDictionary()
-
-
-def shared_rejections(
-    service: str, registry: CollectorRegistry, logger: logging.Logger
-) -> Rejections:
-    """The one :class:`Rejections` of ``registry``: the server bootstrap (limits, malformed
-    requests) and the service's own code (bad records, poisoned requests) count into the same
-    ``dmoe_<service>_rejected_total`` (a second counter of that name would not register)."""
-    held = _shared.get(registry)
-    if held is None:
-        held = _shared[registry] = Rejections(service, registry, logger)
-    return held

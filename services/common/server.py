@@ -4,9 +4,13 @@ One call, :func:`start_server`, gives a ``grpc.aio`` server with
 - ``grpc.health.v1`` health (NOT_SERVING until the service calls ``set_serving``),
 - server reflection for every registered service,
 - message-size limits on both directions,
-- per-method request counters and latency histograms, and a guard that turns a
-  request that does not parse into INVALID_ARGUMENT and an unexpected exception
+- per-method request counters and latency histograms, and a guard around every handler
+  (health and reflection too) that turns a request that does not parse into
+  INVALID_ARGUMENT, keeps a status the handler set, and turns an unexpected exception
   into INTERNAL with a message (design.md: no handler lets one escape as UNKNOWN),
+- admission limits (:class:`~services.common.limits.ServerLimits`): calls in flight, and per
+  caller IP calls per second, open streams and request bytes held; past one,
+  RESOURCE_EXHAUSTED, counted in ``dmoe_<service>_rejected_total{reason}``,
 - a Prometheus ``/metrics`` HTTP port serving this instance's own registry, so many
   service instances can live in one process (tests, in-process swarms).
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -30,6 +35,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services import __version__
+from services.common.health_service import HealthServicer
+from services.common.limits import Admission, Refused, ServerLimits, peer_key
+from services.common.rejections import Rejections
 from services.common.tls import TLSConfig
 
 log = logging.getLogger(__name__)
@@ -68,23 +76,62 @@ class RpcMetrics:
         )
 
 
-def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
+def _sized_deserializer(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], tuple[Any, int]]:
+    """Parse and keep the request's size for the admission limits: ``(message, len(data))``,
+    the message an :class:`_Unparsable` when the bytes do not parse."""
+
+    def parse(data: bytes) -> tuple[Any, int]:
         if deserialize is None:
-            return data
+            return data, len(data)
         try:
-            return deserialize(data)
+            return deserialize(data), len(data)
         except Exception as exc:  # protobuf raises DecodeError, sometimes others
-            return _Unparsable(exc)
+            return _Unparsable(exc), len(data)
 
     return parse
 
 
-class _GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Counts, times and guards every unary and streaming handler."""
+def _as_async(behavior: Callable[..., Any], response_streaming: bool) -> Callable[..., Any]:
+    """A handler written as a plain function (the generated servicer stubs are) as an async one,
+    so the guard can await it. Run inline: such handlers here only set a status and raise."""
+    if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+        return behavior
+    if response_streaming:
 
-    def __init__(self, metrics: RpcMetrics) -> None:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            replies = behavior(request, context)
+            if hasattr(replies, "__aiter__"):
+                async for reply in replies:
+                    yield reply
+            else:
+                for reply in replies:
+                    yield reply
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = behavior(request, context)
+        return await reply if inspect.isawaitable(reply) else reply
+
+    return unary
+
+
+class _GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Admits, counts, times and guards every handler, health and reflection included.
+
+    Per call: admission (:mod:`services.common.limits`: RESOURCE_EXHAUSTED past a limit),
+    bytes that do not parse -> INVALID_ARGUMENT, a status the handler set (or
+    ``NotImplementedError`` -> UNIMPLEMENTED) kept as is, any other exception -> INTERNAL with
+    a message and a logged traceback. Refusals count in ``dmoe_<service>_rejected_total``.
+    """
+
+    def __init__(self, metrics: RpcMetrics, admission: Admission, rejections: Rejections) -> None:
         self._metrics = metrics
+        self._admission = admission
+        self._rejections = rejections
+        metrics.in_flight.set_function(lambda: admission.in_flight)
         # full method path -> the handler to use; the registered handlers are fixed once the
         # server runs, so each method is wrapped once instead of on every call (saves a good
         # share of the per-call Python work of a small unary RPC)
@@ -101,14 +148,13 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
-        if method not in ("Check", "Watch", "ServerReflectionInfo"):
-            handler = self._wrap(handler, method)
+        handler = self._wrap(handler, details.method.rsplit("/", 1)[-1])
         self._handlers[details.method] = handler
         return handler
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        metrics = self._metrics
+        metrics, admission, rejections = self._metrics, self._admission, self._rejections
+        admit, release, grow = admission.admit, admission.release, admission.grow
         duration = metrics.duration.labels(method)
         counters: dict[str, Any] = {}  # status code name -> counter child
 
@@ -120,75 +166,124 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 counter = counters[name] = metrics.requests.labels(method, name)
             counter.inc()
             duration.observe(time.perf_counter() - started)
-            metrics.in_flight.dec()
 
         kind = (handler.request_streaming, handler.response_streaming)
-        behavior = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[kind]
+        behavior = _as_async(
+            {
+                (False, False): handler.unary_unary,
+                (False, True): handler.unary_stream,
+                (True, False): handler.stream_unary,
+                (True, True): handler.stream_stream,
+            }[kind],
+            handler.response_streaming,
+        )
 
-        async def internal_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        async def refuse(refused: Refused, context: grpc.aio.ServicerContext) -> None:
+            source = peer_key(context.peer())
+            rejections.reject(refused.reason, refused.message, source, method=method)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
+
+        async def malformed(request: _Unparsable, context: grpc.aio.ServicerContext) -> None:
+            message = f"malformed request: {request.error}"
+            source = peer_key(context.peer())
+            rejections.reject("malformed", f"malformed {method} request", source, method=method,
+                              error=str(request.error)[:200])  # fmt: skip
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        async def failed(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+            code = context.code()
+            if isinstance(exc, NotImplementedError) and code in (None, grpc.StatusCode.OK):
+                code = grpc.StatusCode.UNIMPLEMENTED
+            if isinstance(code, grpc.StatusCode) and code not in _NOT_CHOSEN:
+                # the handler chose a status before raising: keep it (no traceback)
+                await context.abort(code, context.details() or f"{type(exc).__name__}: {exc}")
             log.exception("unhandled error in %s", method, extra={"method": method})
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
         @contextlib.asynccontextmanager
-        async def guard(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            started, error = time.perf_counter(), False
-            metrics.in_flight.inc()
+        async def guard(context: grpc.aio.ServicerContext, size: int) -> AsyncIterator[list[Any]]:
+            """Admits a streaming call; yields ``[peer, bytes held]`` (chunks add to it)."""
+            started, error, peer = time.perf_counter(), False, None
+            held: list[Any] = [None, size]
             try:
-                yield
+                admitted = admit(context.peer(), size, True)
+                if type(admitted) is Refused:
+                    await refuse(admitted, context)
+                peer = held[0] = admitted
+                yield held
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if context.cancelled() or context.done():
+                    raise  # the caller hung up: no status to send, gRPC drops it quietly
                 error = True
-                await internal_error(exc, context)
+                await failed(exc, context)
             finally:
+                if peer is not None:
+                    release(peer, held[1], True)
                 finish(context, error, started)
 
-        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if isinstance(request, _Unparsable):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
-                )
-
-        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async for request in requests:
-                await check(request, context)
+        async def checked(
+            requests: AsyncIterator[tuple[Any, int]],
+            context: grpc.aio.ServicerContext,
+            held: list[Any],
+        ) -> Any:
+            async for request, size in requests:
+                refused = grow(held[0], size)
+                if refused is not None:
+                    await refuse(refused, context)
+                held[1] += size
+                if type(request) is _Unparsable:
+                    await malformed(request, context)
                 yield request
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_unary(parsed: tuple[Any, int], context: grpc.aio.ServicerContext) -> Any:
             # the guard written out: the hot path of every small RPC, no context manager
-            started, error = time.perf_counter(), False
-            metrics.in_flight.inc()
+            request, size = parsed
+            started, error, peer = time.perf_counter(), False, None
             try:
-                if isinstance(request, _Unparsable):
-                    await check(request, context)
+                admitted = admit(context.peer(), size, False)
+                if type(admitted) is Refused:
+                    await refuse(admitted, context)
+                peer = admitted
+                if type(request) is _Unparsable:
+                    await malformed(request, context)
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if context.cancelled() or context.done():
+                    raise  # the caller hung up: no status to send, gRPC drops it quietly
                 error = True
-                await internal_error(exc, context)
+                await failed(exc, context)
             finally:
+                if peer is not None:
+                    release(peer, size, False)
                 finish(context, error, started)
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
-                await check(request, context)
+        async def unary_stream(parsed: tuple[Any, int], context: grpc.aio.ServicerContext) -> Any:
+            request, size = parsed
+            async with guard(context, size):
+                if type(request) is _Unparsable:
+                    await malformed(request, context)
                 async for reply in behavior(request, context):
                     yield reply
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
-                return await behavior(checked(requests, context), context)
+            async with guard(context, 0) as held:
+                return await behavior(checked(requests, context, held), context)
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
-                async for reply in behavior(checked(requests, context), context):
+            async with guard(context, 0) as held:
+                async for reply in behavior(checked(requests, context, held), context):
                     yield reply
+
+        async def unary_writes(parsed: tuple[Any, int], context: grpc.aio.ServicerContext) -> None:
+            request, size = parsed
+            async with guard(context, size):
+                if type(request) is _Unparsable:
+                    await malformed(request, context)
+                await behavior(request, context)
 
         wrapped = {
             (False, False): unary_unary,
@@ -196,6 +291,10 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             (True, False): stream_unary,
             (True, True): stream_stream,
         }[kind]
+        if kind[1] and not inspect.isasyncgenfunction(behavior):
+            # a response stream written with ``await context.write(...)`` (health Watch), not
+            # yielded: the wrapper must be a coroutine too, gRPC does not mix the two styles
+            wrapped = unary_writes if kind == (False, True) else stream_unary
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -204,9 +303,13 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
         }[kind]
         return factory(
             wrapped,
-            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            request_deserializer=_sized_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+# statuses that do not mean "the handler chose this": unset, OK, and UNKNOWN (never sent)
+_NOT_CHOSEN = (None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -232,6 +335,8 @@ class RunningServer:
     registry: CollectorRegistry
     health: health.aio.HealthServicer
     service_names: list[str]
+    admission: Admission
+    rejections: Rejections
     _metrics_http: Any = field(default=None, repr=False)
 
     async def set_serving(self, serving: bool = True) -> None:
@@ -264,6 +369,7 @@ async def start_server(
     registry: CollectorRegistry | None = None,
     metrics_host: str | None = None,
     tls: TLSConfig | None = None,
+    limits: ServerLimits | None = None,
 ) -> RunningServer:
     """Start a guarded gRPC server for ``service`` (``dht``, ``expert``, ``trainer``).
 
@@ -271,18 +377,19 @@ async def start_server(
     (``dmoe.DHT``) for health and reflection. ``metrics_port=None`` or ``-1`` serves no
     ``/metrics``; the registry is still filled, so tests can read it directly. ``tls``
     serves TLS (mutual TLS when it has a CA, see ``services.common.tls``); ``/metrics``
-    stays plain HTTP either way.
+    stays plain HTTP either way. ``limits`` (default :class:`ServerLimits`'s) bound what the
+    server admits; ``ServerLimits.from_args(args)`` gives what the ``service_parser`` flags say.
     """
     registry = registry if registry is not None else CollectorRegistry()
     Gauge("dmoe_build_info", "Build information", ["service", "version"], registry=registry).labels(
         service, __version__
     ).set(1)
-    server = grpc.aio.server(
-        interceptors=[_GuardInterceptor(RpcMetrics(service, registry))],
-        options=channel_options(max_message_bytes),
-    )
+    admission = Admission(limits if limits is not None else ServerLimits())
+    rejections = Rejections.of(service, registry, log)
+    guard = _GuardInterceptor(RpcMetrics(service, registry), admission, rejections)
+    server = grpc.aio.server(interceptors=[guard], options=channel_options(max_message_bytes))
     names = list(register(server))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [
@@ -301,7 +408,9 @@ async def start_server(
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {address}")
     await server.start()
-    running = RunningServer(service, server, bound, None, registry, health_servicer, names)
+    running = RunningServer(
+        service, server, bound, None, registry, health_servicer, names, admission, rejections
+    )
     await running.set_serving(False)
     if metrics_port is not None and metrics_port >= 0:
         http, _thread = start_http_server(

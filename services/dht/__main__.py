@@ -9,6 +9,7 @@ import sys
 
 from services.common.config import announce_host, peer_list, service_parser
 from services.common.identity import default_identity_path, load_trusted_keys, resolve_identity
+from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.common.tls import TLSConfig, tls_from_args
@@ -139,6 +140,7 @@ async def serve(args: argparse.Namespace, tls: TLSConfig | None = None) -> None:
         identity=identity,
         trusted=trusted,
         tls=tls,
+        limits=ServerLimits.from_args(args),
     )
     log.info(
         "dht node started",

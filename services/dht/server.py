@@ -12,7 +12,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
-from services.common.rejections import shared_rejections
+from services.common.limits import ServerLimits
+from services.common.rejections import Rejections
 from services.common.server import RunningServer, start_server
 from services.common.tls import TLSConfig
 from services.dht.config import NodeConfig
@@ -56,6 +57,7 @@ async def start_node(
     identity: Identity | None = None,
     trusted: frozenset[bytes] | None = None,
     tls: TLSConfig | None = None,
+    limits: ServerLimits | None = None,
 ) -> RunningNode:
     """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined.
 
@@ -80,7 +82,7 @@ async def start_node(
         identity=identity,
         metrics=metrics,
         trusted=trusted,
-        rejections=shared_rejections("dht", registry, log),
+        rejections=Rejections.of("dht", registry, log),
     )
     holder["node"] = node
     metrics.bind(node)
@@ -93,6 +95,7 @@ async def start_node(
         max_message_bytes=max_message_bytes,
         registry=registry,
         tls=tls,
+        limits=limits,
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from services.common.config import peer_list, service_parser
+from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.common.tls import tls_from_args
@@ -153,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         simulate_failure_rate=args.simulate_failure_rate,
         simulate_latency_ms=args.simulate_latency_ms,
         identity_file=args.identity_file,
+        limits=ServerLimits.from_args(args),
     )
 
 

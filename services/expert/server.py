@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity, default_identity_path, resolve_identity
+from services.common.limits import ServerLimits
 from services.common.server import RunningServer, start_server
 from services.common.tls import TLSConfig
 from services.expert import assignment
@@ -66,6 +67,7 @@ class ExpertConfig:
     simulate_latency_ms: float = 0.0
     identity_file: str | None = None  # None: <checkpoint_dir>/identity/<hostname>.key, if any
     tls: TLSConfig | None = None  # the gRPC port and the DHT client (services.common.tls)
+    limits: ServerLimits = field(default_factory=ServerLimits)  # what the gRPC server admits
 
 
 async def _declared_in_dht(client: Any, candidates: list[str]) -> set[str]:
@@ -229,6 +231,7 @@ class ExpertServer:
             max_message_bytes=cfg.max_message_bytes,
             registry=self.registry,
             tls=cfg.tls,
+            limits=cfg.limits,
         )
         log.info(
             "expert server listening",

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         load_trusted_keys,
         resolve_identity,
     )
+    from services.common.limits import ServerLimits
     from services.common.server import start_server
     from services.trainer.backoff import Backoff
     from services.trainer.data import load_dataset
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_bytes,
             registry=registry,
             tls=tls,
+            limits=ServerLimits.from_args(args),
         )
     )
     swarm.run(running.set_serving(True))

@@ -27,7 +27,7 @@ import torch
 
 from services.common.addresses import is_peer_address
 from services.common.identity import Identity
-from services.common.rejections import Rejections, shared_rejections
+from services.common.rejections import Rejections
 from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 from services.trainer.background_loop import BackgroundLoop
@@ -90,7 +90,7 @@ class Swarm:
         self.trusted = trusted  # only experts declared by these keys (a private swarm)
         self.identity = identity
         self.rejections = (
-            shared_rejections("trainer", metrics.registry, log)
+            Rejections.of("trainer", metrics.registry, log)
             if metrics is not None
             else Rejections("trainer", None, log)
         )
