@@ -24,10 +24,12 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from proc import cpu_seconds, free_ports  # noqa: E402
 
+from services.common.identity import Identity  # noqa: E402
 from services.dht.client import DHTClient  # noqa: E402
 from services.dht.config import NodeConfig  # noqa: E402
-from services.dht.node import DHTNode  # noqa: E402
+from services.dht.node import DHTNode, NullMetrics  # noqa: E402
 from services.dht.routing import key_to_id  # noqa: E402
 from services.dht.transport import InProcessTransport  # noqa: E402
 
@@ -101,13 +104,14 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
     addresses = [f"127.0.0.1:{p}" for p in ports]
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    keys = tempfile.mkdtemp(prefix="dmoe-dht-bench-")  # the nodes' identities, removed after
     started = time.monotonic()
     for i, port in enumerate(ports):
         initial = rng.sample(addresses[:i], min(4, i))
         cmd = [
             sys.executable, "-m", "services.dht", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(metric_ports[i]), "--log-level", "warning",
-            "--shutdown-grace", "0.5",
+            "--shutdown-grace", "0.5", "--identity-file", os.path.join(keys, f"dht-{i}.key"),
         ]  # fmt: skip
         if initial:
             cmd += ["--initial-peers", ",".join(initial)]
@@ -121,7 +125,11 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
         survivors = [i for i in range(peers) if i not in victims]
         total_rounds = args.tasks * args.rounds
         kill_at = {v: rng.randrange(1, total_rounds) for v in victims}
-        clients = {i: DHTClient([addresses[i]], timeout=10.0) for i in survivors}
+        # every writer owns its subkey (signs it), as expert servers do; --unsigned: plain
+        clients = {
+            i: DHTClient([addresses[i]], timeout=10.0, identity=Identity.generate())
+            for i in survivors
+        }
         store_times, get_times = [], []
         stores_ok, stores, gets_ok, gets = 0, 0, 0, 0
         done_rounds = 0
@@ -140,7 +148,7 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 results = await asyncio.gather(
                     *(
-                        clients[w].put([(key, sk, value, expiration)])
+                        clients[w].put([(key, sk, value, expiration)], owned=not args.unsigned)
                         for w, (sk, value) in zip(writers, subkeys.items(), strict=True)
                     ),
                     return_exceptions=True,
@@ -161,7 +169,7 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
                     gets += 1
                     value = None if isinstance(answer, BaseException) else answer.get(key)
                     if isinstance(value, dict) and all(
-                        sk in value and value[sk].value == v for sk, v in subkeys.items()
+                        any(e.value == v for e in value.get(sk, [])) for sk, v in subkeys.items()
                     ):
                         gets_ok += 1
                     elif isinstance(value, dict):
@@ -198,6 +206,7 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(keys, ignore_errors=True)
     return {
         "mode": "a",
         "peers": peers,
@@ -205,6 +214,7 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
         "processes": peers,
         "tasks": args.tasks,
         "rounds": args.rounds,
+        "signed": not args.unsigned,
         "killed": len(killed),
         "mean_store_s": statistics.mean(store_times),
         "p95_store_s": _p95(store_times),
@@ -234,20 +244,14 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- mode B
-class _LookupRecorder:
+class _LookupRecorder(NullMetrics):
     """Metrics sink that keeps (operation, rounds, rpcs) of every key lookup."""
 
     def __init__(self) -> None:
         self.lookups: list[tuple[str, int, int]] = []
 
-    def rpc(self, method: str, code: str, seconds: float) -> None:
-        pass
-
     def lookup(self, operation: str, rounds: int, rpcs: int) -> None:
         self.lookups.append((operation, rounds, rpcs))
-
-    def republished(self, count: int) -> None:
-        pass
 
 
 async def mode_b(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,6 +362,9 @@ def main() -> int:
     parser.add_argument("--expiration", type=float, default=300.0)
     parser.add_argument("--values", type=int, default=1000, help="mode b: values stored")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--unsigned", action="store_true", help="mode a: plain subkeys instead of owned (signed)"
+    )
     args = parser.parse_args()
     if args.peers is None:
         args.peers = 16 if args.mode == "a" else 1024

@@ -5,7 +5,7 @@ import random
 import time
 
 from services.dht.config import NodeConfig
-from services.dht.node import DHTNode
+from services.dht.node import DHTNode, NullMetrics
 from services.dht.routing import ID_BITS, key_to_id, nearest_of
 from services.dht.storage import Entry
 from services.dht.transport import InProcessTransport
@@ -169,24 +169,12 @@ def test_loopback_announce_is_replaced_by_the_observed_host() -> None:
     asyncio.run(_observed_host())
 
 
-class Recorder:
+class Recorder(NullMetrics):
     def __init__(self) -> None:
         self.lookups: list[str] = []
 
-    def rpc(self, method: str, code: str, seconds: float) -> None:
-        pass
-
     def lookup(self, operation: str, rounds: int, rpcs: int) -> None:
         self.lookups.append(operation)
-
-    def republished(self, count: int) -> None:
-        pass
-
-    def verification(self, outcome: str) -> None:
-        pass
-
-    def skewed_peer(self) -> None:
-        pass
 
 
 async def _maintenance() -> None:

@@ -305,7 +305,7 @@ def test_expert_forward_over_mtls_and_the_trainer_swarm(swarm) -> None:
     asyncio.run(direct())
     with Swarm([procs["dht0"].address], tls=client, cache_ttl=0.0) as trainer_swarm:
         children = trainer_swarm.run(trainer_swarm.children(["ffn."]), timeout=30)
-        assert children["ffn."] == {0: expert, 1: expert}
+        assert children["ffn."] == {0: [expert], 1: [expert]}
         (out,) = trainer_swarm.run(trainer_swarm.forward("ffn.1", expert, [x], 10.0), timeout=30)
         assert out.shape == (3, H)
 

@@ -13,7 +13,6 @@ no input gradient through it. The calls run on the swarm's background loop becau
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ import torch
 
 from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
 from services.trainer.swarm import Swarm
-
-log = logging.getLogger(__name__)
 
 # A leaf that requires grad, so the node's backward runs even when the inputs do not need one
 # (a first layer fed with raw data): the experts still have to receive their gradients.
@@ -104,17 +101,8 @@ def _record(swarm: Swarm, method: str, jobs: Sequence[ExpertJob], outcomes: list
         if outcome.ok:
             swarm.backoff.success(job.uid, job.address)
             continue
-        swarm.record_failure(method, outcome.reason)
+        swarm.expert_failed(job.uid, job.address, method, outcome.reason, outcome.detail)
         swarm.backoff.failure(job.uid, job.address)
-        log.debug(
-            "expert call dropped",
-            extra={
-                "uid": job.uid,
-                "method": method,
-                "reason": outcome.reason,
-                "detail": outcome.detail,
-            },
-        )
 
 
 # replan(samples, failed uids, free slots per sample) -> [(sample, slot, uid, address)]
@@ -191,12 +179,11 @@ class RemoteMoECall(torch.autograd.Function):
                     continue
                 result = outcome.tensors[0]
                 if tuple(result.shape) != (len(job.rows), *out_shape):
-                    swarm.record_failure("forward", "error")
                     reasons.add("error:wrong output shape")
-                    log.warning(
-                        "expert returned a wrong shape",
-                        extra={"uid": job.uid, "shape": list(result.shape)},
-                    )
+                    swarm.expert_failed(
+                        job.uid, job.address, "forward", "error",
+                        f"wrong output shape {list(result.shape)}",
+                    )  # fmt: skip
                     continue
                 outputs[job.rows, job.slots] = result.to(outputs.dtype)
                 mask[job.rows, job.slots] = True
@@ -268,7 +255,10 @@ class RemoteMoECall(torch.autograd.Function):
                     continue
                 grad = outcome.tensors[0]
                 if grad.shape != (len(job.rows), *inputs.shape[1:]):
-                    swarm.record_failure("backward", "error")
+                    swarm.expert_failed(
+                        job.uid, job.address, "backward", "error",
+                        f"wrong gradient shape {list(grad.shape)}",
+                    )  # fmt: skip
                     continue
                 grad_inputs.index_add_(0, job.rows, grad.to(grad_inputs.dtype))
         return None, grad_inputs, None, None, None, None, None, None

@@ -108,13 +108,12 @@ class RemoteMixtureOfExperts(nn.Module):
             self.swarm.metrics.beam_search.observe(time.perf_counter() - started)
             self.swarm.metrics.experts_skipped.set(len(skipped))
         if not bool(found.valid[:, 0].all()):
-            log.warning(
+            self.swarm.warnings.warn(
+                ("no_experts", self.uid_prefix),
                 "no live expert found for some samples",
-                extra={
-                    "grid": self.uid_prefix,
-                    "samples": int((~found.valid[:, 0]).sum()),
-                    "in_backoff": ",".join(skipped[:10]),
-                },
+                grid=self.uid_prefix,
+                samples=int((~found.valid[:, 0]).sum()),
+                in_backoff=",".join(skipped[:10]),
             )
         return found
 

@@ -27,7 +27,7 @@ import torch
 
 from services.common.addresses import is_peer_address
 from services.common.identity import Identity
-from services.common.rejections import Rejections
+from services.common.rejections import RateLimitedLog, Rejections
 from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 from services.trainer.background_loop import BackgroundLoop
@@ -95,6 +95,7 @@ class Swarm:
             else Rejections("trainer", None, log)
         )
         self.tls = tls
+        self.warnings = RateLimitedLog(log)  # failing experts, missing experts
         self._dht: Any = None
         self._clients: dict[str, Any] = {}
         self._cache: dict[str, tuple[float, Children]] = {}
@@ -250,6 +251,16 @@ class Swarm:
     def record_failure(self, method: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.expert_failures.labels(method, reason).inc()
+
+    def expert_failed(self, uid: str, address: str, method: str, reason: str, detail: str) -> None:
+        """Count a dropped expert call and tell the operator: a warning at most once a
+        minute per server, method and reason (a dead server fails every step)."""
+        self.record_failure(method, reason)
+        self.warnings.warn(
+            ("expert", address, method, reason),
+            "expert call failed",
+            uid=uid, address=address, method=method, reason=reason, detail=detail[:200],
+        )  # fmt: skip
 
     # ---- lifetime ----------------------------------------------------------------------------
     async def _close_clients(self) -> None:
