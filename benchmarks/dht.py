@@ -43,7 +43,8 @@ from proc import cpu_seconds, free_ports  # noqa: E402
 from services.common.identity import Identity  # noqa: E402
 from services.dht.client import DHTClient  # noqa: E402
 from services.dht.config import NodeConfig  # noqa: E402
-from services.dht.node import DHTNode, NullMetrics  # noqa: E402
+from services.dht.metrics import NullMetrics  # noqa: E402
+from services.dht.node import DHTNode  # noqa: E402
 from services.dht.routing import key_to_id  # noqa: E402
 from services.dht.transport import InProcessTransport  # noqa: E402
 

@@ -10,6 +10,7 @@ from helpers import free_port, make_swarm
 
 from services.dht.client import DHTClient
 from services.dht.config import NodeConfig
+from services.dht.replication import republish
 from services.dht.routing import key_to_id, nearest_of
 from services.dht.server import RunningNode, start_node
 
@@ -116,16 +117,48 @@ async def _republish_scenario() -> None:
         dead = replicas[:3]
         await asyncio.gather(*(x.stop(0) for x in dead))
         alive = [x for x in nodes if x not in dead]
-        sent = await replicas[3].node.republish(force=True)
+        sent = await republish(replicas[3].node, force=True)
         assert sent == 1
         live_ids = [x.node.node_id for x in alive]
         now_held = {x.node.node_id for x in alive if x.node.storage.get(target)}
         assert now_held == set(nearest_of(target, live_ids, 5))
         # a replica stored just now skips its own republish (somebody else did it)
-        assert await replicas[4].node.republish() == 0
+        assert await republish(replicas[4].node) == 0
     finally:
         await asyncio.gather(*(x.stop(0) for x in alive))
 
 
 def test_republish_restores_num_replicas_after_replicas_die() -> None:
     asyncio.run(_republish_scenario())
+
+
+async def _state_file_scenario(path) -> None:
+    seed = await start_node(state_file=path)
+    others = [await start_node(initial_peers=[seed.address]) for _ in range(3)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in others)), 30)
+        async with DHTClient([others[0].address]) as client:
+            assert await client.put([("kept", "s", b"v", time.time() + 120)]) == [True]
+        for _ in range(100):
+            if len(seed.node.table) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await seed.stop(0)  # writes the state file
+        # the seed comes back on another port, with no initial peers: it rejoins from its file
+        again = await start_node(state_file=path)
+        for _ in range(100):
+            if {x.node.node_id for x in others} <= set(again.node.table.contacts()):
+                break
+            await asyncio.sleep(0.05)
+        assert {x.node.node_id for x in others} <= set(again.node.table.contacts())
+        (found,) = await again.node.get_many([key_to_id(b"kept")])
+        assert [e.value for e in found] == [b"v"]
+        await again.stop(0)
+    finally:
+        for x in others:
+            await x.stop(0)
+
+
+def test_restarted_seed_rejoins_from_its_state_file(tmp_path) -> None:
+    asyncio.run(_state_file_scenario(tmp_path / "dht.state"))
+    assert (tmp_path / "dht.state").exists()

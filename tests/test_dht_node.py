@@ -1,11 +1,13 @@
 """Node logic over the in-process transport (the code path of benchmark mode B)."""
 
 import asyncio
+import hashlib
 import random
 import time
 
 from services.dht.config import NodeConfig
-from services.dht.node import DHTNode, NullMetrics
+from services.dht.metrics import NullMetrics
+from services.dht.node import DHTNode
 from services.dht.routing import ID_BITS, key_to_id, nearest_of
 from services.dht.storage import Entry
 from services.dht.transport import InProcessTransport
@@ -121,14 +123,14 @@ async def _coalescing() -> None:
     before = transport.calls
     # six lookups started in the same loop turn ask b once, in one Find carrying six keys
     answers = await asyncio.gather(
-        *(a._find(b.node_id, b.address, [t], nodes_only=True) for t in targets)
+        *(a.find(b.node_id, b.address, [t], nodes_only=True) for t in targets)
     )
     assert transport.calls - before == 1
     assert all(answer == [([], [(c.node_id, c.address)])] for answer in answers)
     # an error reaches every request of the batch, and the dead peer is blacklisted
     transport.unregister(b.address)
     results = await asyncio.gather(
-        *(a._find(b.node_id, b.address, [t], nodes_only=True) for t in targets),
+        *(a.find(b.node_id, b.address, [t], nodes_only=True) for t in targets),
         return_exceptions=True,
     )
     assert all(isinstance(r, Exception) and "UNAVAILABLE" in str(r) for r in results)
@@ -213,7 +215,7 @@ def test_maintenance_republishes_and_refreshes() -> None:
 
 
 def test_blacklist_backoff_doubles_and_clears() -> None:
-    from services.dht.node import Blacklist
+    from services.dht.blacklist import Blacklist
 
     blacklist = Blacklist(base=0.05, maximum=0.1)
     blacklist.fail("a:1")
@@ -306,3 +308,62 @@ def test_latest_get_in_a_small_swarm_asks_the_whole_beam_at_once() -> None:
     assert asyncio.run(_latest_rounds(k=20)) == (1, 5, 3)
     # a full table (k=4 < 8 contacts): alpha=3 per round, the same 5 Finds in two rounds
     assert asyncio.run(_latest_rounds(k=4)) == (2, 5, 3)
+
+
+async def _hand_off(enabled: bool) -> tuple[bool, int]:
+    """A value stored in a 20-node swarm; then 10 nodes join whose ids are all nearer its key
+    than any old node; a fresh node's plain get. Returns (found, newcomers holding it)."""
+    from services.common.identity import Identity
+    from services.dht import node as node_module
+
+    rng = random.Random(5)
+    transport = InProcessTransport()
+    config = NodeConfig(republish_interval=3600, refresh_interval=3600)
+    nodes: list[DHTNode] = []
+    for i in range(20):
+        node = make_node(transport, i, config)
+        await node.start([n.address for n in rng.sample(nodes, min(3, len(nodes)))])
+        await asyncio.wait_for(node.joined.wait(), 5)
+        nodes.append(node)
+    key = key_to_id(b"handed off")
+    counts, _ = await nodes[3].store_many([(key, Entry(b"s", b"v", time.time() + 600))])
+    assert counts == [5]
+    # ids are hashes of keys: draw keys, keep the 10 nearest the key (nearer than all 20)
+    identities = sorted(
+        (Identity.generate() for _ in range(3000)),
+        key=lambda i: key ^ int.from_bytes(hashlib.sha1(i.public_key).digest(), "big"),
+    )[:10]
+    if not enabled:  # what a node did before hand-off existed
+        original = node_module.hand_off
+        node_module.hand_off = lambda *args: asyncio.sleep(0)
+    try:
+        newcomers = []
+        for j, identity in enumerate(identities):
+            node = make_node(transport, 100 + j, config, identity=identity)
+            await node.start([nodes[j].address])
+            await asyncio.wait_for(node.joined.wait(), 5)
+            newcomers.append(node)
+        assert max(key ^ n.node_id for n in newcomers) < min(key ^ n.node_id for n in nodes)
+        await settle([*nodes, *newcomers])
+        for _ in range(20):  # hand-offs run in the background
+            await asyncio.sleep(0.01)
+        reader = make_node(transport, 200, config)
+        await reader.start([nodes[0].address])
+        await asyncio.wait_for(reader.joined.wait(), 5)
+        (found,) = await reader.get_many([key])
+        holders = sum(1 for n in newcomers if n.storage.get(key))
+    finally:
+        if not enabled:
+            node_module.hand_off = original
+    for node in (*nodes, *newcomers, reader):
+        await node.stop()
+    return [e.value for e in found] == [b"v"], holders
+
+
+def test_new_nodes_nearer_a_key_get_its_records_at_once() -> None:
+    found, holders = asyncio.run(_hand_off(enabled=True))
+    assert found and holders >= 5
+    # the same swarm without hand-off: no newcomer holds it (a plain get then misses it
+    # whenever its lookup does not happen to pass an old replica)
+    _, holders = asyncio.run(_hand_off(enabled=False))
+    assert holders == 0

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         "resolved at each attempt; retried with backoff until one answers)",
     )
     dht.add_argument(
+        "--state-file",
+        default=None,
+        help="keep the routing table's contacts here (written at shutdown, read at start): a "
+        "restarted node rejoins the swarm it knew, even without --initial-peers",
+    )
+    dht.add_argument(
         "--trusted-keys",
         default=None,
         help="file of public keys (one per line, hex or base64, # comments): store only "
@@ -140,6 +146,7 @@ async def serve(args: argparse.Namespace, tls: TLSConfig | None = None) -> None:
         identity=identity,
         trusted=trusted,
         tls=tls,
+        state_file=args.state_file,
         limits=ServerLimits.from_args(args),
     )
     log.info(

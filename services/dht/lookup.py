@@ -172,33 +172,3 @@ async def run_rounds(
         for state in active:
             state.end_round()
         active = [s for s in active if s.next_peers(alpha)]
-
-
-async def iterative_find(
-    targets: Sequence[int],
-    *,
-    self_id: int,
-    self_address: str,
-    local: Callable[[int], list[Entry]] | None,
-    initial: Callable[[int], list[tuple[int, str]]],
-    find: FindCall,
-    on_failure: Callable[[int, str], None],
-    is_blocked: Callable[[str], bool],
-    k: int,
-    alpha: int,
-    stop_on_value: bool,
-) -> list[KeyLookup]:
-    """Run the lookups of ``targets`` together; ``local`` gives this node's own entries
-    (None: the caller does not want values)."""
-    states = start_lookups(
-        targets,
-        self_id=self_id,
-        self_address=self_address,
-        local=local,
-        initial=initial,
-        is_blocked=is_blocked,
-        k=k,
-        stop_on_value=stop_on_value,
-    )
-    await run_rounds(states, find=find, on_failure=on_failure, is_blocked=is_blocked, alpha=alpha)
-    return states

@@ -27,6 +27,7 @@ METRIC_NAMES = (
     "dmoe_dht_lookup_rounds",
     "dmoe_dht_lookup_rpcs",
     "dmoe_dht_republished_entries_total",
+    "dmoe_dht_handed_off_entries_total",
     "dmoe_dht_peer_verifications_total",
     "dmoe_dht_clock_correction_seconds",
     "dmoe_dht_skewed_peers_total",
@@ -34,7 +35,29 @@ METRIC_NAMES = (
 )
 
 
-class NodeMetrics:
+class NullMetrics:
+    """Metrics sink for nodes that export nothing (large in-process swarms)."""
+
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        pass
+
+    def lookup(self, operation: str, rounds: int, rpcs: int) -> None:
+        pass
+
+    def republished(self, count: int) -> None:
+        pass
+
+    def handed_off(self, count: int) -> None:
+        pass
+
+    def verification(self, outcome: str) -> None:
+        pass
+
+    def skewed_peer(self) -> None:
+        pass
+
+
+class NodeMetrics(NullMetrics):
     """The node's own metrics; pass as ``DHTNode(metrics=...)`` then :meth:`bind`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -70,6 +93,11 @@ class NodeMetrics:
         self.republished_total = Counter(
             "dmoe_dht_republished_entries",
             "Entries this node republished to the nearest nodes",
+            registry=registry,
+        )
+        self.handed_off_total = Counter(
+            "dmoe_dht_handed_off_entries",
+            "Entries this node stored on new contacts that became their replicas",
             registry=registry,
         )
         self.skewed = Counter(
@@ -123,6 +151,9 @@ class NodeMetrics:
     def republished(self, count: int) -> None:
         if count:
             self.republished_total.inc(count)
+
+    def handed_off(self, count: int) -> None:
+        self.handed_off_total.inc(count)
 
     def verification(self, outcome: str) -> None:
         self.verifications.labels(outcome).inc()

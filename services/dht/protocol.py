@@ -16,6 +16,10 @@ import contextlib
 import hashlib
 import hmac
 import math
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -23,14 +27,15 @@ import grpc
 
 from services.common.addresses import check_peer_address
 from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
+from services.common.rejections import Rejections
+from services.dht.clock import DHTClock
 from services.dht.records import PROBLEMS, Entry, ownership_problem
-from services.dht.routing import id_from_bytes, id_to_bytes
-from services.dht.storage import StorageFull
+from services.dht.routing import RoutingTable, id_from_bytes, id_to_bytes
+from services.dht.storage import Storage, StorageFull, merge_entries
 from services.proto import dht_pb2, dht_pb2_grpc
 
 if TYPE_CHECKING:
     from services.dht.config import NodeConfig
-    from services.dht.node import DHTNode
 
 
 class RequestRejected(Exception):
@@ -76,6 +81,12 @@ def parse_entry(
         )
     if len(entry.owner) > PUBLIC_KEY_BYTES or len(entry.signature) > 2 * PUBLIC_KEY_BYTES:
         raise invalid(f"{where}: owner or signature too long")
+    return Entry(subkey, entry.value, entry.expiration, entry.owner, entry.signature)
+
+
+def parse_wire_entry(entry: dht_pb2.ValueEntry) -> Entry:
+    """A wire entry as it is (no checks: for answers, whose ownership is checked next)."""
+    subkey = entry.subkey if entry.HasField("subkey") else None
     return Entry(subkey, entry.value, entry.expiration, entry.owner, entry.signature)
 
 
@@ -129,11 +140,74 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-class PeerProtocol:
-    """Handlers of ``dmoe.DHTPeer`` for one node."""
+@dataclass(eq=False)
+class PeerState:
+    """What the peer handlers read and change: the node's parts they need, nothing more.
 
-    def __init__(self, node: DHTNode) -> None:
-        self.node = node
+    The node owns it and shares the same objects (table, storage, ...); ``on_contact`` is how
+    a handler reports a caller (the node verifies the claim before trusting it).
+    """
+
+    config: NodeConfig
+    identity: Identity
+    node_id: int
+    table: RoutingTable
+    storage: Storage
+    cache: Storage
+    clock: DHTClock
+    rejections: Rejections
+    trusted: frozenset[bytes] | None
+    on_contact: Callable[[int, str], None]
+    info: dht_pb2.NodeInfo = field(default_factory=dht_pb2.NodeInfo)
+    stopping: bool = False
+    demote_secret: bytes = field(default_factory=lambda: os.urandom(32))
+
+    @classmethod
+    def create(
+        cls,
+        config: NodeConfig,
+        identity: Identity,
+        clock: DHTClock,
+        rejections: Rejections,
+        trusted: frozenset[bytes] | None,
+        on_contact: Callable[[int, str], None],
+    ) -> PeerState:
+        node_id = int.from_bytes(hashlib.sha1(identity.public_key).digest(), "big")
+        return cls(
+            config=config,
+            identity=identity,
+            node_id=node_id,
+            table=RoutingTable(node_id, config.k, config.depth_modulo),
+            storage=Storage(config.max_records, clock=clock.now),
+            cache=Storage(config.max_cache_records, evict_when_full=True, clock=clock.now),
+            clock=clock,
+            rejections=rejections,
+            trusted=trusted,
+            on_contact=on_contact,
+        )
+
+    def announce(self, address: str) -> None:
+        self.info = node_info(self.identity, address)
+
+    def local_entries(self, key_id: int) -> list[Entry]:
+        """What this node holds for ``key_id``, replica and cached copies merged."""
+        cached = self.cache.get(key_id)
+        held = self.storage.get(key_id)
+        return merge_entries([*held, *cached], self.clock.now()) if cached else held
+
+    def demote_token(self, key_id: int, entry: Entry) -> bytes:
+        """What a conditional store returns for an entry it stored: only that caller can
+        later demote the copy (a stranger who learned the entry through Find cannot)."""
+        message = id_to_bytes(key_id) + struct.pack(">d", entry.expiration) + entry.owner
+        message += b"\x00" + (entry.subkey if entry.subkey is not None else b"\xff")
+        return hmac.new(self.demote_secret, message, hashlib.sha256).digest()[:16]
+
+
+class PeerProtocol:
+    """Handlers of ``dmoe.DHTPeer`` over one node's :class:`PeerState`."""
+
+    def __init__(self, state: PeerState) -> None:
+        self.state = state
 
     async def handle(self, method: str, request: Any, caller_host: str = "") -> Any:
         if method == "Ping":
@@ -157,7 +231,7 @@ class PeerProtocol:
         try:
             check_peer_address(sender.address)
         except ValueError as exc:
-            self.node.rejections.reject(
+            self.state.rejections.reject(
                 "bad_address", "peer announced an address it cannot be reached at",
                 source=caller_host, address=sender.address[:100],
             )  # fmt: skip
@@ -171,33 +245,33 @@ class PeerProtocol:
         return node_id, address
 
     async def ping(self, request: dht_pb2.PingRequest, caller_host: str) -> dht_pb2.PingResponse:
-        node = self.node
+        state = self.state
         if len(request.nonce) > MAX_NONCE_BYTES:
             raise invalid(f"nonce is {len(request.nonce)} bytes, limit {MAX_NONCE_BYTES}")
         sender = self._sender(request.sender, caller_host)
         if sender is not None:
-            node.on_contact(*sender)
+            state.on_contact(*sender)
         return dht_pb2.PingResponse(
-            peer=node.info,
-            dht_time=node.clock.now(),
+            peer=state.info,
+            dht_time=state.clock.now(),
             caller_host=caller_host,
-            signature=sign_ping(node.identity, request.nonce),
+            signature=sign_ping(state.identity, request.nonce),
         )
 
     def _owned(self, key_id: int, entry: Entry, where: str, source: str) -> None:
         """Refuse an entry whose ownership does not hold (see :mod:`services.dht.records`)."""
-        problem = ownership_problem(id_to_bytes(key_id), entry, self.node.trusted)
+        problem = ownership_problem(id_to_bytes(key_id), entry, self.state.trusted)
         if problem:
-            self.node.rejections.reject(problem, "refused a DHT entry", source=source)
+            self.state.rejections.reject(problem, "refused a DHT entry", source=source)
             raise invalid(f"{where}: {PROBLEMS[problem]}")
 
     async def store(self, request: dht_pb2.StoreRequest, caller_host: str) -> dht_pb2.StoreResponse:
-        node = self.node
-        config = node.config
+        state = self.state
+        config = state.config
         sender = self._sender(request.sender, caller_host)
         source = sender[1] if sender is not None else caller_host
         check_batch(len(request.items), config, "items")
-        now = node.clock.now()
+        now = state.clock.now()
         items = []
         for i, item in enumerate(request.items):
             key_id = parse_id(item.key_id, f"items[{i}].key_id")
@@ -206,16 +280,16 @@ class PeerProtocol:
                 self._owned(key_id, entry, f"items[{i}]", source)
             items.append((key_id, entry, item))
         if sender is not None:
-            node.on_contact(*sender)
+            state.on_contact(*sender)
         replicas = min(request.replicas, config.k)  # bounds the reply's size
         sender_id = sender[0] if sender is not None else None
-        skew = node.clock.sender_offset(source, request.dht_time)
+        skew = state.clock.sender_offset(source, request.dht_time)
         stored, declined, nearest, tokens, full = [], [], [], [], 0
         for key_id, entry, item in items:
             token = b""
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
-                closer = node.table.count_nearer(key_id, node.node_id, replicas)
+                closer = state.table.count_nearer(key_id, state.node_id, replicas)
                 declined.append(closer >= replicas and not item.demote)
                 if declined[-1]:
                     stored.append(False)
@@ -224,7 +298,7 @@ class PeerProtocol:
             if item.demote:
                 stored.append(self._demote(key_id, entry, item.demote_token, source))
             else:
-                target = node.cache if item.in_cache else node.storage
+                target = state.cache if item.in_cache else state.storage
                 keep = entry.expiration - skew if skew > 0 else None
                 try:
                     stored.append(target.store(key_id, entry, keep))
@@ -232,7 +306,7 @@ class PeerProtocol:
                     stored.append(False)
                     full += 1
                 if stored[-1] and replicas and not item.in_cache:
-                    token = node.demote_token(key_id, entry)
+                    token = state.demote_token(key_id, entry)
             tokens.append(token)
         if full and not any(stored):
             raise RequestRejected(
@@ -241,7 +315,7 @@ class PeerProtocol:
             )
         return dht_pb2.StoreResponse(
             stored=stored,
-            peer=node.info,
+            peer=state.info,
             declined=declined,
             nearest=nearest,
             demote_tokens=tokens if replicas else [],
@@ -250,41 +324,41 @@ class PeerProtocol:
     def _demote(self, key_id: int, entry: Entry, token: bytes, source: str) -> bool:
         """A replica copy becomes a cached one, only for the caller that stored it (it
         holds the token this node returned then). True when it was held."""
-        node = self.node
-        if not hmac.compare_digest(token, node.demote_token(key_id, entry)):
-            node.rejections.reject("demote_token", "refused a demote without its token", source)
+        state = self.state
+        if not hmac.compare_digest(token, state.demote_token(key_id, entry)):
+            state.rejections.reject("demote_token", "refused a demote without its token", source)
             return False
-        taken = node.storage.take(key_id, entry.slot, entry.expiration)
+        taken = state.storage.take(key_id, entry.slot, entry.expiration)
         if taken is not None:
             with contextlib.suppress(StorageFull):
-                node.cache.store(key_id, taken[0], taken[1])
+                state.cache.store(key_id, taken[0], taken[1])
         return taken is not None
 
     def _nearest(self, key_id: int, count: int, exclude: int | None) -> dht_pb2.FindResult:
         return dht_pb2.FindResult(
             nearest=[
                 dht_pb2.NodeInfo(node_id=id_to_bytes(i), address=a)
-                for i, a in self.node.table.nearest(key_id, count, exclude=exclude)
+                for i, a in self.state.table.nearest(key_id, count, exclude=exclude)
             ]
         )
 
     async def find(self, request: dht_pb2.FindRequest, caller_host: str) -> dht_pb2.FindResponse:
-        node = self.node
+        state = self.state
         sender = self._sender(request.sender, caller_host)
-        check_batch(len(request.key_ids), node.config, "key_ids")
+        check_batch(len(request.key_ids), state.config, "key_ids")
         key_ids = [parse_id(k, f"key_ids[{i}]") for i, k in enumerate(request.key_ids)]
         if sender is not None:
-            node.on_contact(*sender)
+            state.on_contact(*sender)
         sender_id = sender[0] if sender is not None else None
-        count = min(request.max_nearest or node.config.k, node.config.k)
+        count = min(request.max_nearest or state.config.k, state.config.k)
         results = []
         for key_id in key_ids:
             result = self._nearest(key_id, count, sender_id)
             if not request.nodes_only:
-                held = node.local_entries(key_id)
+                held = state.local_entries(key_id)
                 result.entries.extend(entry_to_proto(e) for e in held)
             results.append(result)
-        return dht_pb2.FindResponse(results=results, peer=node.info)
+        return dht_pb2.FindResponse(results=results, peer=state.info)
 
 
 class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
@@ -294,7 +368,7 @@ class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
         self.protocol = protocol
 
     async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if self.protocol.node.stopping:
+        if self.protocol.state.stopping:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
         host = caller_host(context.peer() or "")
         try:

@@ -102,9 +102,6 @@ class RoutingTable:
     def address_of(self, node_id: int) -> str | None:
         return self._nodes.get(node_id)
 
-    def has_address(self, address: str) -> bool:
-        return address in self._by_address
-
     def contacts(self) -> dict[int, str]:
         return dict(self._nodes)
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -58,11 +59,14 @@ async def start_node(
     trusted: frozenset[bytes] | None = None,
     tls: TLSConfig | None = None,
     limits: ServerLimits | None = None,
+    state_file: str | Path | None = None,
 ) -> RunningNode:
     """Serve ``dmoe.DHTPeer`` and ``dmoe.DHT`` on one port; health turns SERVING once joined.
 
     ``identity``: the node's key (its id is the key's SHA-1); a fresh one when None.
     ``trusted``: store only entries owned by these public keys (a private swarm).
+    ``state_file``: the routing table's contacts, read at start and written at stop, so a
+    restarted node rejoins the swarm it knew even without initial peers.
     """
     config = config or NodeConfig()
     transport = GrpcTransport(max_message_bytes, tls=tls)  # serving TLS: dial peers with it
@@ -98,7 +102,7 @@ async def start_node(
         limits=limits,
     )
     node.address = f"{announce_host}:{running.port}"
-    await node.start(initial_peers)
+    await node.start(initial_peers, Path(state_file) if state_file else None)
 
     async def serve_when_joined() -> None:
         await node.joined.wait()
