@@ -23,6 +23,7 @@ from services.dht.routing import id_to_bytes, key_to_id
 from services.dht.server import start_node
 from services.expert.server import ExpertConfig, ExpertServer
 from services.proto import dht_pb2, dht_pb2_grpc
+from services.trainer.dispatch import CallPolicy
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.moe import RemoteMixtureOfExperts
 from services.trainer.swarm import Swarm
@@ -75,7 +76,9 @@ def assert_honest_experts_found(swarm: Swarm) -> None:
     for prefix in ("ffn.0.", "ffn.1."):
         assert set(view[prefix]) == {0, 1}
         assert all(address in servers for servers in view[prefix].values()), view
-    layer = RemoteMixtureOfExperts(H, (2, 2), "ffn", k_best=2, swarm=swarm, forward_timeout=10)
+    layer = RemoteMixtureOfExperts(
+        H, (2, 2), "ffn", k_best=2, swarm=swarm, policy=CallPolicy(forward_timeout=10)
+    )
     x = torch.randn(6, H)
     out = layer(x)
     out.sum().backward()

@@ -79,11 +79,14 @@ def test_different_sequence_lengths_are_not_mixed() -> None:
         client = ExpertClient(f"127.0.0.1:{server.port}")
         try:
             local = copy.deepcopy(server.backends["tr.0"].module)
-            inputs = [torch.randn(2, seq, H) for seq in (3, 5, 3, 5)]
-            outs = await asyncio.gather(*(client.forward("tr.0", [x]) for x in inputs))
+            inputs = [
+                [torch.randn(2, seq, H), torch.ones(2, seq, dtype=torch.bool)]
+                for seq in (3, 5, 3, 5)
+            ]
+            outs = await asyncio.gather(*(client.forward("tr.0", x) for x in inputs))
             for (out,), x in zip(outs, inputs, strict=True):
                 with torch.no_grad():
-                    torch.testing.assert_close(out, local(x), atol=1e-5, rtol=0)
+                    torch.testing.assert_close(out, local(*x), atol=1e-5, rtol=0)
             batches = _metric(server, "dmoe_expert_batch_requests_count", "forward")
             assert batches == 2  # one per sequence length
         finally:

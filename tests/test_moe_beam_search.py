@@ -134,3 +134,45 @@ def test_beam_search_through_real_dht_equals_exhaustive() -> None:
         swarm.run(node.stop())
     finally:
         swarm.close()
+
+
+def test_empty_prefixes_are_remembered_between_steps() -> None:
+    """A sparse grid: ``ffn.`` says coordinates 0-3 are alive but only ``ffn.0.`` has experts
+    (stale or bogus declarations above). Positive answers are not cached here (ttl 0), empty
+    ones are, so the second search asks the DHT for ``ffn.`` and ``ffn.0.`` only."""
+    uids = ["ffn.0.0", "ffn.0.1"]
+    identity = Identity.generate()
+
+    async def start_and_declare():
+        node = await start_node()
+        async with DHTClient([node.address], identity=identity) as client:
+            items = declarations(uids, "127.0.0.1:1", time.time() + 300)
+            items += [("ffn.", str(c), b"127.0.0.1:1", time.time() + 300) for c in (1, 2, 3)]
+            assert all(await client.put(items, owned=True))
+        return node
+
+    swarm = Swarm(None, cache_ttl=0.0, negative_cache_ttl=60.0)
+    try:
+        node = swarm.run(start_and_declare())
+        swarm.initial_peers = [node.address]
+        asked: list[list[str]] = []
+        client = swarm._dht_client()
+        real_get = client.get
+
+        async def get(keys, latest=False):
+            asked.append(list(keys))
+            return await real_get(keys, latest)
+
+        client.get = get
+        scores = [torch.randn(8, 4), torch.randn(8, 4)]
+        first = swarm.run(beam_search(scores, "ffn.", 2, swarm.children, beam_size=4))
+        assert {u for row in first.uids for u in row} <= set(uids)
+        assert sorted(k for keys in asked for k in keys) == sorted(
+            ["ffn.", "ffn.0.", "ffn.1.", "ffn.2.", "ffn.3."]
+        )
+        asked.clear()
+        swarm.run(beam_search(scores, "ffn.", 2, swarm.children, beam_size=4))
+        assert sorted(k for keys in asked for k in keys) == ["ffn.", "ffn.0."]
+        swarm.run(node.stop())
+    finally:
+        swarm.close()

@@ -11,10 +11,9 @@ from prometheus_client import CollectorRegistry
 from services.expert.backend import OptimizerConfig
 from services.expert.server import ExpertConfig, ExpertServer
 from services.trainer.dispatch import (
-    DUMMY,
     CallPolicy,
     ExpertsUnavailableError,
-    RemoteMoECall,
+    call_experts,
     plan_jobs,
 )
 from services.trainer.metrics import TrainerMetrics
@@ -62,7 +61,7 @@ def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
     assert len(jobs) == 5  # one request per distinct expert
     x = torch.randn(n, H, requires_grad=True)
     policy = CallPolicy(k_min=1, forward_timeout=5.0, timeout_after_k_min=2.0)
-    outputs, mask = RemoteMoECall.apply(DUMMY, x, swarm, jobs, k, (H,), policy)
+    (outputs,), mask = call_experts(swarm, jobs, [x], k, [(H,)], policy)
 
     assert mask[:, : k - 1].all() and not mask[:, k - 1].any()
     assert (outputs[:, k - 1] == 0).all()
@@ -99,10 +98,10 @@ def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None
     x = torch.randn(2, H)
     started = time.perf_counter()
     with pytest.raises(ExpertsUnavailableError, match="fewer than k_min=1"):
-        RemoteMoECall.apply(DUMMY, x, swarm, jobs, 2, (H,), CallPolicy(forward_timeout=5.0))
+        call_experts(swarm, jobs, [x], 2, [(H,)], CallPolicy(forward_timeout=5.0))
     assert time.perf_counter() - started < 4.0  # refused connections end the wait early
     policy = CallPolicy(forward_timeout=5.0, allow_zero_outputs=True)
-    outputs, mask = RemoteMoECall.apply(DUMMY, x, swarm, jobs, 2, (H,), policy)
+    (outputs,), mask = call_experts(swarm, jobs, [x], 2, [(H,)], policy)
     assert mask.tolist() == [[True, False], [False, False]]
     assert (outputs[1] == 0).all() and not (outputs[0, 0] == 0).all()
 
@@ -118,7 +117,7 @@ def test_stragglers_are_dropped_after_k_min(swarm_with_server) -> None:
         before = swarm.metrics.expert_failures.labels("forward", "timeout")._value.get()
         policy = CallPolicy(k_min=1, forward_timeout=30.0, timeout_after_k_min=0.3)
         started = time.perf_counter()
-        _outputs, mask = RemoteMoECall.apply(DUMMY, torch.randn(2, H), swarm, jobs, 2, (H,), policy)
+        (_outputs,), mask = call_experts(swarm, jobs, [torch.randn(2, H)], 2, [(H,)], policy)
         elapsed = time.perf_counter() - started
         assert mask.tolist() == [[True, False], [True, False]]
         assert elapsed < 4.0  # did not wait for the 5 s stragglers
@@ -127,7 +126,7 @@ def test_stragglers_are_dropped_after_k_min(swarm_with_server) -> None:
         # k_min = 2 waits for them, but never past forward_timeout
         policy = CallPolicy(k_min=2, forward_timeout=1.0, allow_zero_outputs=True)
         started = time.perf_counter()
-        _outputs, mask = RemoteMoECall.apply(DUMMY, torch.randn(2, H), swarm, jobs, 2, (H,), policy)
+        (_outputs,), mask = call_experts(swarm, jobs, [torch.randn(2, H)], 2, [(H,)], policy)
         assert time.perf_counter() - started >= 0.95
         assert mask.tolist() == [[True, False], [True, False]]
     finally:
@@ -195,16 +194,16 @@ def test_non_finite_outputs_are_dropped_when_detecting_anomalies(swarm_with_serv
         addresses = {"ffn.0": good.address, "ffn.1": good.address, "bad.0": bad.address}
         before = swarm.metrics.expert_failures.labels("forward", "anomaly")._value.get()
         policy = CallPolicy(forward_timeout=5.0, detect_anomalies=True)
-        outputs, mask = RemoteMoECall.apply(
-            DUMMY, torch.randn(2, H), swarm, plan_jobs(choices, addresses), 2, (H,), policy
+        (outputs,), mask = call_experts(
+            swarm, plan_jobs(choices, addresses), [torch.randn(2, H)], 2, [(H,)], policy
         )
         assert mask.tolist() == [[True, False], [False, True]]
         assert bool(torch.isfinite(outputs).all())
         after = swarm.metrics.expert_failures.labels("forward", "anomaly")._value.get()
         assert after == before + 1
         trusting = CallPolicy(forward_timeout=5.0, detect_anomalies=False)
-        outputs, mask = RemoteMoECall.apply(
-            DUMMY, torch.randn(2, H), swarm, plan_jobs(choices, addresses), 2, (H,), trusting
+        (outputs,), mask = call_experts(
+            swarm, plan_jobs(choices, addresses), [torch.randn(2, H)], 2, [(H,)], trusting
         )
         assert bool(mask.all()) and not bool(torch.isfinite(outputs[0, 1]).all())
     finally:
@@ -219,13 +218,37 @@ def test_refused_forwards_are_sent_again(swarm_with_server) -> None:
         jobs = plan_jobs(choices, {f"flaky.{i}": flaky.address for i in range(16)})
         x = torch.randn(16, H)
         once = CallPolicy(forward_timeout=5.0, allow_zero_outputs=True, transient_retries=0)
-        _outputs, mask = RemoteMoECall.apply(DUMMY, x, swarm, jobs, 1, (H,), once)
+        (_outputs,), mask = call_experts(swarm, jobs, [x], 1, [(H,)], once)
         assert not bool(mask.all())  # about a third refused
         retried = swarm.metrics.expert_failures.labels("forward", "retried")._value.get()
         patient = CallPolicy(forward_timeout=5.0, transient_retries=20)
-        outputs, mask = RemoteMoECall.apply(DUMMY, x, swarm, jobs, 1, (H,), patient)
+        (outputs,), mask = call_experts(swarm, jobs, [x], 1, [(H,)], patient)
         assert bool(mask.all())
         assert swarm.metrics.expert_failures.labels("forward", "retried")._value.get() > retried
         assert outputs.shape == (16, 1, H) and bool(torch.isfinite(outputs).all())
     finally:
         swarm.run(flaky.stop(0))
+
+
+def test_backward_k_min_is_enforced() -> None:
+    """A backward with fewer answers than ``backward_k_min`` raises (the experts that answered
+    the forward are gone by the backward); with 0 the samples just get no gradient."""
+    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()))
+    server = start_server(swarm, "bk.[0:2]")
+    try:
+        choices = [["bk.0", "bk.1"], ["bk.1", "bk.0"]]
+        jobs = plan_jobs(choices, {"bk.0": server.address, "bk.1": server.address})
+        x = torch.randn(2, H, requires_grad=True)
+        strict = CallPolicy(forward_timeout=5.0, backward_timeout=2.0, backward_k_min=1)
+        lenient = CallPolicy(forward_timeout=5.0, backward_timeout=2.0, backward_k_min=0)
+        (out_strict,), mask = call_experts(swarm, jobs, [x], 2, [(H,)], strict)
+        (out_lenient,), _ = call_experts(swarm, jobs, [x], 2, [(H,)], lenient)
+        assert bool(mask.all())
+        swarm.run(server.stop(0))
+        with pytest.raises(ExpertsUnavailableError, match="backward_k_min=1"):
+            out_strict.sum().backward()
+        out_lenient.sum().backward()
+        assert x.grad is not None and not bool(x.grad.any())
+    finally:
+        swarm.run(server.stop(0))
+        swarm.close()

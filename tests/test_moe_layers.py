@@ -13,7 +13,8 @@ from services.dht.server import start_node
 from services.expert.backend import OptimizerConfig
 from services.expert.server import ExpertConfig, ExpertServer
 from services.trainer.backoff import Backoff
-from services.trainer.dispatch import ExpertsUnavailableError
+from services.trainer.dispatch import CallPolicy, ExpertsUnavailableError
+from services.trainer.gating import switch_balancing_loss
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.moe import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from services.trainer.remote_expert import RemoteExpert
@@ -99,19 +100,52 @@ def test_sequence_inputs_route_every_token(swarm) -> None:
         layer(torch.randn(2, H + 1))
 
 
+def brute_force_switch_loss(grid_scores, found) -> float:
+    """Switch Transformer eq. 4 over every expert of the grid: N * sum_i f_i * P_i."""
+    p0, p1 = (torch.softmax(s.detach(), -1) for s in grid_scores)
+    full = p0[:, :, None] * p1[:, None, :]  # [batch, g0, g1]: p(expert) per sample
+    n = full.shape[1] * full.shape[2]
+    routed = torch.zeros(full.shape[1:])
+    for c0, c1 in found.coords[:, 0].tolist():
+        routed[c0, c1] += 1
+    fraction = routed / len(found.coords)
+    return float(n * (fraction * full.mean(0)).sum())
+
+
+def test_switch_loss_is_the_papers_formula_and_jitter_only_trains() -> None:
+    torch.manual_seed(2)
+    scores = [torch.randn(50, 3, requires_grad=True), torch.randn(50, 5)]
+    top1 = torch.stack([torch.randint(0, 3, (50,)), torch.randint(0, 5, (50,))], dim=1)
+
+    class Found:
+        coords = top1[:, None, :]
+
+    loss = switch_balancing_loss(scores, top1, torch.ones(50, dtype=torch.bool))
+    assert abs(float(loss) - brute_force_switch_loss(scores, Found)) < 1e-5
+    loss.backward()
+    assert scores[0].grad.abs().sum() > 0
+    # uniform routing and probabilities: the minimum, 1
+    flat = [torch.zeros(15, 3), torch.zeros(15, 5)]
+    every = torch.tensor([[a, b] for a in range(3) for b in range(5)])
+    assert (
+        abs(float(switch_balancing_loss(flat, every, torch.ones(15, dtype=torch.bool))) - 1) < 1e-6
+    )
+    layer = RemoteSwitchMixtureOfExperts(H, (3, 4), "ffn", swarm=None, jitter=0.1)  # type: ignore[arg-type]
+    x = torch.randn(64, H)
+    ratio = layer._jitter(x) / x
+    assert bool(((ratio >= 0.9) & (ratio <= 1.1)).all()) and ratio.std() > 0.01
+    assert torch.equal(layer.eval()._jitter(x), x)
+
+
 def test_switch_layer_balancing_loss_and_utilisation(swarm) -> None:
     torch.manual_seed(1)
-    layer = RemoteSwitchMixtureOfExperts(H, (3, 4), "ffn", swarm=swarm)
+    layer = RemoteSwitchMixtureOfExperts(H, (3, 4), "ffn", swarm=swarm, jitter=0.0)
     x = torch.randn(32, H)
     y = layer(x)
     assert y.shape == (32, H)
     loss = layer.aux_loss
     found = layer.find_experts(layer.gating(x))
-    expected = 0.0
-    for d, (scores, g) in enumerate(zip(layer.gating(x), (3, 4), strict=True)):
-        fraction = torch.bincount(found.coords[:, 0, d], minlength=g).float() / 32
-        expected += g * float((fraction * torch.softmax(scores.detach(), -1).mean(0)).sum())
-    assert abs(float(loss.detach()) - expected) < 1e-5
+    assert abs(float(loss.detach()) - brute_force_switch_loss(layer.gating(x), found)) < 1e-5
     loss.backward()
     assert layer.gating.proj.weight.grad.abs().sum() > 0
     for util, g in zip(layer.grid_utilization, (3, 4), strict=True):
@@ -146,13 +180,20 @@ def test_all_experts_gone_error_or_zeros_promptly(swarm) -> None:
             assert all(await client.put(items, owned=True))
 
     swarm.run(declare())
-    layer = RemoteMixtureOfExperts(H, (3, 2), "gone", k_best=2, swarm=swarm, forward_timeout=20.0)
+    layer = RemoteMixtureOfExperts(
+        H, (3, 2), "gone", k_best=2, swarm=swarm, policy=CallPolicy(forward_timeout=20.0)
+    )
     started = time.perf_counter()
     with pytest.raises(ExpertsUnavailableError, match="fewer than k_min"):
         layer(torch.randn(4, H))
     assert time.perf_counter() - started < 10.0
     zeros = RemoteMixtureOfExperts(
-        H, (3, 2), "gone", k_best=2, swarm=swarm, allow_zero_outputs=True, forward_timeout=20.0
+        H,
+        (3, 2),
+        "gone",
+        k_best=2,
+        swarm=swarm,
+        policy=CallPolicy(allow_zero_outputs=True, forward_timeout=20.0),
     )
     out = zeros(torch.randn(4, H, requires_grad=True))
     assert out.shape == (4, H) and bool((out == 0).all())
@@ -197,7 +238,9 @@ def test_samples_whose_experts_fail_are_retried_with_the_next_best(swarm) -> Non
     swarm.run(declare())
     swarm.backoff.success("mix.0.0", dead.decode())
     torch.manual_seed(3)
-    layer = RemoteMixtureOfExperts(H, (2, 2), "mix", k_best=2, swarm=swarm, forward_timeout=20.0)
+    layer = RemoteMixtureOfExperts(
+        H, (2, 2), "mix", k_best=2, swarm=swarm, policy=CallPolicy(forward_timeout=20.0)
+    )
     with torch.no_grad():
         layer.gating.proj.bias[0] = 100.0  # every sample prefers coordinate 0 of dimension 0
     x = torch.randn(5, H, requires_grad=True)
@@ -215,10 +258,82 @@ def test_samples_whose_experts_fail_are_retried_with_the_next_best(swarm) -> Non
     y.sum().backward()
     assert x.grad.abs().sum() > 0
     no_retry = RemoteMixtureOfExperts(
-        H, (2, 2), "mix", k_best=2, swarm=swarm, forward_retries=0, forward_timeout=20.0
+        H,
+        (2, 2),
+        "mix",
+        k_best=2,
+        swarm=swarm,
+        policy=CallPolicy(forward_retries=0, forward_timeout=20.0),
     )
     no_retry.load_state_dict(layer.state_dict())
     swarm.backoff.success("mix.0.0", dead.decode())  # forget: the dead ones are tried first
     swarm.backoff.success("mix.0.1", dead.decode())
     with pytest.raises(ExpertsUnavailableError):
         no_retry(x)
+
+
+TWO_OUTPUTS = """
+import torch
+from torch import nn
+from services.expert.layers import Schema, register_expert_class
+
+def _one(h):
+    return [Schema((h,))]
+
+def _two(h):
+    return [Schema((h,)), Schema((2,))]
+
+@register_expert_class("two_out", inputs=_one, outputs=_two)
+class TwoOutputs(nn.Module):
+    def __init__(self, hidden_dim):
+        super().__init__()
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+        self.head = nn.Linear(hidden_dim, 2)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y, self.head(y)
+"""
+
+
+def test_experts_with_several_outputs(tmp_path) -> None:
+    """Each output of a multi-output expert is averaged with the same gating weights."""
+    module = tmp_path / "two_out.py"
+    module.write_text(TWO_OUTPUTS)
+    swarm = Swarm(None, cache_ttl=0.0)
+    node = swarm.run(start_node())
+    swarm.initial_peers = [node.address]
+    server = swarm.run(
+        ExpertServer(
+            ExpertConfig(
+                experts=["two.[0:3]"], expert_cls="two_out", custom_module=str(module),
+                hidden_dim=H, seed=0, dht_peers=[node.address], optimizer=OptimizerConfig(lr=0.0),
+            )
+        ).start()
+    )  # fmt: skip
+    try:
+        swarm.run(server.declarer.first_success.wait(), timeout=20)
+        torch.manual_seed(0)
+        layer = RemoteMixtureOfExperts(
+            H, (3,), "two", k_best=2, swarm=swarm, output_shapes=[(H,), (2,)]
+        )
+        x = torch.randn(4, H, requires_grad=True)
+        y, z = layer(x)
+        assert y.shape == (4, H) and z.shape == (4, 2)
+        scores = layer.gating(x.detach())
+        found = layer.find_experts(scores)
+        for b in range(4):
+            weights = torch.softmax(scores[0][b, found.coords[b, :, 0]], 0)
+            parts = [
+                RemoteExpert(uid, found.addresses[uid], swarm=swarm)(x[b : b + 1].detach())
+                for uid in found.uids[b]
+            ]
+            for i, out in enumerate((y, z)):
+                expected = sum(w * p[i][0] for w, p in zip(weights, parts, strict=True))
+                assert torch.allclose(out[b], expected, atol=1e-5)
+        (y.sum() + z.sum()).backward()
+        assert x.grad.abs().sum() > 0
+    finally:
+        swarm.run(server.stop(0))
+        swarm.run(node.stop())
+        swarm.close()

@@ -76,10 +76,14 @@ def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
         build_model("transformer", swarm, load_digits(0), options, hidden=H)
 
 
-def test_sequence_experts_get_whole_samples(swarm) -> None:
+def test_sequence_experts_get_whole_samples_and_their_attention_mask(swarm) -> None:
+    """Transformer experts take two inputs, the sequence and its attention mask: the layer
+    passes the extra input through, cut by sample."""
     layer = RemoteMixtureOfExperts(H, (2,), "seq", k_best=2, swarm=swarm, per_token=False)
     x = torch.randn(3, 5, H, requires_grad=True)
-    y = layer(x)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False  # sample 0: two padding tokens
+    y = layer(x, mask)
     assert y.shape == (3, 5, H)
     scores = layer.gating(x.detach().mean(1))
     found = layer.find_experts(scores)
@@ -88,10 +92,16 @@ def test_sequence_experts_get_whole_samples(swarm) -> None:
             torch.stack([scores[0][b, c] for c in found.coords[b, :, 0].tolist()]), 0
         )
         expected = sum(
-            w * RemoteExpert(uid, found.addresses[uid], swarm=swarm)(x[b : b + 1].detach())[0]
+            w
+            * RemoteExpert(uid, found.addresses[uid], swarm=swarm)(
+                x[b : b + 1].detach(), mask[b : b + 1]
+            )[0]
             for w, uid in zip(weights, found.uids[b], strict=True)
         )
         assert torch.allclose(y[b], expected, atol=1e-4)
+    unmasked = layer(x, torch.ones(3, 5, dtype=torch.bool))
+    assert not torch.allclose(unmasked[0, :3], y[0, :3], atol=1e-4)  # the mask mattered
+    assert torch.allclose(unmasked[1:], y[1:], atol=1e-4)
     y.sum().backward()
     assert x.grad.abs().sum() > 0
 

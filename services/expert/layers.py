@@ -75,10 +75,6 @@ def get_expert_class(name: str) -> ExpertClass:
         raise ValueError(f"unknown expert class {name!r} (known: {known})") from None
 
 
-def expert_class_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def load_custom_module(path: str | Path) -> None:
     """Import a user file so its ``register_expert_class`` calls run."""
     path = Path(path)
@@ -124,11 +120,18 @@ def _sequence(h: int) -> list[Schema]:
     return [Schema((-1, h))]
 
 
-@register_expert_class("transformer", inputs=_sequence, outputs=_sequence)
+def _masked_sequence(h: int) -> list[Schema]:
+    return [Schema((-1, h)), Schema((-1,), torch.bool)]
+
+
+@register_expert_class("transformer", inputs=_masked_sequence, outputs=_sequence)
 class TransformerBlock(nn.Module):
     """One pre-norm encoder block over [batch, seq, h]: self-attention then a 4h FFN.
 
-    No dropout, so a remote call computes exactly what a local one does.
+    The second input is the attention mask ``[batch, seq]``: True for real tokens, False for
+    padding, which no token attends to (a row with no real token attends to all, rather than
+    to nothing, which would be NaN). No dropout, so a remote call computes exactly what a
+    local one does.
     """
 
     def __init__(self, hidden_dim: int, num_heads: int = 0) -> None:
@@ -140,9 +143,11 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(h)
         self.ffn = nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padding = ~mask
+        padding = padding & ~padding.all(dim=1, keepdim=True)
         y = self.norm1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.attn(y, y, y, key_padding_mask=padding, need_weights=False)[0]
         return x + self.ffn(self.norm2(x))
 
 

@@ -1,7 +1,8 @@
 """The trainer service and the client library for Decentralized Mixture-of-Experts layers.
 
 Users' own models import :class:`Swarm`, :class:`RemoteExpert`,
-:class:`RemoteMixtureOfExperts` and :class:`RemoteSwitchMixtureOfExperts` from here.
+:class:`RemoteMixtureOfExperts`, :class:`RemoteSwitchMixtureOfExperts` and :class:`CallPolicy`
+from here.
 Imports are lazy so ``python -m services.trainer --help`` stays fast.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CallPolicy",
     "RemoteExpert",
     "RemoteMixtureOfExperts",
     "RemoteSwitchMixtureOfExperts",
@@ -18,6 +20,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "CallPolicy":
+        from services.trainer.dispatch import CallPolicy
+
+        return CallPolicy
     if name == "Swarm":
         from services.trainer.swarm import Swarm
 

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dht-cache-ttl", type=float, default=2.0, help="seconds DHT answers are reused"
     )
     swarm.add_argument(
+        "--dht-negative-cache-ttl", type=float, default=10.0,
+        help="seconds an empty DHT answer (a prefix with no live expert) is reused",
+    )  # fmt: skip
+    swarm.add_argument(
         "--backoff-base", type=float, default=1.0, help="first back-off of a failing expert, s"
     )
     swarm.add_argument("--backoff-max", type=float, default=60.0, help="longest back-off, s")
@@ -189,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     swarm = Swarm(
         args.initial_peers,
         cache_ttl=args.dht_cache_ttl,
+        negative_cache_ttl=args.dht_negative_cache_ttl,
         backoff=Backoff(args.backoff_base, args.backoff_max),
         metrics=metrics,
         max_message_bytes=args.max_message_bytes,

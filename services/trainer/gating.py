@@ -7,6 +7,7 @@ best experts dimension by dimension (see ``beam_search.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,3 +53,26 @@ def grid_log_probs(grid_scores: Sequence[torch.Tensor], coords: torch.Tensor) ->
     for t, dim_scores in enumerate(grid_scores):
         total = total + torch.gather(torch.log_softmax(dim_scores, -1), 1, safe[:, :, t])
     return total
+
+
+def switch_balancing_loss(
+    grid_scores: Sequence[torch.Tensor], top1: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The Switch Transformer's auxiliary loss ``N * sum_i f_i * P_i`` over a grid of ``N``
+    experts: ``f_i`` the fraction of (valid) samples routed to expert ``i`` (``top1``, its grid
+    coordinates ``[n, dims]``), ``P_i`` the mean router probability of expert ``i``, which for
+    a grid is the product of its coordinates' per-dimension softmax probabilities.
+
+    Only experts that got samples contribute (``f_i = 0`` for the others), so this costs a
+    gather per routed expert instead of the full grid. Differentiable through ``P``.
+    """
+    n_experts = math.prod(s.shape[1] for s in grid_scores)
+    chosen = top1[valid]
+    if len(chosen) == 0:
+        return grid_scores[0].new_zeros(())
+    experts, counts = torch.unique(chosen, dim=0, return_counts=True)
+    fraction = counts.float() / len(chosen)
+    probs = torch.ones(int(valid.sum()), len(experts), dtype=grid_scores[0].dtype)
+    for d, dim_scores in enumerate(grid_scores):
+        probs = probs * torch.softmax(dim_scores[valid], dim=-1)[:, experts[:, d]]
+    return n_experts * (fraction * probs.mean(0)).sum()

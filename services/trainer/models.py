@@ -13,7 +13,7 @@ otherwise (``ffn``, ``ffn1``, ...), so each layer has its own experts.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,10 +43,9 @@ class MoEOptions:
 def make_moe(options: MoEOptions, swarm: Swarm, hidden: int, index: int) -> RemoteMixtureOfExperts:
     cls = RemoteSwitchMixtureOfExperts if options.kind == "switch" else RemoteMixtureOfExperts
     k_best = 1 if options.kind == "switch" else options.k_best
-    policy = asdict(options.policy)
-    k_min = min(policy.pop("k_min"), k_best)
+    policy = replace(options.policy, k_min=min(options.policy.k_min, k_best))
     return cls(
-        hidden, options.grid_size, options.layer_prefix(index), k_best, k_min, swarm=swarm, **policy
+        hidden, options.grid_size, options.layer_prefix(index), k_best, swarm=swarm, policy=policy
     )
 
 

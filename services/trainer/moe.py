@@ -7,7 +7,10 @@ describes; the output is the softmax-weighted average over the experts that answ
 weights renormalised over those survivors. Inputs are ``[batch, h]`` or ``[batch, seq, h]``:
 by default every row of the last dimension (every token) is routed on its own; with
 ``per_token=False`` a whole ``[seq, h]`` sample goes to experts whose input is a sequence (the
-``transformer`` expert class), gated on its mean over the sequence.
+``transformer`` expert class), gated on its mean over the sequence. Experts may take more
+inputs than ``x`` (``layer(x, mask)``: each extra tensor is cut by sample, or by token when
+routing per token) and return several outputs (``output_shapes``); every output is averaged
+with the same gating weights.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ import torch
 from torch import nn
 
 from services.trainer.beam_search import BeamSearchResult, beam_search, normalize_prefix
-from services.trainer.dispatch import DUMMY, CallPolicy, RemoteMoECall, Replan, plan_jobs
-from services.trainer.gating import GridGating, expert_scores, grid_log_probs
+from services.trainer.dispatch import CallPolicy, Replan, call_experts, plan_jobs
+from services.trainer.gating import (
+    GridGating,
+    expert_scores,
+    grid_log_probs,
+    switch_balancing_loss,
+)
 from services.trainer.swarm import Swarm
 
 log = logging.getLogger(__name__)
@@ -30,16 +38,21 @@ log = logging.getLogger(__name__)
 class RemoteMixtureOfExperts(nn.Module):
     """A mixture layer over the grid ``uid_prefix`` with ``grid_size`` coordinates per dimension.
 
-    ``k_best`` experts are chosen per sample; ``k_min`` of them must answer the forward within
+    ``k_best`` experts are chosen per sample. ``policy`` (:class:`CallPolicy`) says how long to
+    wait and how many answers are enough: ``k_min`` of them must answer the forward within
     ``forward_timeout`` s (after ``k_min`` answers, stragglers get ``timeout_after_k_min`` s
     more), else :class:`~services.trainer.dispatch.ExpertsUnavailableError` is raised, or the
-    sample gets the experts that did answer (zeros if none) when ``allow_zero_outputs``.
+    sample gets the experts that did answer (zeros if none) when ``allow_zero_outputs``;
     ``backward_k_min`` / ``backward_timeout`` play the same roles for the backward pass.
-    ``detect_anomalies`` drops experts whose outputs or gradients are not finite.
-    A forward refused with UNAVAILABLE or RESOURCE_EXHAUSTED is sent again at once up to
+    ``detect_anomalies`` drops experts whose outputs or gradients are not finite. A forward
+    refused with UNAVAILABLE or RESOURCE_EXHAUSTED is sent again at once up to
     ``transient_retries`` times (backwards never are: they may have applied the update).
     Samples left short of ``k_min`` get ``forward_retries`` more rounds with the next-best live
     experts (the failed ones excluded) within the same ``forward_timeout``.
+
+    ``output_shapes``: the experts' outputs without the batch dimension, ``-1`` for a
+    dimension the input gives (default: one output shaped like a routed row of ``x``, with
+    ``out_features`` last).
     """
 
     def __init__(
@@ -48,40 +61,24 @@ class RemoteMixtureOfExperts(nn.Module):
         grid_size: Sequence[int],
         uid_prefix: str,
         k_best: int,
-        k_min: int = 1,
         *,
         swarm: Swarm,
-        forward_timeout: float = 10.0,
-        timeout_after_k_min: float = 1.0,
-        backward_k_min: int = 1,
-        backward_timeout: float = 10.0,
-        forward_retries: int = 1,
-        transient_retries: int = 1,
-        allow_zero_outputs: bool = False,
-        detect_anomalies: bool = False,
+        policy: CallPolicy | None = None,
         out_features: int | None = None,
+        output_shapes: Sequence[Sequence[int]] | None = None,
         per_token: bool = True,
         beam_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= k_min <= k_best:
-            raise ValueError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
+        self.policy = policy or CallPolicy()
+        if not 1 <= self.policy.k_min <= k_best:
+            raise ValueError(f"need 1 <= k_min <= k_best, got {self.policy.k_min} and {k_best}")
         self.in_features = in_features
         self.out_features = out_features or in_features
+        self.output_shapes = [tuple(s) for s in output_shapes] if output_shapes else None
         self.uid_prefix = normalize_prefix(uid_prefix)
         self.k_best, self.beam_size, self.per_token = k_best, beam_size, per_token
         self.swarm = swarm
-        self.policy = CallPolicy(
-            k_min=k_min,
-            forward_timeout=forward_timeout,
-            timeout_after_k_min=timeout_after_k_min,
-            backward_k_min=backward_k_min,
-            backward_timeout=backward_timeout,
-            forward_retries=forward_retries,
-            transient_retries=transient_retries,
-            allow_zero_outputs=allow_zero_outputs,
-            detect_anomalies=detect_anomalies,
-        )
         self.gating = GridGating(in_features, grid_size)
         self.experts_in_use: set[str] = set()
 
@@ -117,36 +114,76 @@ class RemoteMixtureOfExperts(nn.Module):
             )
         return found
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _samples(
+        self, x: torch.Tensor, extra: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The routed units (rows, or whole sequences) of every input, and the gate input."""
+        if self.per_token or x.ndim == 2:
+            lead = x.shape[:-1]
+            for t in extra:
+                if tuple(t.shape[: len(lead)]) != tuple(lead):
+                    raise ValueError(
+                        f"extra input of shape {list(t.shape)} does not start with the routed "
+                        f"dimensions {list(lead)} of x"
+                    )
+            samples = x.reshape(-1, self.in_features)
+            rest = [t.reshape(-1, *t.shape[len(lead) :]) for t in extra]
+            return [samples, *rest], samples
+        for t in extra:
+            if t.shape[0] != x.shape[0]:
+                raise ValueError(f"extra input of {t.shape[0]} samples for {x.shape[0]}")
+        return [x, *extra], x.mean(dim=1)
+
+    def _shapes(self, samples: torch.Tensor) -> list[tuple[int, ...]]:
+        row = (*samples.shape[1:-1], self.out_features)
+        if self.output_shapes is None:
+            return [row]
+        given = samples.shape[1:]
+        return [
+            tuple(given[i] if d < 0 and i < len(given) else d for i, d in enumerate(shape))
+            for shape in self.output_shapes
+        ]
+
+    def forward(
+        self, x: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if x.ndim not in (2, 3) or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input [batch, {self.in_features}] or [batch, seq, {self.in_features}], "
                 f"got {list(x.shape)}"
             )
-        if self.per_token or x.ndim == 2:
-            samples = x.reshape(-1, self.in_features)
-            gate_input = samples
-        else:
-            samples, gate_input = x, x.mean(dim=1)
-        out_shape = (*samples.shape[1:-1], self.out_features)
-        if samples.shape[0] == 0:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
-        grid_scores = self.gating(gate_input)
+        inputs, gate_input = self._samples(x, extra)
+        shapes = self._shapes(inputs[0])
+        lead = x.shape[:-1] if self.per_token or x.ndim == 2 else x.shape[:1]
+        if inputs[0].shape[0] == 0:
+            outs = [x.new_zeros(*lead, *shape) for shape in shapes]
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        grid_scores = self.gating(self._jitter(gate_input))
         found = self.find_experts(grid_scores)
         jobs = plan_jobs(found.uids, found.addresses)
-        outputs, mask = RemoteMoECall.apply(
-            DUMMY,
-            samples,
+        outputs, mask = call_experts(
             self.swarm,
             jobs,
+            inputs,
             self.k_best,
-            out_shape,
+            shapes,
             self.policy,
             self._replanner(grid_scores, found),
         )
         self.experts_in_use = {found.uids[b][j] for b, j in mask.nonzero().tolist()}
-        combined = self.combine(grid_scores, found, outputs, mask)
-        return combined.reshape(*x.shape[:-1], self.out_features)
+        self.routed(grid_scores, found)
+        combined = [
+            self.combine(grid_scores, found, out, mask).reshape(*lead, *shape)
+            for out, shape in zip(outputs, shapes, strict=True)
+        ]
+        return combined[0] if len(combined) == 1 else tuple(combined)
+
+    def _jitter(self, gate_input: torch.Tensor) -> torch.Tensor:
+        """The gate's input (the Switch layer perturbs it while training)."""
+        return gate_input
+
+    def routed(self, grid_scores: Sequence[torch.Tensor], found: BeamSearchResult) -> None:
+        """Called once per forward with the routing decision (the Switch layer's loss)."""
 
     def _replanner(self, grid_scores: Sequence[torch.Tensor], found: BeamSearchResult) -> Replan:
         """Replacement experts for samples whose experts failed: a beam search over those
@@ -202,15 +239,18 @@ class RemoteMixtureOfExperts(nn.Module):
 
 
 class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
-    """Top-1 routing (Switch Transformer) with a load-balancing loss and a utilisation record.
+    """Top-1 routing (Switch Transformer, Fedus et al. 2021) with its load-balancing loss,
+    router jitter and a utilisation record.
 
     The output is ``p(expert) * expert(x)`` where ``p`` is the softmax over the whole grid
     (a product of per-dimension softmaxes, see ``gating.grid_log_probs``), so the gating learns
-    from the task loss. After each training forward, :attr:`aux_loss` holds the balancing loss
-    ``sum_d g_d * sum_c f_d[c] * P_d[c]`` (``f``: fraction of samples routed to coordinate ``c``
-    of dimension ``d``, ``P``: mean gating probability), which is 1 for a uniform routing per
-    dimension; add ``balancing_weight * aux_loss`` to the task loss. :attr:`grid_utilization`
-    is an exponential moving average of ``f`` per dimension.
+    from the task loss. After each training forward, :attr:`aux_loss` holds the paper's
+    balancing loss ``N * sum_i f_i * P_i`` over the grid's ``N`` experts
+    (:func:`~services.trainer.gating.switch_balancing_loss`), 1 for a uniform routing; add
+    ``balancing_weight * aux_loss`` to the task loss. While training, the router's input is
+    multiplied by noise drawn from ``U(1 - jitter, 1 + jitter)`` (the paper's 1e-2), which
+    spreads ties and near-ties over experts. :attr:`grid_utilization` is an exponential moving
+    average of the fraction of samples routed to each coordinate, per dimension.
     """
 
     def __init__(
@@ -219,13 +259,14 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
         grid_size: Sequence[int],
         uid_prefix: str,
         k_best: int = 1,
-        k_min: int = 1,
         *,
         utilization_alpha: float = 0.9,
+        jitter: float = 0.01,
         **kwargs: object,
     ) -> None:
-        super().__init__(in_features, grid_size, uid_prefix, k_best, k_min, **kwargs)  # type: ignore[arg-type]
+        super().__init__(in_features, grid_size, uid_prefix, k_best, **kwargs)  # type: ignore[arg-type]
         self.utilization_alpha = utilization_alpha
+        self.jitter = jitter
         for d, g in enumerate(self.grid_size):
             self.register_buffer(f"utilization_{d}", torch.full((g,), 1.0 / g))
         self.aux_loss: torch.Tensor = torch.zeros(())
@@ -233,6 +274,12 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
     @property
     def grid_utilization(self) -> list[torch.Tensor]:
         return [getattr(self, f"utilization_{d}") for d in range(len(self.grid_size))]
+
+    def _jitter(self, gate_input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.jitter <= 0:
+            return gate_input
+        noise = torch.empty_like(gate_input).uniform_(1 - self.jitter, 1 + self.jitter)
+        return gate_input * noise
 
     def combine(
         self,
@@ -245,21 +292,15 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
         # the best expert that answered (beam search sorts best first)
         first = mask.float().cumsum(1).eq(1) & mask
         weights = (probs * first).view(*probs.shape, *([1] * (outputs.ndim - 2)))
-        self._balance(grid_scores, found.coords[:, 0], found.valid[:, 0])
         return (weights * outputs).sum(dim=1)
 
-    def _balance(
-        self, grid_scores: Sequence[torch.Tensor], top1: torch.Tensor, valid: torch.Tensor
-    ) -> None:
-        losses = []
-        for d, dim_scores in enumerate(grid_scores):
-            g = dim_scores.shape[1]
-            chosen = top1[valid, d]
-            counts = torch.bincount(chosen, minlength=g).float()
-            fraction = counts / max(1, int(valid.sum()))
-            mean_prob = torch.softmax(dim_scores, dim=-1).mean(0)
-            losses.append(g * (fraction * mean_prob).sum())
-            if self.training:
+    def routed(self, grid_scores: Sequence[torch.Tensor], found: BeamSearchResult) -> None:
+        top1, valid = found.coords[:, 0], found.valid[:, 0]
+        self.aux_loss = switch_balancing_loss(grid_scores, top1, valid)
+        if self.training:
+            chosen = top1[valid]
+            for d, g in enumerate(self.grid_size):
+                fraction = torch.bincount(chosen[:, d], minlength=g).float()
+                fraction /= max(1, len(chosen))
                 buf = getattr(self, f"utilization_{d}")
                 buf.mul_(self.utilization_alpha).add_((1 - self.utilization_alpha) * fraction)
-        self.aux_loss = torch.stack(losses).sum()

@@ -69,6 +69,7 @@ class Swarm:
         *,
         dht_timeout: float = 5.0,
         cache_ttl: float = 2.0,
+        negative_cache_ttl: float = 10.0,
         backoff: Backoff | None = None,
         metrics: TrainerMetrics | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
@@ -83,6 +84,7 @@ class Swarm:
         self.initial_peers = list(initial_peers or [])
         self.dht_timeout = dht_timeout
         self.cache_ttl = cache_ttl
+        self.negative_cache_ttl = negative_cache_ttl
         self.backoff = backoff if backoff is not None else Backoff()
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
@@ -131,9 +133,7 @@ class Swarm:
         from services.dht.client import DHTUnavailable
 
         now = time.time()
-        missing = [
-            p for p in prefixes if p not in self._cache or now - self._cache[p][0] >= self.cache_ttl
-        ]
+        missing = [p for p in prefixes if not self._fresh(p, now)]
         if missing:
             try:
                 found = await self._dht_client().get(missing)
@@ -157,6 +157,18 @@ class Swarm:
                     live[coord] = random.sample(addresses, len(addresses))
             result[prefix] = live
         return result
+
+    def _fresh(self, prefix: str, now: float) -> bool:
+        """Whether the cached answer for ``prefix`` may be reused. An empty answer is kept
+        longer (negative caching, as hivemind does): a prefix declared alive one level up but
+        with nothing live below (stale or bogus declarations) would otherwise cost a DHT key
+        every step."""
+        held = self._cache.get(prefix)
+        if held is None:
+            return False
+        age = now - held[0]
+        ttl = self.cache_ttl if held[1] else max(self.cache_ttl, self.negative_cache_ttl)
+        return age < ttl
 
     def _declarations(self, prefix: str, value: Any, now: float) -> Children:
         """The believable declarations in one DHT answer (see the module docstring)."""
