@@ -38,7 +38,7 @@ def test_auto_follows_what_torch_sees() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_refused() -> None:
-    with pytest.raises(ValueError, match="CUDA is not available .* use --device auto or cpu"):
+    with pytest.raises(ValueError, match=r"CUDA is not available .* use --device auto or cpu"):
         resolve_device("cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda:1")
