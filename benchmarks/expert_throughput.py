@@ -39,13 +39,17 @@ from services.common.healthcheck import wait_serving  # noqa: E402
 # ---------------- local compute limit ----------------
 
 
-def _local_worker(hidden: int, batch: int, seconds: float, backward: bool, out: list) -> None:
+def _local_worker(
+    hidden: int, batch: int, seconds: float, backward: bool, out: list, device: str = "cpu"
+) -> None:
     import torch
 
     from services.expert.backend import ExpertBackend, OptimizerConfig
     from services.expert.layers import get_expert_class
 
-    expert = ExpertBackend("local.0", get_expert_class("ffn"), hidden, OptimizerConfig())
+    expert = ExpertBackend(
+        "local.0", get_expert_class("ffn"), hidden, OptimizerConfig(), device=device
+    )
     x, g = torch.randn(batch, hidden), torch.randn(batch, hidden)
 
     def step() -> None:
@@ -63,20 +67,22 @@ def _local_worker(hidden: int, batch: int, seconds: float, backward: bool, out: 
 
 
 def local_limit(
-    hidden: int, seconds: float, backward: bool, cores: int, batch: int = 256
+    hidden: int, seconds: float, backward: bool, cores: int, batch: int = 256, device: str = "cpu"
 ) -> dict[str, float]:
+    """Samples/s of the module in this process (inputs and outputs on the host, as the
+    server has them: on a GPU that includes the copies to and from the device)."""
     import torch
 
     results: dict[str, float] = {}
     torch.set_num_threads(cores)
     out: list[float] = []
-    _local_worker(hidden, batch, seconds, backward, out)
+    _local_worker(hidden, batch, seconds, backward, out, device)
     results["all_cores_one_module"] = out[0]
     torch.set_num_threads(1)
     out = []
     cpu = time.process_time()
     threads = [
-        threading.Thread(target=_local_worker, args=(hidden, batch, seconds, backward, out))
+        threading.Thread(target=_local_worker, args=(hidden, batch, seconds, backward, out, device))
         for _ in range(cores)
     ]
     for t in threads:
@@ -179,6 +185,9 @@ def main() -> int:
     parser.add_argument("--local-seconds", type=float, default=4.0)
     parser.add_argument("--server-args", default="", help="extra flags for the expert server")
     parser.add_argument(
+        "--device", default="cpu", help="the server's --device and the local limit's (cuda)"
+    )
+    parser.add_argument(
         "--batch-curve",
         action="store_true",
         help="also measure the local limit at batches of 64 and 128 rows (the sizes a "
@@ -191,7 +200,9 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0))
     # measured before and after the remote run; the better of the two counts, so a burst of
     # load from other processes during one measurement cannot inflate the ratio
-    limits = local_limit(args.hidden_dim, args.local_seconds, args.backward, cores)
+    limits = local_limit(
+        args.hidden_dim, args.local_seconds, args.backward, cores, device=args.device
+    )
 
     port, metrics_port = free_ports(2)
     address = f"127.0.0.1:{port}"
@@ -200,7 +211,7 @@ def main() -> int:
         sys.executable, "-m", "services.expert", "--no-dht", "--host", "127.0.0.1",
         "--port", str(port), "--metrics-port", str(metrics_port),
         "--experts", f"expert.[0:{args.experts}]", "--expert-cls", args.expert_cls,
-        "--hidden-dim", str(args.hidden_dim), "--log-level", "warning",
+        "--hidden-dim", str(args.hidden_dim), "--log-level", "warning", "--device", args.device,
         *args.server_args.split(),
     ]  # fmt: skip
     server = subprocess.Popen(cmd, cwd=ROOT)
@@ -259,7 +270,9 @@ def main() -> int:
             profiler.wait(timeout=30)
         server.terminate()
         server.wait(timeout=30)
-    again = local_limit(args.hidden_dim, args.local_seconds, args.backward, cores)
+    again = local_limit(
+        args.hidden_dim, args.local_seconds, args.backward, cores, device=args.device
+    )
     limits = {k: max(v, again[k]) for k, v in limits.items()}
     per_cpu_second = limits.pop("per_cpu_second")
     limit = max(limits.values())
@@ -267,7 +280,9 @@ def main() -> int:
     curve = {}
     if args.batch_curve:
         for rows in (args.batch_size, 2 * args.batch_size):
-            at = local_limit(args.hidden_dim, args.local_seconds, args.backward, cores, rows)
+            at = local_limit(
+                args.hidden_dim, args.local_seconds, args.backward, cores, rows, args.device
+            )
             curve[rows] = max(at["all_cores_one_module"], at["one_module_per_core"])
 
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -289,6 +304,7 @@ def main() -> int:
         "local_limit_samples_per_s": round(limit, 1),
         "ratio": round(throughput / limit, 3),
         "backward": args.backward,
+        "device": args.device,
         "local_limits": {k: round(v, 1) for k, v in limits.items()},
         "ratio_vs_all_cores_one_module": round(throughput / limits["all_cores_one_module"], 3),
         "elapsed_s": round(elapsed, 3),

@@ -6,7 +6,10 @@
 set -euo pipefail
 
 need=()
-command -v docker >/dev/null || need+=(docker.io)
+# the engine, not only a client: some hosts ship a bare docker CLI without dockerd
+if ! command -v docker >/dev/null || { ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null; }; then
+  need+=(docker.io)
+fi
 if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
   need+=(docker-compose)
 fi

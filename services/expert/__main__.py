@@ -13,6 +13,7 @@ from services.common.logs import setup_logging
 from services.common.server import run_until_signal
 from services.common.tls import tls_from_args
 from services.expert.backend import OptimizerConfig
+from services.expert.device import device_name, resolve_device
 from services.expert.server import ExpertConfig, ExpertServer
 
 log = logging.getLogger("services.expert")
@@ -52,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--hidden-dim", type=int, default=1024, help="expert hidden size")
     g.add_argument("--custom-module", default=None, help="python file registering expert classes")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    g.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="cpu, cuda[:n], or auto: CUDA when torch sees a GPU, else the CPU "
+        "(an explicit cuda without one stops the server at start)",
+    )
     g.add_argument("--seed", type=int, default=None, help="seed for weight init (expert i: seed+i)")
     o = parser.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimizer")
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             "give --initial-peers (or DMOE_INITIAL_PEERS), or --no-dht to run without a DHT"
         )
     try:
+        requested, args.device = args.device, resolve_device(args.device)
+        log.info("compute device", extra={"requested": requested, "device": args.device})
         config = config_from_args(args)
         config.tls = tls
         from services.expert import uid as uids
