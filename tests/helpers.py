@@ -9,17 +9,42 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.common.healthcheck import wait_serving
+from services.common.tls import TLSConfig
 from services.dht.config import NodeConfig
 from services.dht.server import RunningNode, start_node
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
+    """A port nothing listens on right now (also what tests dial to reach a dead server)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def until(
+    predicate: Callable[[], Awaitable[object]],
+    timeout: float,
+    what: str,
+    ignore: tuple[type[BaseException], ...] = (),
+    every: float = 0.1,
+) -> None:
+    """Wait until ``await predicate()`` is truthy (exceptions in ``ignore`` count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await predicate():
+                return
+        except ignore:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(every)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -29,19 +54,22 @@ class Proc:
     """A service as a real OS process (``python -m <args> --host 127.0.0.1 --port <port>``),
     its stderr in ``<logdir>/<name>.log``."""
 
-    def __init__(self, name: str, args: list[str], logdir: Path, port: int) -> None:
-        self.name, self.port = name, port
-        self.address = f"127.0.0.1:{port}"
+    def __init__(self, name: str, args: list[str], logdir: Path, port: int | None = None) -> None:
+        self.name, self.port = name, port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
         self.log = logdir / f"{name}.log"
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log, "w"),  # noqa: SIM115 - closed with the process
-            env=ENV,
-        )
+        with open(self.log, "w") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+                env=ENV,
+            )
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        if wait_serving(self.address, timeout, alive=lambda: self.popen.poll() is None):
+    def wait_healthy(self, timeout: float = 60.0, tls: TLSConfig | None = None) -> None:
+        alive = lambda: self.popen.poll() is None  # noqa: E731
+        if wait_serving(self.address, timeout, alive=alive, tls=tls):
             return
         assert self.popen.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
         raise AssertionError(

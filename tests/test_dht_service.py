@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import until
 
 from services.dht.client import DHTClient
 from services.dht.metrics import METRIC_NAMES
@@ -73,10 +74,10 @@ async def health(address: str) -> int:
 
 
 async def wait_serving(address: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while await health(address) != health_pb2.HealthCheckResponse.SERVING:
-        assert time.monotonic() < deadline, "not SERVING in time"
-        await asyncio.sleep(0.1)
+    async def serving() -> bool:
+        return await health(address) == health_pb2.HealthCheckResponse.SERVING
+
+    await until(serving, timeout, f"{address} SERVING")
 
 
 def test_service_processes_join_serve_metrics_and_stop_on_sigterm() -> None:

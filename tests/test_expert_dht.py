@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port
+from helpers import free_port, until
 
 from services.common.identity import Identity
 from services.dht.client import DHTClient, DHTUnavailable
@@ -30,15 +30,7 @@ def _start_dht(port: int) -> subprocess.Popen[bytes]:
 
 
 async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if await predicate():
-                return
-        except DHTUnavailable:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
+    await until(predicate, timeout, what, ignore=(DHTUnavailable,), every=0.2)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -562,8 +562,7 @@ def test_set_images_points_every_overlay_at_a_registry(tree: Path, tmp_path: Pat
 
 
 def test_crd_schemas_are_generated_by_the_script() -> None:
-    """scripts/gen_crd_schemas.py --check, where its generator package is installed."""
-    pytest.importorskip("cloudcoil.models.prometheus_operator")
+    """scripts/gen_crd_schemas.py --check: the committed schema is what the models give."""
     done = subprocess.run(
         [sys.executable, "scripts/gen_crd_schemas.py", "--check"],
         cwd=ROOT,

@@ -1,11 +1,11 @@
 """Calling many experts at once over real gRPC: answered mask, outputs, gradients, waiting."""
 
 import asyncio
-import socket
 import time
 
 import pytest
 import torch
+from helpers import free_port
 from prometheus_client import CollectorRegistry
 
 from services.expert.backend import OptimizerConfig
@@ -21,12 +21,6 @@ from services.trainer.remote_expert import RemoteExpert
 from services.trainer.swarm import Swarm
 
 H = 16
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(swarm: Swarm, pattern: str, **extra) -> ExpertServer:
@@ -52,7 +46,7 @@ def swarm_with_server():
 def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
     swarm, server = swarm_with_server
     live = server.address
-    dead = f"127.0.0.1:{closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     torch.manual_seed(0)
     n, k = 6, 3
     choices = [[f"ffn.{(b + j) % 4}" for j in range(k - 1)] + ["ffn.9"] for b in range(n)]
@@ -92,7 +86,7 @@ def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
 
 def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None:
     swarm, server = swarm_with_server
-    dead = f"127.0.0.1:{closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     choices = [["ffn.0", "ffn.7"], ["ffn.7", "ffn.8"]]
     jobs = plan_jobs(choices, {"ffn.0": server.address, "ffn.7": dead, "ffn.8": dead})
     x = torch.randn(2, H)

@@ -1,10 +1,10 @@
 """DMoE layers over a real DHT node and real expert servers (in-process, 127.0.0.1)."""
 
-import socket
 import time
 
 import pytest
 import torch
+from helpers import free_port
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
@@ -162,15 +162,9 @@ def test_switch_layer_balancing_loss_and_utilisation(swarm) -> None:
     assert torch.allclose(y[b], expected, atol=1e-5)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_all_experts_gone_error_or_zeros_promptly(swarm) -> None:
     """Experts still declared but their server is gone; then nothing declared at all."""
-    dead = f"127.0.0.1:{closed_port()}".encode()
+    dead = f"127.0.0.1:{free_port()}".encode()
     expiration = time.time() + 60
     items = [("gone.", str(i), dead, expiration) for i in range(3)]
     items += [(f"gone.{i}.", str(j), dead, expiration) for i in range(3) for j in range(2)]
@@ -226,7 +220,7 @@ def test_failing_experts_are_skipped_for_a_while() -> None:
 
 def test_samples_whose_experts_fail_are_retried_with_the_next_best(swarm) -> None:
     """The best experts (``mix.0.*``) are declared but dead; the retry round finds ``mix.1.*``."""
-    dead = f"127.0.0.1:{closed_port()}".encode()
+    dead = f"127.0.0.1:{free_port()}".encode()
     expiration = time.time() + 60
     items = [("mix.", "0", dead, expiration), ("mix.0.", "0", dead, expiration)]
     items += [("mix.0.", "1", dead, expiration)]

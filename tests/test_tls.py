@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -27,9 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port
+from helpers import ENV, ROOT, Proc
 
-from services.common.healthcheck import wait_serving
 from services.common.server import start_server
 from services.common.tls import TLSConfig, TLSError, sync_channel
 from services.dht.client import DHTClient
@@ -37,8 +35,6 @@ from services.expert.client import ExpertClient
 from services.proto import dht_pb2, dht_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.trainer.swarm import Swarm
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 H = 8
 NAMES = ["dht0", "dht1", "expert", "trainer", "client"]
 
@@ -71,31 +67,6 @@ def tls_flags(folder: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-class Proc:
-    def __init__(self, name: str, args: list[str], logdir: Path) -> None:
-        self.name, self.port = name, free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = logdir / f"{name}.log"
-        command = [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--metrics-port", "-1", "--shutdown-grace", "0.5"]  # fmt: skip
-        with open(self.log, "w") as log:
-            self.popen = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, env=ENV)
-
-    def wait_serving(self, tls: TLSConfig, timeout: float = 120.0) -> None:
-        if wait_serving(self.address, timeout, alive=lambda: self.popen.poll() is None, tls=tls):
-            return
-        raise AssertionError(f"{self.name} not SERVING:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
 @pytest.fixture(scope="module")
 def swarm(certs, tmp_path_factory):
     """Two DHT nodes, an expert server (hosting ffn.0, ffn.1) and a trainer, all mTLS only."""
@@ -103,26 +74,31 @@ def swarm(certs, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("logs")
     client = member(folder, "client", server_name="dmoe")
     procs: dict[str, Proc] = {}
+    quick = ["--metrics-port", "-1", "--shutdown-grace", "0.5"]
     try:
-        procs["dht0"] = Proc("dht0", ["services.dht", *tls_flags(folder, "dht0")], logdir)
+        procs["dht0"] = Proc("dht0", ["services.dht", *quick, *tls_flags(folder, "dht0")], logdir)
         dht0 = procs["dht0"].address
         procs["dht1"] = Proc(
-            "dht1", ["services.dht", "--initial-peers", dht0, *tls_flags(folder, "dht1")], logdir
+            "dht1",
+            ["services.dht", *quick, "--initial-peers", dht0, *tls_flags(folder, "dht1")],
+            logdir,
         )
         peers = f"{dht0},{procs['dht1'].address}"
         procs["expert"] = Proc("expert", [
-            "services.expert", "--experts", "ffn.[0:2]", "--hidden-dim", str(H), "--seed", "0",
+            "services.expert", *quick, "--experts", "ffn.[0:2]", "--hidden-dim", str(H),
+            "--seed", "0",
             "--dht-peers", peers, "--update-period", "2", "--compute-threads", "1",
             "--torch-threads", "1", *tls_flags(folder, "expert"),
         ], logdir)  # fmt: skip
         procs["trainer"] = Proc("trainer", [
-            "services.trainer", "--initial-peers", peers, "--uid-prefix", "ffn", "--grid", "2",
+            "services.trainer", *quick, "--initial-peers", peers, "--uid-prefix", "ffn",
+            "--grid", "2",
             "--hidden-dim", str(H), "--k-best", "2", "--steps", "100000", "--eval-every", "0",
             "--batch-size", "16", "--forward-timeout", "3", "--backward-timeout", "3",
             "--failure-pause", "0.2", *tls_flags(folder, "trainer"),
         ], logdir)  # fmt: skip
         for proc in procs.values():
-            proc.wait_serving(client)
+            proc.wait_healthy(120, tls=client)
         yield procs, client
     finally:
         for proc in reversed(procs.values()):

@@ -109,7 +109,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
 def service_parser(
     service: str, description: str, *, port: int, metrics_port: int
 ) -> EnvArgumentParser:
-    """A parser with the flags every service shares (design.md: processes and addresses)."""
+    """A parser with the flags every service shares (docs/conventions.md, processes)."""
     parser = EnvArgumentParser(
         prog=f"python -m services.{service}",
         description=description,

@@ -7,7 +7,7 @@ One call, :func:`start_server`, gives a ``grpc.aio`` server with
 - per-method request counters and latency histograms, and a guard around every handler
   (health and reflection too) that turns a request that does not parse into
   INVALID_ARGUMENT, keeps a status the handler set, and turns an unexpected exception
-  into INTERNAL with a message (design.md: no handler lets one escape as UNKNOWN),
+  into INTERNAL with a message (docs/conventions.md: no handler lets one escape as UNKNOWN),
 - admission limits (:class:`~services.common.limits.ServerLimits`): calls in flight, and per
   caller IP calls per second, open streams and request bytes held; past one,
   RESOURCE_EXHAUSTED, counted in ``dmoe_<service>_rejected_total{reason}``,

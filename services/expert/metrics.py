@@ -1,6 +1,6 @@
 """Prometheus metrics of the expert runtime, created in the server's own registry.
 
-Names follow design.md (``dmoe_expert_<what>_<unit>``); labels are the bounded ``expert``,
+Names follow docs/conventions.md (``dmoe_expert_<what>_<unit>``); labels are the bounded ``expert``,
 ``method`` (forward/backward), ``code`` and ``reason``. Per-RPC counts and durations by gRPC
 method already come from the common bootstrap; these add the per-expert and batching view.
 """
