@@ -217,15 +217,19 @@ def test_maintenance_republishes_and_refreshes() -> None:
 def test_blacklist_backoff_doubles_and_clears() -> None:
     from services.dht.blacklist import Blacklist
 
-    blacklist = Blacklist(base=0.05, maximum=0.1)
+    now = [100.0]
+    blacklist = Blacklist(base=0.05, maximum=0.1, clock=lambda: now[0])
     blacklist.fail("a:1")
     assert blacklist.blocked("a:1") and len(blacklist) == 1
-    time.sleep(0.06)
+    now[0] += 0.06
     assert not blacklist.blocked("a:1")
     blacklist.fail("a:1")  # second failure: 0.1 s
-    time.sleep(0.06)
+    now[0] += 0.06
     assert blacklist.blocked("a:1")
+    now[0] += 0.05
+    assert not blacklist.blocked("a:1")
     blacklist.fail("a:1")  # capped at the maximum
+    assert blacklist.blocked("a:1")
     blacklist.clear("a:1")
     assert not blacklist.blocked("a:1") and len(blacklist) == 0
 

@@ -180,15 +180,23 @@ def test_killing_a_quarter_of_the_expert_servers(swarm) -> None:
     try:
         for proc in extra:
             proc.wait_healthy()
-        trainer = start_trainer("killer", dht, logdir, "--steps", "120", "--uid-prefix", "kill")
+        # a failing expert is left alone for 60 s: longer than the window checked below
+        trainer = start_trainer(
+            "killer", dht, logdir, "--steps", "120", "--uid-prefix", "kill", "--backoff-base", "60"
+        )
         try:
             before = wait_for_step(trainer, 40, 120)
             assert any(uid.endswith(".2") for uid in before.experts_in_use)  # the victim serves
             extra[0].popen.kill()  # SIGKILL: no goodbye, its declarations linger until they expire
             extra[0].popen.wait()
             after_kill = status(trainer).step
-            later = wait_for_step(trainer, after_kill + 10, 120)
-            assert not any(uid.endswith(".2") for uid in later.experts_in_use)
+            wait_for_step(trainer, after_kill + 10, 120)
+            # from then on the victim's experts are not even called (back-off, then expiry)
+            called = set()
+            for _ in range(10):
+                called |= {u for u in status(trainer).experts_called if u.endswith(".2")}
+                time.sleep(0.2)
+            assert not called, called
             assert trainer.wait(180) == 0
         finally:
             trainer.stop()

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("step", "samples_seen", "last_loss", "test_loss", "test_accuracy", "last_eval_step", "experts_in_use", "model", "dataset", "state", "steps_per_second", "failed_steps", "uptime_seconds", "public_key")
+    __slots__ = ("step", "samples_seen", "last_loss", "test_loss", "test_accuracy", "last_eval_step", "experts_in_use", "model", "dataset", "state", "steps_per_second", "failed_steps", "uptime_seconds", "public_key", "experts_called")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class StatusResponse(_message.Message):
     FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_CALLED_FIELD_NUMBER: _ClassVar[int]
     step: int
     samples_seen: int
     last_loss: float
@@ -40,4 +41,5 @@ class StatusResponse(_message.Message):
     failed_steps: int
     uptime_seconds: float
     public_key: bytes
-    def __init__(self, step: _Optional[int] = ..., samples_seen: _Optional[int] = ..., last_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., last_eval_step: _Optional[int] = ..., experts_in_use: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., state: _Optional[str] = ..., steps_per_second: _Optional[float] = ..., failed_steps: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    experts_called: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., samples_seen: _Optional[int] = ..., last_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., last_eval_step: _Optional[int] = ..., experts_in_use: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., state: _Optional[str] = ..., steps_per_second: _Optional[float] = ..., failed_steps: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., public_key: _Optional[bytes] = ..., experts_called: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -142,7 +142,7 @@ class Gathered:
     mask: torch.Tensor
     answered: list[ExpertJob] = field(default_factory=list)
     reasons: set[str] = field(default_factory=set)
-    called: int = 0
+    called: list[ExpertJob] = field(default_factory=list)
 
     @classmethod
     def empty(
@@ -176,7 +176,7 @@ class Gathered:
         if short and not policy.allow_zero_outputs:
             raise ExpertsUnavailableError(
                 f"{short} of {len(answered)} samples got fewer than k_min={policy.k_min} expert "
-                f"answers ({self.called} expert calls, {len(self.answered)} answered; "
+                f"answers ({len(self.called)} expert calls, {len(self.answered)} answered; "
                 f"failures: {', '.join(sorted(self.reasons)) or 'no live experts found'})"
             )
 
@@ -201,7 +201,7 @@ def forward_rounds(
         timeout = deadline - time.monotonic()
         if not jobs or timeout <= 0:
             break
-        gathered.called += len(jobs)
+        gathered.called.extend(jobs)
         need = np.maximum(policy.k_min - gathered.mask.sum(1).numpy(), 0)
         calls = [_forward_call(swarm, j, inputs, timeout, policy.transient_retries) for j in jobs]
         outcomes = swarm.run(
@@ -291,7 +291,7 @@ def backward_calls(
 
 
 class RemoteMoECall(torch.autograd.Function):
-    """``(dummy, swarm, jobs, k, shapes, policy, replan, *inputs) -> (*outputs, mask)``;
+    """``(dummy, swarm, jobs, k, shapes, policy, replan, called, *inputs) -> (*outputs, mask)``;
     use :func:`call_experts`."""
 
     @staticmethod
@@ -304,10 +304,12 @@ class RemoteMoECall(torch.autograd.Function):
         shapes: tuple[tuple[int, ...], ...],
         policy: CallPolicy,
         replan: Replan | None,
+        called: set[str],
         *inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         inputs = tuple(x.detach() for x in inputs)
         gathered = forward_rounds(swarm, jobs, inputs, k, shapes, policy, replan)
+        called.update(job.uid for job in gathered.called)
         if swarm.metrics is not None:
             for count in gathered.mask.sum(1).tolist():
                 swarm.metrics.experts_answered.observe(int(count))
@@ -328,7 +330,7 @@ class RemoteMoECall(torch.autograd.Function):
             for g, shape in zip(grads[:-1], ctx.shapes, strict=True)
         ]
         grad_inputs = backward_calls(ctx.swarm, ctx.jobs, inputs, grad_outputs, ctx.policy)
-        return (None, None, None, None, None, None, None, *grad_inputs)
+        return (None, None, None, None, None, None, None, None, *grad_inputs)
 
 
 def call_experts(
@@ -339,8 +341,13 @@ def call_experts(
     shapes: Sequence[tuple[int, ...]],
     policy: CallPolicy,
     replan: Replan | None = None,
+    called: set[str] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Outputs ``[n, k, *shape]`` per expert output (``shapes``, without the batch dim), and
-    the answered mask ``[n, k]``; differentiable with respect to the floating inputs."""
-    result = RemoteMoECall.apply(DUMMY, swarm, jobs, k, tuple(shapes), policy, replan, *inputs)
+    the answered mask ``[n, k]``; differentiable with respect to the floating inputs.
+    ``called`` receives the uid of every expert called, retry rounds included."""
+    called = called if called is not None else set()
+    result = RemoteMoECall.apply(
+        DUMMY, swarm, jobs, k, tuple(shapes), policy, replan, called, *inputs
+    )
     return list(result[:-1]), result[-1]

@@ -160,9 +160,12 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
-def experts_in_use(model: nn.Module) -> list[str]:
-    used: set[str] = set()
+def experts_in_use(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The uids that answered the last forward, and those it called (answered or not)."""
+    answered: set[str] = set()
+    called: set[str] = set()
     for module in model.modules():
         if isinstance(module, RemoteMixtureOfExperts):
-            used |= module.experts_in_use
-    return sorted(used)
+            answered |= module.experts_in_use
+            called |= module.experts_called
+    return sorted(answered), sorted(called)

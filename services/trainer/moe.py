@@ -80,7 +80,8 @@ class RemoteMixtureOfExperts(nn.Module):
         self.k_best, self.beam_size, self.per_token = k_best, beam_size, per_token
         self.swarm = swarm
         self.gating = GridGating(in_features, grid_size)
-        self.experts_in_use: set[str] = set()
+        self.experts_in_use: set[str] = set()  # answered during the last forward
+        self.experts_called: set[str] = set()  # called during the last forward (retries too)
 
     @property
     def grid_size(self) -> tuple[int, ...]:
@@ -161,6 +162,7 @@ class RemoteMixtureOfExperts(nn.Module):
         grid_scores = self.gating(self._jitter(gate_input))
         found = self.find_experts(grid_scores)
         jobs = plan_jobs(found.uids, found.addresses)
+        self.experts_called = set()
         outputs, mask = call_experts(
             self.swarm,
             jobs,
@@ -169,6 +171,7 @@ class RemoteMixtureOfExperts(nn.Module):
             shapes,
             self.policy,
             self._replanner(grid_scores, found),
+            self.experts_called,
         )
         self.experts_in_use = {found.uids[b][j] for b, j in mask.nonzero().tolist()}
         self.routed(grid_scores, found)

@@ -28,6 +28,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             test_accuracy=state.test_accuracy,
             last_eval_step=state.last_eval_step,
             experts_in_use=state.experts_in_use,
+            experts_called=state.experts_called,
             model=self.model,
             dataset=self.dataset,
             state=state.state,

@@ -53,6 +53,7 @@ class TrainerState:
     failed_steps: int = 0
     state: str = "starting"
     experts_in_use: list[str] = field(default_factory=list)
+    experts_called: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     steps_per_second: float = 0.0
 
@@ -128,7 +129,7 @@ class Trainer:
             self.state.step += 1
             self.state.samples_seen += len(x)
             self.state.last_loss = value
-            self.state.experts_in_use = experts_in_use(self.model)
+            self.state.experts_in_use, self.state.experts_called = experts_in_use(self.model)
         if self.metrics is not None:
             self.metrics.steps.inc()
             self.metrics.samples.inc(len(x))
@@ -297,5 +298,6 @@ class Trainer:
         with self._lock:
             copy = TrainerState(**{k: getattr(self.state, k) for k in asdict(self.state)})
             copy.experts_in_use = list(self.state.experts_in_use)
+            copy.experts_called = list(self.state.experts_called)
             copy.history = list(self.state.history)
         return copy
