@@ -9,8 +9,9 @@ an expert server owns its DHT declarations by signing them. The private key live
 ``python -m services.common.identity FILE`` creates the key when missing and prints the public
 key in hex: the line to put in another node's ``--trusted-keys`` file.
 
-Verification costs ~110 us here (signing ~35 us); :func:`verify` caches answers, since the same
-record reaches a node again and again (republish, several replicas answering one lookup).
+Verifying costs about three signatures (figures: docs/security.md); :func:`verify` caches
+answers, since the same record reaches a node again and again (republish, several replicas
+answering one lookup).
 """
 
 from __future__ import annotations

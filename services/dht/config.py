@@ -12,7 +12,7 @@ class NodeConfig:
     Node lookups (bootstrap, bucket refresh) keep a beam of ``k``; store and get lookups
     keep a beam of ``value_beam`` (default ``num_replicas``): they only need the replica
     set to have answered, and in a small swarm a beam of k would ask every node each
-    time (measured: about half the RPCs of a k-beam in benchmark mode A).
+    time (about twice the RPCs of the smaller beam in benchmark mode A: docs/dht.md).
 
     Expirations are capped at ``max_ttl`` past the node's DHT time (see
     :mod:`services.dht.clock`), so nobody parks a record for years.
