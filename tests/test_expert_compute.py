@@ -95,9 +95,13 @@ async def _check_class(expert_cls: str, custom: str | None = None) -> None:
             assert r.shape == want.shape and r.dtype == want.dtype
             torch.testing.assert_close(r, want, atol=1e-5, rtol=0)
 
-        # the server applied exactly one optimizer step, as the local optimizer does
+        # the server applied exactly one optimizer step, as the local optimizer does (with the
+        # server's gradient clipping, on by default)
         before = [p.detach().clone() for p in params]
         if local_opt is not None:
+            clip = backend.optimizer_config.clip_grad_norm
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             local_opt.step()
         info = await client.info(uid)
         assert info.optimizer_steps == 1
