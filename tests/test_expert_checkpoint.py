@@ -173,3 +173,32 @@ def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) ->
             await server.stop(0.5)
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_with_non_finite_values_is_skipped(tmp_path: Path) -> None:
+    """A newest checkpoint holding NaN (written before steps were guarded) is not restored: the
+    server falls back to the previous one, so the poison does not come back."""
+    from services.expert.checkpoints import save
+
+    local = ExpertBackend("ffn.0", get_expert_class("ffn"), H, OptimizerConfig())
+    local.backward([torch.randn(4, H)], [torch.randn(4, H)])
+    good = local.snapshot_state()
+    save(good, tmp_path, keep=3)
+    poisoned = local.snapshot_state()
+    poisoned["steps"] = 2
+    next(iter(poisoned["model"].values())).view(-1)[0] = float("nan")
+    save(poisoned, tmp_path, keep=3)
+
+    async def scenario() -> None:
+        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=9,
+                              checkpoint_dir=str(tmp_path), checkpoint_every=0)  # fmt: skip
+        server = await ExpertServer(config).start()
+        try:
+            backend = server.backends["ffn.0"]
+            assert backend.steps == 1
+            for name, value in backend.module.state_dict().items():
+                assert torch.equal(value, good["model"][name]), name
+        finally:
+            await server.stop(0.5)
+
+    asyncio.run(scenario())

@@ -310,6 +310,12 @@ class ExpertBackend:
                 f"checkpoint is a {state.get('expert_class')!r} expert, not "
                 f"{self.expert_class.name!r}"
             )
+        tensors = list(state["model"].values())
+        for param_state in (state.get("optimizer") or {}).get("state", {}).values():
+            tensors.extend(v for v in param_state.values() if isinstance(v, torch.Tensor))
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            # written before steps were guarded: restoring it would bring the poison back
+            raise ValueError("checkpoint holds NaN or infinite weights or optimizer state")
         self.module.load_state_dict(state["model"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])

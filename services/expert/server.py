@@ -192,8 +192,8 @@ class ExpertServer:
                     max_queue_bytes=cfg.max_queue_bytes,
                     metrics=self.metrics,
                     monitor=GradNormMonitor(cfg.max_grad_norm_ratio)
-                    if method == BACKWARD and cfg.max_grad_norm_ratio > 0
-                    else None,
+                    if method == BACKWARD and cfg.max_grad_norm_ratio > 0 and backend.optimizer
+                    else None,  # an expert without parameters learns nothing to poison
                 )
                 self.pools[(backend.uid, method)] = pool
                 self.scheduler.add_pool(pool)
