@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--max-queue-bytes",
         type=int,
-        default=256 * 1024 * 1024,
+        default=128 * 1024 * 1024,
         help="bytes of tensor data queued per expert and method before RESOURCE_EXHAUSTED "
-        "(an empty queue takes any request)",
+        "(two of the largest requests; an empty queue takes any request)",
     )
     b.add_argument(
         "--max-free-dim",

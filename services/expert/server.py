@@ -47,7 +47,7 @@ class ExpertConfig:
     max_batch_size: int = 2048
     batch_timeout_ms: float = 1.0
     max_queue_samples: int = 0  # 0: 8 x max_batch_size
-    max_queue_bytes: int = 256 * 1024 * 1024  # per expert and method
+    max_queue_bytes: int = 128 * 1024 * 1024  # per expert and method: two largest requests
     max_free_dim: int = 1024  # largest size of a free (-1) schema dimension
     max_grad_norm_ratio: float = 20.0  # 0: no outlier check (grad_monitor.py)
     compute_threads: int = 0  # 0: automatic
