@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import free_port
+from helpers import free_port, serve_expert
 
 from services.common.healthcheck import wait_serving
 from services.expert.backend import ExpertBackend, OptimizerConfig
@@ -143,11 +143,10 @@ def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) ->
         return real_save(*args, **kwargs)
 
     async def scenario() -> None:
-        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=1,
-                              checkpoint_dir=str(tmp_path), checkpoint_every=0)  # fmt: skip
-        server = await ExpertServer(config).start()
-        client = ExpertClient(f"127.0.0.1:{server.port}")
-        try:
+        async with serve_expert(
+            experts=["ffn.0"], hidden_dim=H, seed=1, checkpoint_dir=str(tmp_path),
+            checkpoint_every=0,
+        ) as (server, client):  # fmt: skip
             x, g = torch.randn(4, H), torch.randn(4, H)
             await client.backward("ffn.0", [x], [g], timeout=30)
             backend = server.backends["ffn.0"]
@@ -159,7 +158,7 @@ def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) ->
                 assert await asyncio.to_thread(entered.wait, 60), "no checkpoint write started"
                 await client.backward("ffn.0", [x], [g], timeout=30)
                 await client.forward("ffn.0", [x], timeout=30)
-                assert server.backends["ffn.0"].steps == 2
+                assert backend.steps == 2
             finally:
                 release.set()
                 await writing
@@ -168,9 +167,6 @@ def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) ->
             assert saved["steps"] == 1
             for name, value in step1.items():
                 assert torch.equal(saved["model"][name], value), name
-        finally:
-            await client.close()
-            await server.stop(0.5)
 
     asyncio.run(scenario())
 

@@ -5,31 +5,21 @@ received may hold together, the bytes queued per expert and method, and every fr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tracemalloc
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 import torch
+from helpers import serve_expert
 
 from services.common.tensor_codec import encode
-from services.expert.client import ExpertClient
-from services.expert.server import ExpertConfig, ExpertServer
+from services.expert.server import ExpertServer
 from services.proto import expert_pb2
 
 MIB = 1024 * 1024
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-@contextlib.asynccontextmanager
-async def serve(**config: object) -> AsyncIterator[ExpertServer]:
-    server = await ExpertServer(ExpertConfig(**config)).start()  # type: ignore[arg-type]
-    try:
-        yield server
-    finally:
-        await server.stop(0.5)
 
 
 def _value(server: ExpertServer, name: str, **labels: str) -> float:
@@ -84,7 +74,7 @@ def test_streamed_request_size_is_bounded_before_allocation() -> None:
     within the limit holds only what has arrived, not what it announced."""
 
     async def scenario() -> None:
-        async with serve(experts=["nop.0"], expert_cls="nop", hidden_dim=8) as server:
+        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=8) as (server, _):
             assert server.config.max_stream_bytes == 64 * MIB
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
             tracemalloc.start()
@@ -123,13 +113,13 @@ def test_bytes_of_streams_being_received_are_bounded() -> None:
     (RESOURCE_EXHAUSTED) while the first is held; the first still completes correctly."""
 
     async def scenario() -> None:
-        async with serve(
+        async with serve_expert(
             experts=["nop.0"],
             expert_cls="nop",
             hidden_dim=256,
             max_stream_bytes=MIB,
             max_receive_bytes=3 * MIB // 2,
-        ) as server:
+        ) as (server, _):
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
             try:
                 x = torch.randn(900, 256)  # 900 KiB
@@ -165,14 +155,13 @@ def test_queue_is_bounded_in_bytes() -> None:
 
     async def scenario() -> None:
         x = torch.randn(64, 256)  # 64 KiB
-        async with serve(
+        async with serve_expert(
             experts=["nop.0"],
             expert_cls="nop",
             hidden_dim=256,
             max_queue_samples=100_000,
             max_queue_bytes=150 * 1024,
-        ) as server:
-            client = ExpertClient(f"127.0.0.1:{server.port}")
+        ) as (server, client):
             backend = server.backends["nop.0"]
             backend.lock.acquire()  # the first batch waits for it: later requests queue up
             try:
@@ -200,7 +189,6 @@ def test_queue_is_bounded_in_bytes() -> None:
             for (out,) in await asyncio.gather(*tasks):
                 assert torch.equal(out, x)
             assert _value(server, "dmoe_expert_rejected_total", reason="queue_full") == 1
-            await client.close()
 
     asyncio.run(scenario())
 
@@ -210,30 +198,26 @@ def test_free_dimensions_are_bounded() -> None:
     least 1, checked on metadata before the request is queued."""
 
     async def scenario() -> None:
-        async with serve(
+        async with serve_expert(
             experts=["tr.0"], expert_cls="transformer", hidden_dim=8, max_free_dim=6
-        ) as server:
-            client = ExpertClient(f"127.0.0.1:{server.port}")
-            try:
-                (out,) = await client.forward("tr.0", [torch.randn(2, 6, 8)])
-                assert out.shape == (2, 6, 8)
-                await _expect(
-                    client.forward("tr.0", [torch.randn(2, 7, 8)]),
-                    INVALID,
-                    "inputs[0]",
-                    "7",
-                    "--max-free-dim",
-                )
-                await _expect(
-                    client.backward("tr.0", [torch.randn(2, 6, 8)], [torch.randn(2, 9, 8)]),
-                    INVALID,
-                    "grad_outputs[0]",
-                    "--max-free-dim",
-                )
-                await _expect(client.forward("tr.0", [torch.randn(2, 0, 8)]), INVALID, "at least 1")
-                assert server.backends["tr.0"].steps == 0
-            finally:
-                await client.close()
+        ) as (server, client):
+            (out,) = await client.forward("tr.0", [torch.randn(2, 6, 8)])
+            assert out.shape == (2, 6, 8)
+            await _expect(
+                client.forward("tr.0", [torch.randn(2, 7, 8)]),
+                INVALID,
+                "inputs[0]",
+                "7",
+                "--max-free-dim",
+            )
+            await _expect(
+                client.backward("tr.0", [torch.randn(2, 6, 8)], [torch.randn(2, 9, 8)]),
+                INVALID,
+                "grad_outputs[0]",
+                "--max-free-dim",
+            )
+            await _expect(client.forward("tr.0", [torch.randn(2, 0, 8)]), INVALID, "at least 1")
+            assert server.backends["tr.0"].steps == 0
             assert _value(server, "dmoe_expert_rejected_total", reason="free_dim_too_large") == 2
             families = [m for m in server.registry.collect() if m.name == "dmoe_expert_rejected"]
             assert len(families) == 1

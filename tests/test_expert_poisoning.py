@@ -12,10 +12,11 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from helpers import serve_expert
 
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.client import ExpertClient
-from services.expert.server import ExpertConfig, ExpertServer
+from services.expert.server import ExpertServer
 
 H = 16
 ROWS = 4
@@ -99,23 +100,20 @@ def _refused(result: Any, *fragments: str) -> None:
 
 @pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clipping", "no-clipping"])
 def test_huge_grad_outputs_fail_alone_and_honest_batchmates_step(clip: float) -> None:
-    """3e38 grad_outputs are finite, so they pass validation, but overflow the gradients. With
-    clipping the combined step is refused before it is taken, without it the step is taken and
-    undone; either way only the culprit fails and A and B each get their step (the batch is
-    split to find the culprit), exactly as a local replay of A then B."""
+    """3e38 grad_outputs are finite, so they pass validation, but overflow the gradients, with
+    clipping or without: the combined step is refused before it is applied, the batch is split
+    to find the culprit, only the culprit fails, and A and B each get their step, exactly as a
+    local replay of A then B."""
 
     async def scenario() -> None:
-        config = ExpertConfig(
+        async with serve_expert(
             experts=["ffn.0"],
             hidden_dim=H,
             seed=7,
             max_batch_size=3 * ROWS,
             batch_timeout_ms=60_000,
             optimizer=OptimizerConfig(clip_grad_norm=clip),
-        )
-        server = await ExpertServer(config).start()
-        client = ExpertClient(f"127.0.0.1:{server.port}")
-        try:
+        ) as (server, client):
             backend = server.backends["ffn.0"]
             initial = _state(backend)
             (xa, ga), (xb, gb) = _honest(1), _honest(2)
@@ -141,9 +139,6 @@ def test_huge_grad_outputs_fail_alone_and_honest_batchmates_step(clip: float) ->
                 for r in ("nonfinite_gradient", "nonfinite_result")
             )
             assert rejected >= 2  # the whole batch, then the half holding the culprit
-        finally:
-            await client.close()
-            await server.stop(0.5)
 
     asyncio.run(scenario())
 
@@ -186,17 +181,14 @@ def test_a_step_that_would_go_non_finite_is_undone_exactly(tmp_path) -> None:  #
 
     async def scenario() -> None:
         for uid, optimizer in cases:
-            config = ExpertConfig(
+            async with serve_expert(
                 experts=[uid],
                 expert_cls=uid.split(".")[0],
                 hidden_dim=H,
                 seed=3,
                 custom_module=str(custom),
                 optimizer=optimizer,
-            )
-            server = await ExpertServer(config).start()
-            client = ExpertClient(f"127.0.0.1:{server.port}")
-            try:
+            ) as (server, client):
                 backend = server.backends[uid]
                 accepted = 0
                 for attempt in range(8):
@@ -225,9 +217,6 @@ def test_a_step_that_would_go_non_finite_is_undone_exactly(tmp_path) -> None:  #
                     reason="nonfinite_result",
                 )
                 assert undone == 1
-            finally:
-                await client.close()
-                await server.stop(0.5)
 
     asyncio.run(scenario())
 
@@ -238,16 +227,13 @@ def test_grad_norm_outlier_is_refused_and_batchmates_share_one_step() -> None:
     instead, and A and B run as one batch, one step."""
 
     async def scenario() -> None:
-        config = ExpertConfig(
+        async with serve_expert(
             experts=["ffn.0"],
             hidden_dim=H,
             seed=11,
             max_batch_size=3 * ROWS,
             batch_timeout_ms=60_000,
-        )
-        server = await ExpertServer(config).start()
-        client = ExpertClient(f"127.0.0.1:{server.port}")
-        try:
+        ) as (server, client):
             backend = server.backends["ffn.0"]
             for _ in range(70):  # warm-up (64): full batches of honest rows run at once
                 x, g = torch.randn(3 * ROWS, H), 0.1 * torch.randn(3 * ROWS, H)
@@ -267,9 +253,6 @@ def test_grad_norm_outlier_is_refused_and_batchmates_share_one_step() -> None:
                     backend.module.state_dict()[name], value, atol=1e-6, rtol=0
                 )
             assert _metric(server, "dmoe_expert_rejected_total", reason="grad_norm_outlier") == 1
-        finally:
-            await client.close()
-            await server.stop(0.5)
 
     asyncio.run(scenario())
 
@@ -280,40 +263,45 @@ def test_honest_training_goes_on_beside_a_hostile_client() -> None:
     succeeds, every hostile one is refused, the weights stay finite and the objective falls."""
 
     async def scenario() -> None:
-        config = ExpertConfig(
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(ROWS, H, generator=gen) for _ in range(2)]
+        cs = [torch.randn(ROWS, H, generator=gen) / ROWS for _ in range(2)]
+        async with serve_expert(
             experts=["ffn.0"],
             hidden_dim=H,
             seed=2,
             max_batch_size=3 * ROWS,
             batch_timeout_ms=60_000,
             optimizer=OptimizerConfig(lr=1e-2),
-        )
-        server = await ExpertServer(config).start()
-        clients = [ExpertClient(f"127.0.0.1:{server.port}") for _ in range(3)]
-        gen = torch.Generator().manual_seed(0)
-        xs = [torch.randn(ROWS, H, generator=gen) for _ in range(2)]
-        cs = [torch.randn(ROWS, H, generator=gen) / ROWS for _ in range(2)]
+        ) as (server, client):
+            # honest clients[0] and [1], hostile clients[2]: each its own channel
+            others = [ExpertClient(f"127.0.0.1:{server.port}") for _ in range(2)]
+            clients = [client, *others]
 
-        async def objective() -> float:  # one full batch: the pool runs it at once
-            batch = torch.cat([*xs, torch.zeros(ROWS, H)])
-            (out,) = await clients[0].forward("ffn.0", [batch], timeout=60)
-            return sum(float((o * c).sum()) for o, c in zip(out.split(ROWS)[:2], cs, strict=True))
+            async def objective() -> float:  # one full batch: the pool runs it at once
+                batch = torch.cat([*xs, torch.zeros(ROWS, H)])
+                (out,) = await client.forward("ffn.0", [batch], timeout=60)
+                parts = zip(out.split(ROWS)[:2], cs, strict=True)
+                return sum(float((o * c).sum()) for o, c in parts)
 
-        try:
-            start = await objective()
-            rounds = 40  # the outlier check starts after 64 honest requests (32 rounds)
-            for r in range(rounds):
-                scale = 3e38 if r < 32 else 1e4
-                hostile = (torch.randn(ROWS, H), torch.full((ROWS, H), scale))
-                calls = [
-                    clients[i].backward("ffn.0", [xs[i]], [cs[i]], timeout=60) for i in range(2)
-                ]
-                calls.append(clients[2].backward("ffn.0", [hostile[0]], [hostile[1]], timeout=60))
-                *honest, bad = await asyncio.gather(*calls, return_exceptions=True)
-                assert all(not isinstance(o, BaseException) for o in honest), (r, honest)
-                _refused(bad)
-                assert _all_finite(server.backends["ffn.0"])
-            end = await objective()
+            try:
+                start = await objective()
+                rounds = 40  # the outlier check starts after 64 honest requests (32 rounds)
+                for r in range(rounds):
+                    scale = 3e38 if r < 32 else 1e4
+                    x, g = torch.randn(ROWS, H), torch.full((ROWS, H), scale)
+                    calls = [
+                        clients[i].backward("ffn.0", [xs[i]], [cs[i]], timeout=60) for i in range(2)
+                    ]
+                    calls.append(clients[2].backward("ffn.0", [x], [g], timeout=60))
+                    *honest, bad = await asyncio.gather(*calls, return_exceptions=True)
+                    assert all(not isinstance(o, BaseException) for o in honest), (r, honest)
+                    _refused(bad)
+                    assert _all_finite(server.backends["ffn.0"])
+                end = await objective()
+            finally:
+                for other in others:
+                    await other.close()
             assert end < start - 1.0, (start, end)
             assert _metric(server, "dmoe_expert_rejected_total", reason="nonfinite_step") >= 1
             assert _metric(server, "dmoe_expert_rejected_total", reason="grad_norm_outlier") >= 1
@@ -323,9 +311,5 @@ def test_honest_training_goes_on_beside_a_hostile_client() -> None:
             assert honest_ok == 2 * rounds
             # every honest step was certified finite: none needed the copy the undo uses
             assert server.backends["ffn.0"].guard.copies == 0
-        finally:
-            for c in clients:
-                await c.close()
-            await server.stop(0.5)
 
     asyncio.run(scenario())
