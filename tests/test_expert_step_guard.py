@@ -121,3 +121,13 @@ def test_large_norms_take_the_copy_and_a_loaded_state_is_measured() -> None:
     guard.measure()  # as after load_state_dict: the next step knows the state is large
     param.grad = torch.ones(4)
     assert guard.step(2.0) and guard.copies == 2
+
+
+def test_a_non_finite_state_is_never_certified() -> None:
+    """NaN in a parameter (say, loaded from elsewhere): not certified, so the step takes the
+    copy, and a step that leaves the NaN is undone (returns False) rather than kept."""
+    param = torch.nn.Parameter(torch.tensor([1.0, float("nan"), 0.0, 0.0]))
+    guard = StepGuard([param], torch.optim.SGD([param], lr=1e-3, momentum=0.9))
+    assert not guard.measure()
+    param.grad = torch.ones(4)
+    assert not guard.step(2.0) and guard.copies == 1

@@ -151,12 +151,14 @@ class StepGuard:
 
 
 def _largest_norm(tensors: list[torch.Tensor]) -> float:
-    """The largest L2 norm among ``tensors`` (0 for none; inf or NaN if one overflows: then
-    :func:`_finite` decides, and the next step is not certified)."""
+    """The largest L2 norm among ``tensors`` (0 for none). inf if one overflows or is NaN (NaN
+    would slip through ``max`` and ``<=``): then :func:`_finite` decides, and the next step is
+    not certified."""
     if not tensors:
         return 0.0
     with torch.no_grad():
-        return float(torch.stack(torch._foreach_norm(tensors)).max())
+        largest = float(torch.stack(torch._foreach_norm(tensors)).max())
+    return math.inf if math.isnan(largest) else largest
 
 
 def _finite(tensors: list[torch.Tensor], largest_norm: float) -> bool:
