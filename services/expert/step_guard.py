@@ -29,7 +29,7 @@ value (it is *certified*), or it is checked after it ran and undone if it did:
 
 Why two paths: measured inside the expert's backward (ffn, 1.6 M parameters, one CPU thread,
 ~17 ms for 96 rows), the copy costs ~1.9 ms and checking parameters and state ~1.0 ms, measuring
-the parameters alone ~0.35 ms. Honest training stays certified (parameter norms ~1e2, clipped
+the parameters alone ~0.4 ms. Honest training stays certified (parameter norms ~1e2, clipped
 gradients <= 1; a loaded checkpoint is measured first); a hostile gradient, a hyper-parameter
 out of range or an optimizer not listed takes the copy.
 """
