@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -10,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from services.common.healthcheck import wait_serving
 from services.common.tls import TLSConfig
@@ -105,3 +107,22 @@ async def make_swarm(
         nodes.append(await start_node(config, initial_peers=peers))
     await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in nodes)), 60)
     return nodes
+
+
+@contextlib.asynccontextmanager
+async def serve_expert(
+    client_bytes: int = 64 * 1024 * 1024, **config: object
+) -> AsyncIterator[tuple[Any, Any]]:
+    """An in-process expert server (``ExpertConfig(**config)``) and an ``ExpertClient`` for it.
+
+    The expert modules (and torch) are imported here, not with this file: DHT tests share it."""
+    from services.expert.client import ExpertClient
+    from services.expert.server import ExpertConfig, ExpertServer
+
+    server = await ExpertServer(ExpertConfig(**config)).start()  # type: ignore[arg-type]
+    client = ExpertClient(f"127.0.0.1:{server.port}", max_message_bytes=client_bytes)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        await server.stop(0.5)

@@ -8,17 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
-from helpers import free_port
+from helpers import free_port, serve_expert
 
 from services.common.healthcheck import wait_serving
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.checkpoints import list_checkpoints
 from services.expert.client import ExpertClient
 from services.expert.layers import get_expert_class
+from services.expert.server import ExpertConfig, ExpertServer
 
 ROOT = Path(__file__).resolve().parent.parent
 H = 16
@@ -126,3 +128,73 @@ def test_sigterm_and_kill9_restore(tmp_path: Path) -> None:
             torch.testing.assert_close(saved[index][key], value, atol=1e-6, rtol=0)
     assert len(list_checkpoints(ckpt, "ffn.0")) == 2  # --checkpoint-keep 2
     assert not list((ckpt / "ffn.0").glob(".tmp-*"))
+
+
+def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """While a checkpoint is being written (held inside ``torch.save`` here until the test lets
+    it go), the expert keeps computing: a backward and a forward complete. The file holds the
+    state of the moment it was taken (step 1), not the step taken during the write."""
+    entered, release = threading.Event(), threading.Event()
+    real_save = torch.save
+
+    def held_save(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert release.wait(60), "the test never released the checkpoint write"
+        return real_save(*args, **kwargs)
+
+    async def scenario() -> None:
+        async with serve_expert(
+            experts=["ffn.0"], hidden_dim=H, seed=1, checkpoint_dir=str(tmp_path),
+            checkpoint_every=0,
+        ) as (server, client):  # fmt: skip
+            x, g = torch.randn(4, H), torch.randn(4, H)
+            await client.backward("ffn.0", [x], [g], timeout=30)
+            backend = server.backends["ffn.0"]
+            with backend.lock:
+                step1 = {k: v.clone() for k, v in backend.module.state_dict().items()}
+            monkeypatch.setattr(torch, "save", held_save)
+            writing = asyncio.create_task(server.checkpoint_now())
+            try:
+                assert await asyncio.to_thread(entered.wait, 60), "no checkpoint write started"
+                await client.backward("ffn.0", [x], [g], timeout=30)
+                await client.forward("ffn.0", [x], timeout=30)
+                assert backend.steps == 2
+            finally:
+                release.set()
+                await writing
+            monkeypatch.setattr(torch, "save", real_save)
+            saved = _checkpoint(tmp_path, "ffn.0", 1)
+            assert saved["steps"] == 1
+            for name, value in step1.items():
+                assert torch.equal(saved["model"][name], value), name
+
+    asyncio.run(scenario())
+
+
+def test_a_checkpoint_with_non_finite_values_is_skipped(tmp_path: Path) -> None:
+    """A newest checkpoint holding NaN (written before steps were guarded) is not restored: the
+    server falls back to the previous one, so the poison does not come back."""
+    from services.expert.checkpoints import save
+
+    local = ExpertBackend("ffn.0", get_expert_class("ffn"), H, OptimizerConfig())
+    local.backward([torch.randn(4, H)], [torch.randn(4, H)])
+    good = local.snapshot_state()
+    save(good, tmp_path, keep=3)
+    poisoned = local.snapshot_state()
+    poisoned["steps"] = 2
+    next(iter(poisoned["model"].values())).view(-1)[0] = float("nan")
+    save(poisoned, tmp_path, keep=3)
+
+    async def scenario() -> None:
+        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=9,
+                              checkpoint_dir=str(tmp_path), checkpoint_every=0)  # fmt: skip
+        server = await ExpertServer(config).start()
+        try:
+            backend = server.backends["ffn.0"]
+            assert backend.steps == 1
+            for name, value in backend.module.state_dict().items():
+                assert torch.equal(value, good["model"][name]), name
+        finally:
+            await server.stop(0.5)
+
+    asyncio.run(scenario())

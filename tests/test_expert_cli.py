@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -55,7 +56,9 @@ def test_help_and_bad_pattern_at_startup() -> None:
     assert helped.returncode == 0
     for flag in (
         "--experts", "--max-batch-size", "--simulate-failure-rate", "DMOE_EXPERTS",
-        "--initial-peers", "--dht-peers", "DMOE_INITIAL_PEERS",
+        "--initial-peers", "--dht-peers", "DMOE_INITIAL_PEERS", "--clip-grad-norm",
+        "--max-grad-norm-ratio", "DMOE_MAX_GRAD_NORM_RATIO", "--max-queue-bytes",
+        "--max-free-dim", "--max-stream-bytes", "--max-receive-bytes", "DMOE_MAX_RECEIVE_BYTES",
     ):  # fmt: skip
         assert flag in helped.stdout
     bad = subprocess.run(
@@ -67,6 +70,14 @@ def test_help_and_bad_pattern_at_startup() -> None:
     )
     assert bad.returncode == 2
     assert "bad expert pattern" in bad.stderr
+    small = subprocess.run(
+        [sys.executable, "-m", "services.expert", "--no-dht", "--port", "0", "--metrics-port",
+         "-1", "--experts", "nop.0", "--expert-cls", "nop", "--hidden-dim", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DMOE_MAX_RECEIVE_BYTES": "1000", "DMOE_MAX_STREAM_BYTES": "2000"},
+    )  # fmt: skip
+    assert small.returncode == 2
+    assert "--max-receive-bytes" in small.stderr
 
 
 def test_autograd_lazy_imports_are_paid_at_startup() -> None:

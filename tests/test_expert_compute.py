@@ -4,16 +4,14 @@ compression stays within its documented bounds; 20 MiB requests and replies roun
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+from helpers import serve_expert
 
 from services.expert.backend import make_optimizer
-from services.expert.client import ExpertClient
-from services.expert.server import ExpertConfig, ExpertServer
+from services.expert.server import ExpertServer
 from services.proto import tensor_pb2
 
 H = 32
@@ -47,19 +45,6 @@ class Gated(nn.Module):
 '''
 
 
-@contextlib.asynccontextmanager
-async def serve(
-    client_bytes: int = 64 * 1024 * 1024, **config: object
-) -> AsyncIterator[tuple[ExpertServer, ExpertClient]]:
-    server = await ExpertServer(ExpertConfig(**config)).start()  # type: ignore[arg-type]
-    client = ExpertClient(f"127.0.0.1:{server.port}", max_message_bytes=client_bytes)
-    try:
-        yield server, client
-    finally:
-        await client.close()
-        await server.stop(0.5)
-
-
 def _sample_inputs(server: ExpertServer, uid: str, rows: int) -> list[torch.Tensor]:
     torch.manual_seed(rows)
     return [s.sample(rows, free_dim=5) for s in server.backends[uid].input_schemas]
@@ -67,7 +52,7 @@ def _sample_inputs(server: ExpertServer, uid: str, rows: int) -> list[torch.Tens
 
 async def _check_class(expert_cls: str, custom: str | None = None) -> None:
     uid = f"{expert_cls}.0"
-    async with serve(experts=[uid], expert_cls=expert_cls, hidden_dim=H, seed=1,
+    async with serve_expert(experts=[uid], expert_cls=expert_cls, hidden_dim=H, seed=1,
                      custom_module=custom) as (server, client):  # fmt: skip
         backend = server.backends[uid]
         local = copy.deepcopy(backend.module)
@@ -95,9 +80,13 @@ async def _check_class(expert_cls: str, custom: str | None = None) -> None:
             assert r.shape == want.shape and r.dtype == want.dtype
             torch.testing.assert_close(r, want, atol=1e-5, rtol=0)
 
-        # the server applied exactly one optimizer step, as the local optimizer does
+        # the server applied exactly one optimizer step, as the local optimizer does (with the
+        # server's gradient clipping, on by default)
         before = [p.detach().clone() for p in params]
         if local_opt is not None:
+            clip = backend.optimizer_config.clip_grad_norm
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             local_opt.step()
         info = await client.info(uid)
         assert info.optimizer_steps == 1
@@ -130,7 +119,7 @@ def _bound(kind: int, x: torch.Tensor) -> torch.Tensor:
 
 def test_compression_round_trips_within_bounds() -> None:
     async def scenario() -> None:
-        async with serve(experts=["nop.0"], expert_cls="nop", hidden_dim=256) as (_, client):
+        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=256) as (_, client):
             torch.manual_seed(0)
             x = torch.randn(64, 256) * 3
             kinds = (
@@ -160,7 +149,7 @@ def test_20_mib_request_and_reply_unary_and_streamed() -> None:
 
     async def scenario() -> None:
         # default 64 MiB limit: forward fits a unary call; backward (40 MiB + reply) too
-        async with serve(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
+        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
                          max_batch_size=8192) as (_, client):  # fmt: skip
             (out,) = await client.forward("nop.0", [x], timeout=60)
             assert torch.equal(out, x)
@@ -168,7 +157,7 @@ def test_20_mib_request_and_reply_unary_and_streamed() -> None:
             assert torch.equal(grad, g)
         # 4 MiB message limit on both sides: the same calls go over the streaming RPCs
         limit = 4 * 1024 * 1024
-        async with serve(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
+        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
                          max_batch_size=8192, max_message_bytes=limit,
                          client_bytes=limit) as (server, client):  # fmt: skip
             (out,) = await client.forward("nop.0", [x], timeout=60)

@@ -68,7 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     o.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     o.add_argument("--total-steps", type=int, default=0, help="> 0: linear decay to 0 at this step")
-    o.add_argument("--clip-grad-norm", type=float, default=0.0, help="> 0: clip the gradient norm")
+    o.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip each step's global gradient norm to this; a step whose norm overflows is "
+        "refused and its culprit request isolated. 1.0 is the usual choice for Adam (which is "
+        "insensitive to the gradient's scale, so honest steps change little) and bounds what "
+        "any batch can do to the weights and to Adam's moments (0: off)",
+    )
+    o.add_argument(
+        "--max-grad-norm-ratio",
+        type=float,
+        default=20.0,
+        help="refuse a backward whose grad_outputs RMS exceeds this many times the 90th "
+        "percentile of the expert's last 256 backward requests (checked from the 65th on), "
+        "so that no single request steers the expert (0: off)",
+    )
     b = parser.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=2048, help="samples per batch at most")
     b.add_argument(
@@ -79,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="samples queued per expert and method before RESOURCE_EXHAUSTED (0: 8 x max batch)",
+    )
+    b.add_argument(
+        "--max-queue-bytes",
+        type=int,
+        default=128 * 1024 * 1024,
+        help="bytes of tensor data queued per expert and method before RESOURCE_EXHAUSTED "
+        "(two of the largest requests; an empty queue takes any request)",
+    )
+    b.add_argument(
+        "--max-free-dim",
+        type=int,
+        default=1024,
+        help="largest size of a free schema dimension, e.g. a transformer expert's sequence "
+        "length (INVALID_ARGUMENT past it)",
     )
     b.add_argument("--compute-threads", type=int, default=0, help="batches run at once (0: auto)")
     b.add_argument("--torch-threads", type=int, default=0, help="intra-op threads each (0: auto)")
@@ -92,8 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--max-stream-bytes",
         type=int,
-        default=1024 * 1024 * 1024,
-        help="largest request accepted over the streaming RPCs",
+        default=64 * 1024 * 1024,
+        help="largest request accepted over the streaming RPCs, refused on its first chunk "
+        "(unary requests are bounded by --max-message-bytes)",
+    )
+    b.add_argument(
+        "--max-receive-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="bytes all streamed requests being received may hold together before "
+        "RESOURCE_EXHAUSTED (at least --max-stream-bytes)",
     )
     d = parser.add_argument_group("dht")
     d.add_argument(
@@ -139,6 +177,9 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
             total_steps=args.total_steps,
             clip_grad_norm=args.clip_grad_norm,
         ),
+        max_grad_norm_ratio=args.max_grad_norm_ratio,
+        max_queue_bytes=args.max_queue_bytes,
+        max_free_dim=args.max_free_dim,
         device=args.device,
         seed=args.seed,
         max_batch_size=args.max_batch_size,
@@ -153,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         max_stream_bytes=args.max_stream_bytes,
+        max_receive_bytes=args.max_receive_bytes,
         dht_peers=[] if args.no_dht else args.initial_peers,
         update_period=args.update_period,
         checkpoint_dir=args.checkpoint_dir,

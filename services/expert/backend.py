@@ -5,10 +5,16 @@ server keeps no activations between calls, so a lost or never-sent backward cost
 backpropagates the caller's output gradients, applies one optimizer step, and returns the
 gradients of the inputs. Requests are validated against the declared schemas *before* they
 are batched, so a bad request never mixes into a batch or touches the weights.
+
+Values that pass validation can still be hostile (finite but huge gradients), so a step is
+all-or-nothing: a gradient norm that overflows refuses it before it is taken, and a step that
+leaves any parameter or optimizer-state value non-finite is undone exactly (``StepGuard``).
+Either raises :class:`StepRejected`, which the pool answers by isolating the culprit request.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -21,12 +27,33 @@ from torch import nn
 
 from services.common.tensor_codec import dtype_name
 from services.expert.layers import ExpertClass, Schema, num_parameters
+from services.expert.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
-    """A request that does not match the expert (answered INVALID_ARGUMENT)."""
+    """A request that does not match the expert (answered INVALID_ARGUMENT).
+
+    ``reason`` is its label in ``dmoe_expert_rejected_total{reason}``.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class StepRejected(BadRequest):
+    """The optimizer step of a batch was refused or undone; weights and state are as before.
+
+    ``cause`` labels ``dmoe_expert_steps_rejected_total{reason}``: ``nonfinite_gradient`` (the
+    gradient norm overflowed; nothing was applied) or ``nonfinite_result`` (the step left a
+    non-finite value and was undone).
+    """
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message, reason="nonfinite_step")
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -37,7 +64,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     total_steps: int = 0  # > 0: linear decay to 0 at this step
-    clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm
+    clip_grad_norm: float = 1.0  # > 0: clip the global gradient norm of each step to this
 
 
 def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -97,18 +124,21 @@ class ExpertBackend:
         *,
         device: str = "cpu",
         max_batch_size: int = 2048,
+        max_free_dim: int = 1024,
     ) -> None:
         self.uid = uid
         self.expert_class = expert_class
         self.hidden_dim = hidden_dim
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.max_free_dim = max_free_dim
         self.module = expert_class.build(hidden_dim).to(self.device).train()
         self.input_schemas: list[Schema] = expert_class.inputs(hidden_dim)
         self.output_schemas: list[Schema] = expert_class.outputs(hidden_dim)
         self.optimizer_config = optimizer
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, optimizer) if self.params else None
+        self.guard = StepGuard(self.params, self.optimizer) if self.optimizer else None
         self.steps = 0
         self.num_parameters = num_parameters(self.module)
         self.lock = threading.Lock()
@@ -144,8 +174,15 @@ class ExpertBackend:
                 raise BadRequest(
                     f"{name}: expected rank {len(schema.shape) + 1} {want}, got shape {list(shape)}"
                 )
-            if any(w >= 0 and a != w for a, w in zip(shape[1:], schema.shape, strict=True)):
-                raise BadRequest(f"{name}: expected shape {want}, got {list(shape)}")
+            for a, w in zip(shape[1:], schema.shape, strict=True):
+                if w >= 0 and a != w:
+                    raise BadRequest(f"{name}: expected shape {want}, got {list(shape)}")
+                if w < 0 and not 1 <= a <= self.max_free_dim:
+                    raise BadRequest(
+                        f"{name}: free dimension of size {a} in shape {list(shape)}; it must be "
+                        f"at least 1 and at most {self.max_free_dim} (--max-free-dim)",
+                        reason="free_dim_too_large" if a else "malformed",
+                    )
             if rows is None:
                 rows = shape[0]
             elif shape[0] != rows:
@@ -156,7 +193,8 @@ class ExpertBackend:
         if rows > self.max_batch_size:
             raise BadRequest(
                 f"request has {rows} rows but expert {self.uid} takes at most "
-                f"{self.max_batch_size} per batch (--max-batch-size); split the request"
+                f"{self.max_batch_size} per batch (--max-batch-size); split the request",
+                reason="batch_too_large",
             )
         return rows
 
@@ -177,7 +215,9 @@ class ExpertBackend:
             if not tensor.is_floating_point() or math.isfinite(tensor.sum().item()):
                 continue
             if not bool(torch.isfinite(tensor).all()):
-                raise BadRequest(f"{self._name(i)}: contains NaN or infinite values")
+                raise BadRequest(
+                    f"{self._name(i)}: contains NaN or infinite values", reason="nonfinite"
+                )
 
     # ---- compute (a scheduler worker thread, with ``lock`` held) ----
 
@@ -209,19 +249,43 @@ class ExpertBackend:
         return [g.detach().cpu() for g in grads]
 
     def _step(self) -> None:
-        if self.optimizer is not None:
+        """One optimizer step, all or nothing; raises :class:`StepRejected` (nothing changed)."""
+        if self.optimizer is None or self.guard is None:
+            self.steps += 1
+            return
+        try:
             config = self.optimizer_config
-            if config.clip_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, config.clip_grad_norm)
-                if not torch.isfinite(norm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise BadRequest("non-finite gradient norm; the step was skipped")
+            norm = self._grad_norm(config.clip_grad_norm)
             factor = lr_factor(config, self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = config.lr * factor
-            self.optimizer.step()
+            if not self.guard.step(norm):
+                raise StepRejected(
+                    "these grad_outputs would make the expert's weights or optimizer state "
+                    "non-finite; the step was undone",
+                    cause="nonfinite_result",
+                )
+        finally:
             self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+
+    def _grad_norm(self, clip: float) -> float:
+        """The gradients' global norm, clipped to ``clip`` when > 0; an overflowing norm
+        refuses the step before anything is applied. Unlike ``clip_grad_norm_`` it skips the
+        multiply (a pass over every gradient) when no clipping is needed."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        value = float(norm)
+        if not math.isfinite(value):
+            raise StepRejected(
+                f"these grad_outputs make the gradient norm non-finite ({value}); "
+                "the step was not applied",
+                cause="nonfinite_gradient",
+            )
+        if clip > 0 and value + 1e-6 > clip:  # clip_grad_norm_'s coefficient clip/(norm+1e-6)
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm, foreach=True)
+            return clip
+        return value
 
     # ---- checkpoints ----
 
@@ -235,13 +299,26 @@ class ExpertBackend:
             "steps": self.steps,
         }
 
+    def snapshot_state(self) -> dict[str, Any]:
+        """A copy of :meth:`state_dict` that later steps do not change (caller holds ``lock``):
+        checkpoints copy under the lock (~1 ms per million parameters) and write outside it."""
+        return copy.deepcopy(self.state_dict())
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("expert_class") != self.expert_class.name:
             raise ValueError(
                 f"checkpoint is a {state.get('expert_class')!r} expert, not "
                 f"{self.expert_class.name!r}"
             )
+        tensors = list(state["model"].values())
+        for param_state in (state.get("optimizer") or {}).get("state", {}).values():
+            tensors.extend(v for v in param_state.values() if isinstance(v, torch.Tensor))
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            # written before steps were guarded: restoring it would bring the poison back
+            raise ValueError("checkpoint holds NaN or infinite weights or optimizer state")
         self.module.load_state_dict(state["model"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.guard is not None:
+            self.guard.measure()  # the next step's certificate needs the loaded norms
         self.steps = int(state["steps"])

@@ -5,6 +5,10 @@ directory, is fsynced, then renamed over (rename is atomic on POSIX), so a crash
 leaves the previous checkpoint intact. The newest ``keep`` files per expert survive. On start
 the newest readable file is restored (an unreadable one is skipped with a warning, so one
 damaged file does not lose all progress).
+
+The expert's lock is held only to copy its state (~1 ms per million parameters), not through
+``torch.save`` and ``fsync`` (tens of ms to seconds on a slow disk), so checkpoints do not stall
+compute; the price is one transient copy of one expert's state at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,15 +40,16 @@ def list_checkpoints(root: Path, uid: str) -> list[Path]:
     return sorted(p for p in folder.glob("*.pt") if not p.name.startswith("."))
 
 
-def save(backend: ExpertBackend, root: Path, keep: int) -> Path:
-    """Write ``backend``'s state (caller holds ``backend.lock``) and prune old files."""
-    folder = expert_dir(root, backend.uid)
+def save(state: dict[str, Any], root: Path, keep: int) -> Path:
+    """Write ``state`` (an expert's :meth:`~ExpertBackend.snapshot_state`) and prune old files."""
+    uid, steps = state["uid"], int(state["steps"])
+    folder = expert_dir(root, uid)
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{backend.steps:012d}-{int(time.time() * 1000):013d}.pt"
+    name = f"{steps:012d}-{int(time.time() * 1000):013d}.pt"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as file:
-            torch.save(backend.state_dict(), file)
+            torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         target = folder / name
@@ -56,7 +62,7 @@ def save(backend: ExpertBackend, root: Path, keep: int) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(root, backend.uid)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(root, uid)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return target
 
@@ -90,6 +96,7 @@ class Checkpointer:
         self.keep = keep
         self.saved_steps: dict[str, int] = {}
         self.saved_at: dict[str, float] = {}
+        self._writing = threading.Lock()  # one save_all at a time (periodic and on stop)
 
     def restore(self) -> None:
         for backend in self.backends:
@@ -101,18 +108,23 @@ class Checkpointer:
     def save_all(self, force: bool = False) -> tuple[int, int]:
         """Blocking (run it in a thread). Returns (written, failed)."""
         written = failed = 0
-        for backend in self.backends:
-            with backend.lock:
-                if not force and self.saved_steps.get(backend.uid) == backend.steps:
-                    self.saved_at[backend.uid] = time.time()  # nothing new: still current
-                    continue
+        with self._writing:
+            for backend in self.backends:
+                with backend.lock:  # only to copy: compute goes on while the copy is written
+                    steps = backend.steps
+                    if not force and self.saved_steps.get(backend.uid) == steps:
+                        self.saved_at[backend.uid] = time.time()  # nothing new: still current
+                        continue
+                    state = backend.snapshot_state()
                 try:
-                    save(backend, self.root, self.keep)
+                    save(state, self.root, self.keep)
                 except Exception:
                     failed += 1
                     log.exception("checkpoint failed", extra={"expert": backend.uid})
                     continue
-                self.saved_steps[backend.uid] = backend.steps
+                finally:
+                    del state
+                self.saved_steps[backend.uid] = steps
                 self.saved_at[backend.uid] = time.time()
                 written += 1
         return written, failed

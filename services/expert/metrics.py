@@ -37,6 +37,18 @@ class ExpertMetrics:
             ["expert", "method"],
             registry=registry,
         )
+        self.queued_bytes = Gauge(
+            "dmoe_expert_queued_bytes",
+            "Bytes of tensor data waiting in an expert's pool (bounded by --max-queue-bytes)",
+            ["expert", "method"],
+            registry=registry,
+        )
+        self.receive_bytes = Gauge(
+            "dmoe_expert_stream_receive_bytes",
+            "Bytes of streamed requests received and not yet parsed, over all streams "
+            "(bounded by --max-receive-bytes)",
+            registry=registry,
+        )
         self.queue_wait = Histogram(
             "dmoe_expert_queue_wait_seconds",
             "Time from a request entering its pool to its batch starting",
@@ -84,6 +96,13 @@ class ExpertMetrics:
             ["expert"],
             registry=registry,
         )
+        self.steps_rejected = Counter(
+            "dmoe_expert_steps_rejected",
+            "Optimizer steps refused (nonfinite_gradient: nothing applied) or undone "
+            "(nonfinite_result), by expert; each is followed by a retry without the culprit",
+            ["expert", "reason"],
+            registry=registry,
+        )
         self.checkpoints = Counter(
             "dmoe_expert_checkpoints", "Checkpoints written", registry=registry
         )
@@ -127,6 +146,7 @@ class ExpertMetrics:
             self.samples.labels(uid, method)
             self.requests.labels(uid, method, "OK")
             self.queued_rows.labels(uid, method)
+            self.queued_bytes.labels(uid, method)
 
     def checkpointed(self, times: dict[str, float]) -> None:
         """Record the latest checkpoint time of each expert."""

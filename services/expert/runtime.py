@@ -26,7 +26,7 @@ import torch
 
 from services.expert.backend import BadRequest
 from services.expert.metrics import ExpertMetrics
-from services.expert.task_pool import BACKWARD, PoolClosed, Task, TaskPool
+from services.expert.task_pool import PoolClosed, Task, TaskPool
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,13 @@ def default_parallelism(device: str, num_experts: int) -> tuple[int, int]:
 
 
 class BatchError(Exception):
-    """A batch failed; carries the gRPC status every request in it gets."""
+    """A request failed in its batch: the gRPC status it gets, and the reason it is counted
+    under in ``dmoe_expert_rejected_total`` (None: not a refusal of its input)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class DeviceScheduler:
@@ -146,7 +148,7 @@ class DeviceScheduler:
         try:
             replies = pool.run(batch)
         except BadRequest as exc:
-            raise BatchError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            raise BatchError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason) from exc
         except Exception as exc:
             log.exception("batch failed", extra={"expert": pool.backend.uid})
             raise BatchError(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}") from exc
@@ -168,7 +170,9 @@ class DeviceScheduler:
         ok = [not isinstance(r, BadRequest) for r in replies]
         for task, reply, fine in zip(batch, replies, ok, strict=True):
             if not fine and not task.future.done():
-                task.future.set_exception(BatchError(grpc.StatusCode.INVALID_ARGUMENT, str(reply)))
+                task.future.set_exception(
+                    BatchError(grpc.StatusCode.INVALID_ARGUMENT, str(reply), reply.reason)
+                )
         batch = [task for task, fine in zip(batch, ok, strict=True) if fine]
         replies = [reply for reply, fine in zip(replies, ok, strict=True) if fine]
         if not batch:
@@ -178,8 +182,6 @@ class DeviceScheduler:
         pool.m_rows.observe(rows)
         pool.m_requests.observe(len(batch))
         pool.m_samples.inc(rows)
-        if pool.method == BACKWARD:
-            pool.m_steps.inc()
         for task, reply in zip(batch, replies, strict=True):
             if not task.future.done():
                 task.future.set_result(reply)

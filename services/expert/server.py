@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity, default_identity_path, resolve_identity
 from services.common.limits import ServerLimits
+from services.common.rejections import Rejections
 from services.common.server import RunningServer, start_server
 from services.common.tls import TLSConfig
 from services.expert import assignment
@@ -26,6 +27,7 @@ from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
 from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
+from services.expert.grad_monitor import GradNormMonitor
 from services.expert.layers import get_expert_class, load_custom_module
 from services.expert.metrics import ExpertMetrics
 from services.expert.runtime import DeviceScheduler, default_parallelism
@@ -48,6 +50,9 @@ class ExpertConfig:
     max_batch_size: int = 2048
     batch_timeout_ms: float = 1.0
     max_queue_samples: int = 0  # 0: 8 x max_batch_size
+    max_queue_bytes: int = 128 * 1024 * 1024  # per expert and method: two largest requests
+    max_free_dim: int = 1024  # largest size of a free (-1) schema dimension
+    max_grad_norm_ratio: float = 20.0  # 0: no outlier check (grad_monitor.py)
     compute_threads: int = 0  # 0: automatic
     torch_threads: int = 0  # 0: automatic
     switch_interval_ms: float = 0.5  # Python's GIL switch interval for the process; 0: keep
@@ -56,7 +61,8 @@ class ExpertConfig:
     port: int = 0
     metrics_port: int | None = None
     max_message_bytes: int = 64 * 1024 * 1024
-    max_stream_bytes: int = 1024 * 1024 * 1024
+    max_stream_bytes: int = 64 * 1024 * 1024
+    max_receive_bytes: int = 256 * 1024 * 1024  # all streams being received, together
     dht_peers: list[str] = field(default_factory=list)
     update_period: float = 15.0
     checkpoint_dir: str | None = None
@@ -88,6 +94,7 @@ class ExpertServer:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = ExpertMetrics(self.registry)
+        self.rejections = Rejections("expert", self.registry, log)
         self.backends: dict[str, ExpertBackend] = {}
         self.pools: dict[tuple[str, str], TaskPool] = {}
         self.scheduler: DeviceScheduler | None = None
@@ -165,10 +172,16 @@ class ExpertServer:
                 cfg.optimizer,
                 device=cfg.device,
                 max_batch_size=cfg.max_batch_size,
+                max_free_dim=cfg.max_free_dim,
             )
 
     async def start(self) -> ExpertServer:
         cfg = self.config
+        if cfg.max_receive_bytes < cfg.max_stream_bytes:
+            raise ValueError(
+                f"--max-receive-bytes ({cfg.max_receive_bytes}) must be at least "
+                f"--max-stream-bytes ({cfg.max_stream_bytes}), or no largest request fits"
+            )
         if cfg.switch_interval_ms > 0:
             # Each torch call in a compute thread releases the GIL; getting it back waits for
             # the event loop to yield it, at worst a whole switch interval (5 ms by default).
@@ -205,7 +218,11 @@ class ExpertServer:
                     method,
                     batch_timeout=cfg.batch_timeout_ms / 1000.0,
                     max_queue_samples=max(bound, cfg.max_batch_size),
+                    max_queue_bytes=cfg.max_queue_bytes,
                     metrics=self.metrics,
+                    monitor=GradNormMonitor(cfg.max_grad_norm_ratio)
+                    if method == BACKWARD and cfg.max_grad_norm_ratio > 0 and backend.optimizer
+                    else None,  # an expert without parameters learns nothing to poison
                 )
                 self.pools[(backend.uid, method)] = pool
                 self.scheduler.add_pool(pool)
@@ -215,8 +232,10 @@ class ExpertServer:
             self.backends,
             self.pools,
             self.metrics,
+            rejections=self.rejections,
             max_message_bytes=cfg.max_message_bytes,
             max_stream_bytes=cfg.max_stream_bytes,
+            max_receive_bytes=cfg.max_receive_bytes,
             failure_rate=cfg.simulate_failure_rate,
             latency_ms=cfg.simulate_latency_ms,
             seed=cfg.seed,

@@ -3,7 +3,12 @@
 Every check that can fail happens before a request joins a pool, so a bad request gets its own
 status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and never reaches a batch or the
 weights. Forward/Backward replies are serialized on the compute thread (``Task.reply``) and
-returned as bytes, so the event loop only moves them to the wire.
+returned as bytes, so the event loop only moves them to the wire. Every refused input is
+counted in ``dmoe_expert_rejected_total{reason}`` and logged (rate-limited) with its peer.
+
+Memory: a streamed request's announced size is checked before anything is kept for it, its
+chunks are appended to one buffer that grows in place, and all streams being received share
+one byte budget (``--max-receive-bytes``), so many slow or stalled streams cannot add up.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
 
@@ -20,8 +25,9 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
-from services.expert.backend import ExpertBackend
+from services.expert.backend import BadRequest, ExpertBackend
 from services.expert.metrics import ExpertMetrics
 from services.expert.runtime import BatchError
 from services.expert.task_pool import BACKWARD, FORWARD, PoolClosed, PoolFull, TaskPool
@@ -36,9 +42,12 @@ _COMPRESSIONS = set(tensor_pb2.Compression.values())
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """Answer ``code`` with ``message``; ``reason`` counts it as refused input (None: not)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
@@ -50,13 +59,14 @@ def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
     return response.SerializeToString()
 
 
-def split_chunks(data: bytes, chunk: int) -> list[expert_pb2.Chunk]:
+def split_chunks(data: bytes, chunk: int) -> Iterator[expert_pb2.Chunk]:
+    """The reply in chunks, made as grpc sends them (not all copied up front)."""
     view = memoryview(data)
-    chunks = [
-        expert_pb2.Chunk(data=bytes(view[i : i + chunk])) for i in range(0, len(data), chunk)
-    ] or [expert_pb2.Chunk()]
-    chunks[0].total_bytes = len(data)
-    return chunks
+    for i in range(0, max(len(data), 1), chunk):
+        message = expert_pb2.Chunk(data=bytes(view[i : i + chunk]))
+        if i == 0:
+            message.total_bytes = len(data)
+        yield message
 
 
 def _schema(schema: object) -> expert_pb2.TensorSchema:
@@ -70,8 +80,10 @@ class ExpertServicer:
         pools: dict[tuple[str, str], TaskPool],
         metrics: ExpertMetrics,
         *,
+        rejections: Rejections,
         max_message_bytes: int,
         max_stream_bytes: int,
+        max_receive_bytes: int,
         failure_rate: float = 0.0,
         latency_ms: float = 0.0,
         seed: int | None = None,
@@ -83,6 +95,9 @@ class ExpertServicer:
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.max_stream_bytes = max_stream_bytes
+        self.max_receive_bytes = max_receive_bytes
+        self.rejections = rejections
+        self._receiving = 0  # bytes held by streams being received
         self.failure_rate = failure_rate
         self.latency = latency_ms / 1000.0
         self._rng = random.Random(seed)
@@ -185,7 +200,7 @@ class ExpertServicer:
                 )
             return reply
         except RequestFailed as exc:
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, method, exc)
             raise  # unreachable: abort raises
 
     async def _stream(
@@ -196,51 +211,95 @@ class ExpertServicer:
     ) -> AsyncIterator[expert_pb2.Chunk]:
         try:
             data, reply_chunk = await self._collect(chunks)
+            size = len(data)
             try:
                 request = expert_pb2.ExpertRequest.FromString(data)
             except DecodeError as exc:
                 raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed streamed request: {exc}"
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"malformed streamed request: {exc}",
+                    "malformed",
                 ) from exc
+            finally:
+                del data  # the parsed message holds its own copy
+                self._hold(-size)
             reply = await self._call(method, request)
         except RequestFailed as exc:
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, method, exc)
             return
         for chunk in split_chunks(reply, reply_chunk):
             yield chunk
 
-    async def _collect(self, chunks: AsyncIterator[expert_pb2.Chunk]) -> tuple[bytes, int]:
-        parts: list[bytes] = []
-        total = received = 0
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, method: str, exc: RequestFailed
+    ) -> None:
+        """Answer ``exc``; a refused input is counted and logged with its peer's host."""
+        if exc.reason is not None:
+            peer = context.peer() or ""
+            host = peer.rpartition(":")[0] or peer  # not the port: one key per host
+            message = f"refused {method}: {exc}"
+            self.rejections.reject(exc.reason, message, source=host, code=exc.code.name)
+        await context.abort(exc.code, str(exc))
+
+    def _hold(self, size: int) -> None:
+        """Take ``size`` bytes from the receive budget (give them back with a negative size)."""
+        if size > 0 and self._receiving + size > self.max_receive_bytes:
+            raise RequestFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"streamed requests being received hold {self._receiving} bytes; {size} more "
+                f"would pass the {self.max_receive_bytes}-byte budget (--max-receive-bytes); "
+                "retry later",
+                "receive_budget",
+            )
+        self._receiving += size
+        self.metrics.receive_bytes.set(self._receiving)
+
+    async def _collect(self, chunks: AsyncIterator[expert_pb2.Chunk]) -> tuple[bytearray, int]:
+        """The streamed request's bytes, and the chunk size for the reply.
+
+        The announced ``total_bytes`` is checked on the first chunk, before anything is kept.
+        Chunks are appended to one ``bytearray`` (grown in place by realloc, so what arrived
+        before is not copied again, and only what arrived is held), each taking its size from
+        the receive budget; the caller gives the buffer's size back after parsing it.
+        """
+        buffer = bytearray()
+        total = 0
         reply_chunk = min(self.max_message_bytes - 1024, STREAM_CHUNK_CAP)
         first = True
-        async for chunk in chunks:
-            if first:
-                total, first = chunk.total_bytes, False
-                if chunk.max_chunk_bytes > 0:
-                    reply_chunk = min(reply_chunk, chunk.max_chunk_bytes)
-                if total > self.max_stream_bytes:
+        try:
+            async for chunk in chunks:
+                if first:
+                    total, first = chunk.total_bytes, False
+                    if chunk.max_chunk_bytes > 0:
+                        reply_chunk = min(reply_chunk, chunk.max_chunk_bytes)
+                    if total > self.max_stream_bytes:
+                        raise RequestFailed(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"streamed request of {total} bytes exceeds the limit of "
+                            f"{self.max_stream_bytes} (--max-stream-bytes)",
+                            "request_too_large",
+                        )
+                data = chunk.data
+                if len(buffer) + len(data) > total:
                     raise RequestFailed(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"streamed request of {total} bytes exceeds the limit of "
-                        f"{self.max_stream_bytes} (--max-stream-bytes)",
+                        f"stream carries more than the announced total_bytes={total}",
+                        "malformed",
                     )
-            data = chunk.data
-            received += len(data)
-            if received > total:
+                self._hold(len(data))
+                buffer += data
+                if len(buffer) == total:
+                    break
+            if first or len(buffer) != total:
                 raise RequestFailed(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"stream carries more than the announced total_bytes={total}",
+                    f"stream ended after {len(buffer)} of {total} announced bytes",
+                    "malformed",
                 )
-            parts.append(data)
-            if received == total:
-                break
-        if first or received != total:
-            raise RequestFailed(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"stream ended after {received} of {total} announced bytes",
-            )
-        return b"".join(parts), max(1024, reply_chunk)
+        except BaseException:
+            self._hold(-len(buffer))
+            raise
+        return buffer, max(1024, reply_chunk)
 
     async def _call(self, method: str, request: expert_pb2.ExpertRequest) -> bytes:
         started = time.perf_counter()
@@ -255,27 +314,34 @@ class ExpertServicer:
                 raise RequestFailed(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"unknown reply_compression {request.reply_compression}",
+                    "malformed",
                 )
             try:
                 tensors = [parse(t) for t in request.tensors]
                 rows = backend.validate(tensors, backward=method == BACKWARD)
             except (TensorDecodeError, ValueError) as exc:
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+                reason = exc.reason if isinstance(exc, BadRequest) else "malformed"
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason) from exc
             if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "simulated failure")
             pool = self.pools[(backend.uid, method)]
             try:
                 future = pool.submit(
-                    tensors, rows, partial(encode_reply, compression=request.reply_compression)
+                    tensors,
+                    rows,
+                    sum(len(t.buffer) for t in tensors),
+                    partial(encode_reply, compression=request.reply_compression),
                 )
             except PoolFull as exc:
-                raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+                raise RequestFailed(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "queue_full"
+                ) from exc
             except PoolClosed as exc:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
             try:
                 reply: bytes = await future
             except BatchError as exc:
-                raise RequestFailed(exc.code, str(exc)) from exc
+                raise RequestFailed(exc.code, str(exc), exc.reason) from exc
             except PoolClosed as exc:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
             if self.latency > 0:
