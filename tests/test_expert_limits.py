@@ -201,22 +201,26 @@ def test_free_dimensions_are_bounded() -> None:
         async with serve_expert(
             experts=["tr.0"], expert_cls="transformer", hidden_dim=8, max_free_dim=6
         ) as (server, client):
-            (out,) = await client.forward("tr.0", [torch.randn(2, 6, 8)])
+
+            def seq(n: int) -> list[torch.Tensor]:  # the sequence and its attention mask
+                return [torch.randn(2, n, 8), torch.ones(2, n, dtype=torch.bool)]
+
+            (out,) = await client.forward("tr.0", seq(6))
             assert out.shape == (2, 6, 8)
             await _expect(
-                client.forward("tr.0", [torch.randn(2, 7, 8)]),
+                client.forward("tr.0", seq(7)),
                 INVALID,
                 "inputs[0]",
                 "7",
                 "--max-free-dim",
             )
             await _expect(
-                client.backward("tr.0", [torch.randn(2, 6, 8)], [torch.randn(2, 9, 8)]),
+                client.backward("tr.0", seq(6), [torch.randn(2, 9, 8)]),
                 INVALID,
                 "grad_outputs[0]",
                 "--max-free-dim",
             )
-            await _expect(client.forward("tr.0", [torch.randn(2, 0, 8)]), INVALID, "at least 1")
+            await _expect(client.forward("tr.0", seq(0)), INVALID, "at least 1")
             assert server.backends["tr.0"].steps == 0
             assert _value(server, "dmoe_expert_rejected_total", reason="free_dim_too_large") == 2
             families = [m for m in server.registry.collect() if m.name == "dmoe_expert_rejected"]
