@@ -227,6 +227,8 @@ async def mode_a(args: argparse.Namespace) -> dict[str, Any]:
         "gets": gets,
         "startup_s": startup_s,
         "cpu_s": cpu_s,
+        # CPU-seconds of all nodes and the driver per store or get (the issue-12 figure)
+        "cpu_s_per_op": cpu_s / max(stores + gets, 1),
         "load_average_1m": os.getloadavg()[0],
         # the run needs cpu_s of CPU in all; alone on 2 cores it could not take less than
         # cpu_s / 2, so this scales the measured means down to that floor (an estimate)

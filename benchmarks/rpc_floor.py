@@ -7,7 +7,10 @@ in flight. Both are separate OS processes, like the services and their callers. 
 measures grpcio's synchronous API instead (thread-pool server, blocking/future client), for
 comparison: the services use ``grpc.aio``. ``--guard on`` serves through the services' own
 bootstrap (``services.common.server``: guard interceptor, metrics, admission limits) and
-``--guard unlimited`` the same with the limits off: the difference is what they cost. Reports wall
+``--guard unlimited`` the same with the limits off: the difference is what they cost.
+``--api link`` sends the same requests over one peer link (``services.common.link``: one
+long-lived bidirectional stream carrying every request, through the services' bootstrap), the
+path DHT nodes and expert clients use between themselves. Reports wall
 time per call and CPU microseconds per call on each side (user + system, all threads), so
 the per-RPC budgets of the DHT and expert benchmarks can be compared with what gRPC alone
 costs here (docs/performance.md).
@@ -34,6 +37,75 @@ SERVICE, METHOD = "floor.Echo", "Echo"
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+async def serve_link(port: int, reply_bytes: int) -> None:
+    """The echo as a peer link's only method, behind the services' bootstrap."""
+    import grpc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from services.common.link import LinkServer
+    from services.common.server import start_server
+    from services.proto.link_pb2 import LinkBatch
+
+    async def echo(payload: bytes, peer: str) -> bytes:
+        return payload[:reply_bytes]
+
+    link = LinkServer({METHOD: echo}, max_pending=1024)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        handler = grpc.stream_stream_rpc_method_handler(
+            link.serve,
+            request_deserializer=LinkBatch.FromString,
+            response_serializer=LinkBatch.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Link": handler}),)
+        )
+        return [SERVICE]
+
+    from services.common.limits import ServerLimits
+
+    running = await start_server(
+        "floor", register, port=port, metrics_port=None, links=[link],
+        limits=ServerLimits.unlimited(),  # the floor, not the admission limits
+    )  # fmt: skip
+    await running.server.wait_for_termination()
+
+
+async def call_link(
+    port: int, request_bytes: int, calls: int, concurrency: int
+) -> dict[str, float]:
+    import grpc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from services.common.link import LinkClient
+    from services.proto.link_pb2 import LinkBatch
+
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    open_call = channel.stream_stream(
+        f"/{SERVICE}/Link",
+        request_serializer=LinkBatch.SerializeToString,
+        response_deserializer=LinkBatch.FromString,
+    )
+    link = LinkClient(lambda: open_call())
+    payload = os.urandom(request_bytes)
+    for _ in range(min(200, calls)):
+        await link.call(METHOD, payload, 30.0)
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await link.call(METHOD, payload, 30.0)
+
+    shares = [calls // concurrency + (i < calls % concurrency) for i in range(concurrency)]
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(n) for n in shares))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    await link.close()
+    await channel.close()
+    return {"wall_s": wall, "client_cpu_s": cpu}
 
 
 async def serve(port: int, reply_bytes: int, guard: str) -> None:
@@ -150,13 +222,26 @@ async def call(port: int, request_bytes: int, calls: int, concurrency: int) -> d
     return {"wall_s": wall, "client_cpu_s": cpu}
 
 
+def _path(args: argparse.Namespace) -> str:
+    if args.api == "link":
+        return "through the bootstrap (limits off)"
+    return "bare" if args.guard == "none" else f"guarded ({args.guard})"
+
+
+API_NAMES = {
+    "aio": "grpc.aio unary call",
+    "sync": "grpc (sync API) unary call",
+    "link": "request over a peer link",
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--request-bytes", type=int, default=65536)
     parser.add_argument("--reply-bytes", type=int, default=None, help="default: request size")
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight")
-    parser.add_argument("--api", choices=["aio", "sync"], default="aio")
+    parser.add_argument("--api", choices=["aio", "sync", "link"], default="aio")
     parser.add_argument(
         "--guard",
         choices=["none", "on", "unlimited"],
@@ -171,6 +256,8 @@ def main() -> int:
     if args.serve is not None:
         if args.api == "sync":
             serve_sync(args.serve, reply_bytes)
+        elif args.api == "link":
+            asyncio.run(serve_link(args.serve, reply_bytes))
         else:
             asyncio.run(serve(args.serve, reply_bytes, args.guard))
         return 0
@@ -188,6 +275,8 @@ def main() -> int:
         before = cpu_seconds(server.pid)
         if args.api == "sync":
             result = call_sync(port, args.request_bytes, args.calls, args.concurrency)
+        elif args.api == "link":
+            result = asyncio.run(call_link(port, args.request_bytes, args.calls, args.concurrency))
         else:
             result = asyncio.run(call(port, args.request_bytes, args.calls, args.concurrency))
         server_cpu = cpu_seconds(server.pid) - before
@@ -210,8 +299,8 @@ def main() -> int:
         report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
     )
     print(
-        f"{'bare' if args.guard == 'none' else 'guarded (' + args.guard + ')'} "
-        f"{'grpc.aio' if args.api == 'aio' else 'grpc (sync API)'} unary call, "
+        f"{_path(args)} "
+        f"{API_NAMES[args.api]}, "
         f"{args.request_bytes} B request, {reply_bytes} B reply, "
         f"{args.concurrency} in flight: {report['wall_us_per_call']:.0f} us wall per call; "
         f"CPU per call: client {report['client_cpu_us_per_call']:.0f} us + server "

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services import __version__
 from services.common.health_service import HealthServicer
 from services.common.limits import Admission, Refused, ServerLimits, peer_key
+from services.common.link import LinkServer
 from services.common.rejections import Rejections
 from services.common.tls import TLSConfig
 
@@ -278,6 +279,19 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 async for reply in behavior(checked(requests, context, held), context):
                     yield reply
 
+        async def frames(requests: AsyncIterator[tuple[Any, int]], context: Any) -> Any:
+            async for request, _size in requests:
+                if type(request) is _Unparsable:
+                    await malformed(request, context)
+                yield request
+
+        async def link_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            # a peer link (services.common.link): one open stream for its caller; the link
+            # admits, counts and times each request on it, so its bytes are not added up here
+            async with guard(context, 0):
+                async for reply in behavior(frames(requests, context), context):
+                    yield reply
+
         async def unary_writes(parsed: tuple[Any, int], context: grpc.aio.ServicerContext) -> None:
             request, size = parsed
             async with guard(context, size):
@@ -289,7 +303,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             (False, False): unary_unary,
             (False, True): unary_stream,
             (True, False): stream_unary,
-            (True, True): stream_stream,
+            (True, True): link_stream if method == "Link" else stream_stream,
         }[kind]
         if kind[1] and not inspect.isasyncgenfunction(behavior):
             # a response stream written with ``await context.write(...)`` (health Watch), not
@@ -370,6 +384,7 @@ async def start_server(
     metrics_host: str | None = None,
     tls: TLSConfig | None = None,
     limits: ServerLimits | None = None,
+    links: Iterable[LinkServer] = (),
 ) -> RunningServer:
     """Start a guarded gRPC server for ``service`` (``dht``, ``expert``, ``trainer``).
 
@@ -379,6 +394,8 @@ async def start_server(
     serves TLS (mutual TLS when it has a CA, see ``services.common.tls``); ``/metrics``
     stays plain HTTP either way. ``limits`` (default :class:`ServerLimits`'s) bound what the
     server admits; ``ServerLimits.from_args(args)`` gives what the ``service_parser`` flags say.
+    ``links``: the :class:`~services.common.link.LinkServer` of each ``Link`` method, so the
+    requests they carry are admitted and counted like unary calls.
     """
     registry = registry if registry is not None else CollectorRegistry()
     Gauge("dmoe_build_info", "Build information", ["service", "version"], registry=registry).labels(
@@ -386,7 +403,10 @@ async def start_server(
     ).set(1)
     admission = Admission(limits if limits is not None else ServerLimits())
     rejections = Rejections.of(service, registry, log)
-    guard = _GuardInterceptor(RpcMetrics(service, registry), admission, rejections)
+    rpc_metrics = RpcMetrics(service, registry)
+    guard = _GuardInterceptor(rpc_metrics, admission, rejections)
+    for link in links:
+        link.bind(rpc_metrics, admission, rejections)
     server = grpc.aio.server(interceptors=[guard], options=channel_options(max_message_bytes))
     names = list(register(server))
     health_servicer = HealthServicer()

@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.common.addresses import check_peer_address
+from services.common.errors import StatusError
 from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
+from services.common.link import LinkServer
 from services.common.rejections import Rejections
 from services.dht.clock import DHTClock
 from services.dht.records import PROBLEMS, Entry, ownership_problem
@@ -38,13 +41,8 @@ if TYPE_CHECKING:
     from services.dht.config import NodeConfig
 
 
-class RequestRejected(Exception):
-    """Bad or unservable input; becomes a gRPC status with ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class RequestRejected(StatusError):
+    """Bad or unservable input to a DHT node; answered with its gRPC status and message."""
 
 
 def invalid(message: str) -> RequestRejected:
@@ -361,11 +359,39 @@ class PeerProtocol:
         return dht_pb2.FindResponse(results=results, peer=state.info)
 
 
+_REQUESTS = {
+    "Ping": dht_pb2.PingRequest,
+    "Store": dht_pb2.StoreRequest,
+    "Find": dht_pb2.FindRequest,
+}
+
+
 class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
-    """gRPC adapter: RequestRejected -> status with its message."""
+    """gRPC adapter: RequestRejected -> status with its message; the same three methods over
+    a peer link (``Link``, :mod:`services.common.link`), which is what nodes use."""
 
     def __init__(self, protocol: PeerProtocol) -> None:
         self.protocol = protocol
+        self.link = LinkServer({name: self._linked(name) for name in _REQUESTS})
+
+    def _linked(self, method: str) -> Any:
+        parse = _REQUESTS[method].FromString
+        handle = self.protocol.handle
+
+        async def serve(payload: bytes, peer: str) -> bytes:
+            if self.protocol.state.stopping:
+                raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+            try:
+                request = parse(payload)
+            except DecodeError as exc:
+                raise invalid(f"malformed {method} request: {exc}") from None
+            reply = await handle(method, request, caller_host=caller_host(peer))
+            return reply.SerializeToString()
+
+        return serve
+
+    def Link(self, frames: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.link.serve(frames, context)
 
     async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self.protocol.state.stopping:

@@ -70,12 +70,11 @@ async def start_node(
     """
     config = config or NodeConfig()
     transport = GrpcTransport(max_message_bytes, tls=tls)  # serving TLS: dial peers with it
-    holder: dict[str, DHTNode] = {}
+    holder: dict[str, Any] = {}
 
     def register(server: grpc.aio.Server) -> list[str]:
-        node = holder["node"]
-        dht_pb2_grpc.add_DHTPeerServicer_to_server(PeerServicer(node.protocol), server)
-        dht_pb2_grpc.add_DHTServicer_to_server(DHTServicer(node), server)
+        dht_pb2_grpc.add_DHTPeerServicer_to_server(holder["peer"], server)
+        dht_pb2_grpc.add_DHTServicer_to_server(DHTServicer(holder["node"]), server)
         return ["dmoe.DHTPeer", "dmoe.DHT"]
 
     registry = CollectorRegistry()
@@ -89,6 +88,7 @@ async def start_node(
         rejections=Rejections.of("dht", registry, log),
     )
     holder["node"] = node
+    holder["peer"] = peer = PeerServicer(node.protocol)
     metrics.bind(node)
     running = await start_server(
         "dht",
@@ -100,6 +100,7 @@ async def start_node(
         registry=registry,
         tls=tls,
         limits=limits,
+        links=[peer.link],
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers, Path(state_file) if state_file else None)

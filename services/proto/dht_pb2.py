@@ -22,53 +22,54 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import link_pb2 as link__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tdht.proto\x12\x04\x64moe\"@\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"q\n\nValueEntry\x12\x13\n\x06subkey\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12\r\n\x05owner\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x42\t\n\x07_subkey\"<\n\x0bPingRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"f\n\x0cPingResponse\x12\x1c\n\x04peer\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\x12\x13\n\x0b\x63\x61ller_host\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"t\n\tStoreItem\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x1f\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x10.dmoe.ValueEntry\x12\x10\n\x08in_cache\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65mote\x18\x04 \x01(\x08\x12\x14\n\x0c\x64\x65mote_token\x18\x05 \x01(\x0c\"r\n\x0cStoreRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x1e\n\x05items\x18\x02 \x03(\x0b\x32\x0f.dmoe.StoreItem\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x10\n\x08\x64ht_time\x18\x04 \x01(\x01\"\x89\x01\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\x12\x1c\n\x04peer\x18\x02 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64\x65\x63lined\x18\x03 \x03(\x08\x12!\n\x07nearest\x18\x04 \x03(\x0b\x32\x10.dmoe.FindResult\x12\x15\n\rdemote_tokens\x18\x05 \x03(\x0c\"g\n\x0b\x46indRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x0f\n\x07key_ids\x18\x02 \x03(\x0c\x12\x12\n\nnodes_only\x18\x03 \x01(\x08\x12\x13\n\x0bmax_nearest\x18\x04 \x01(\r\"P\n\nFindResult\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.dmoe.ValueEntry\x12\x1f\n\x07nearest\x18\x02 \x03(\x0b\x32\x0e.dmoe.NodeInfo\"O\n\x0c\x46indResponse\x12!\n\x07results\x18\x01 \x03(\x0b\x32\x10.dmoe.FindResult\x12\x1c\n\x04peer\x18\x02 \x01(\x0b\x32\x0e.dmoe.NodeInfo\"7\n\x07PutItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x1f\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x10.dmoe.ValueEntry\"*\n\nPutRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.dmoe.PutItem\"A\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\x12\x10\n\x08replicas\x18\x02 \x03(\x05\x12\x10\n\x08\x64ht_time\x18\x03 \x01(\x01\"*\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\"=\n\tGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12!\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x10.dmoe.ValueEntry\"A\n\x0bGetResponse\x12 \n\x07results\x18\x01 \x03(\x0b\x32\x0f.dmoe.GetResult\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\"\x13\n\x11NodeStatusRequest\"\xc1\x01\n\x12NodeStatusResponse\x12\x1c\n\x04node\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x1a\n\x12routing_table_size\x18\x02 \x01(\x05\x12\x16\n\x0estored_records\x18\x03 \x01(\x05\x12\x0e\n\x06joined\x18\x04 \x01(\x08\x12\x1d\n\x05peers\x18\x05 \x03(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x06 \x01(\x01\x12\x18\n\x10\x63lock_correction\x18\x07 \x01(\x01\x32\x99\x01\n\x07\x44HTPeer\x12-\n\x04Ping\x12\x11.dmoe.PingRequest\x1a\x12.dmoe.PingResponse\x12\x30\n\x05Store\x12\x12.dmoe.StoreRequest\x1a\x13.dmoe.StoreResponse\x12-\n\x04\x46ind\x12\x11.dmoe.FindRequest\x1a\x12.dmoe.FindResponse2\x9e\x01\n\x03\x44HT\x12*\n\x03Put\x12\x10.dmoe.PutRequest\x1a\x11.dmoe.PutResponse\x12*\n\x03Get\x12\x10.dmoe.GetRequest\x1a\x11.dmoe.GetResponse\x12?\n\nNodeStatus\x12\x17.dmoe.NodeStatusRequest\x1a\x18.dmoe.NodeStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tdht.proto\x12\x04\x64moe\x1a\nlink.proto\"@\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"q\n\nValueEntry\x12\x13\n\x06subkey\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12\r\n\x05owner\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x42\t\n\x07_subkey\"<\n\x0bPingRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"f\n\x0cPingResponse\x12\x1c\n\x04peer\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\x12\x13\n\x0b\x63\x61ller_host\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"t\n\tStoreItem\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x1f\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x10.dmoe.ValueEntry\x12\x10\n\x08in_cache\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65mote\x18\x04 \x01(\x08\x12\x14\n\x0c\x64\x65mote_token\x18\x05 \x01(\x0c\"r\n\x0cStoreRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x1e\n\x05items\x18\x02 \x03(\x0b\x32\x0f.dmoe.StoreItem\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12\x10\n\x08\x64ht_time\x18\x04 \x01(\x01\"\x89\x01\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\x12\x1c\n\x04peer\x18\x02 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64\x65\x63lined\x18\x03 \x03(\x08\x12!\n\x07nearest\x18\x04 \x03(\x0b\x32\x10.dmoe.FindResult\x12\x15\n\rdemote_tokens\x18\x05 \x03(\x0c\"g\n\x0b\x46indRequest\x12\x1e\n\x06sender\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x0f\n\x07key_ids\x18\x02 \x03(\x0c\x12\x12\n\nnodes_only\x18\x03 \x01(\x08\x12\x13\n\x0bmax_nearest\x18\x04 \x01(\r\"P\n\nFindResult\x12!\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x10.dmoe.ValueEntry\x12\x1f\n\x07nearest\x18\x02 \x03(\x0b\x32\x0e.dmoe.NodeInfo\"O\n\x0c\x46indResponse\x12!\n\x07results\x18\x01 \x03(\x0b\x32\x10.dmoe.FindResult\x12\x1c\n\x04peer\x18\x02 \x01(\x0b\x32\x0e.dmoe.NodeInfo\"7\n\x07PutItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x1f\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x10.dmoe.ValueEntry\"*\n\nPutRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.dmoe.PutItem\"A\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\x12\x10\n\x08replicas\x18\x02 \x03(\x05\x12\x10\n\x08\x64ht_time\x18\x03 \x01(\x01\"*\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\"=\n\tGetResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12!\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x10.dmoe.ValueEntry\"A\n\x0bGetResponse\x12 \n\x07results\x18\x01 \x03(\x0b\x32\x0f.dmoe.GetResult\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\"\x13\n\x11NodeStatusRequest\"\xc1\x01\n\x12NodeStatusResponse\x12\x1c\n\x04node\x18\x01 \x01(\x0b\x32\x0e.dmoe.NodeInfo\x12\x1a\n\x12routing_table_size\x18\x02 \x01(\x05\x12\x16\n\x0estored_records\x18\x03 \x01(\x05\x12\x0e\n\x06joined\x18\x04 \x01(\x08\x12\x1d\n\x05peers\x18\x05 \x03(\x0b\x32\x0e.dmoe.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x06 \x01(\x01\x12\x18\n\x10\x63lock_correction\x18\x07 \x01(\x01\x32\xc7\x01\n\x07\x44HTPeer\x12-\n\x04Ping\x12\x11.dmoe.PingRequest\x1a\x12.dmoe.PingResponse\x12\x30\n\x05Store\x12\x12.dmoe.StoreRequest\x1a\x13.dmoe.StoreResponse\x12-\n\x04\x46ind\x12\x11.dmoe.FindRequest\x1a\x12.dmoe.FindResponse\x12,\n\x04Link\x12\x0f.dmoe.LinkBatch\x1a\x0f.dmoe.LinkBatch(\x01\x30\x01\x32\x9e\x01\n\x03\x44HT\x12*\n\x03Put\x12\x10.dmoe.PutRequest\x1a\x11.dmoe.PutResponse\x12*\n\x03Get\x12\x10.dmoe.GetRequest\x1a\x11.dmoe.GetResponse\x12?\n\nNodeStatus\x12\x17.dmoe.NodeStatusRequest\x1a\x18.dmoe.NodeStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dht_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEINFO']._serialized_start=19
-  _globals['_NODEINFO']._serialized_end=83
-  _globals['_VALUEENTRY']._serialized_start=85
-  _globals['_VALUEENTRY']._serialized_end=198
-  _globals['_PINGREQUEST']._serialized_start=200
-  _globals['_PINGREQUEST']._serialized_end=260
-  _globals['_PINGRESPONSE']._serialized_start=262
-  _globals['_PINGRESPONSE']._serialized_end=364
-  _globals['_STOREITEM']._serialized_start=366
-  _globals['_STOREITEM']._serialized_end=482
-  _globals['_STOREREQUEST']._serialized_start=484
-  _globals['_STOREREQUEST']._serialized_end=598
-  _globals['_STORERESPONSE']._serialized_start=601
-  _globals['_STORERESPONSE']._serialized_end=738
-  _globals['_FINDREQUEST']._serialized_start=740
-  _globals['_FINDREQUEST']._serialized_end=843
-  _globals['_FINDRESULT']._serialized_start=845
-  _globals['_FINDRESULT']._serialized_end=925
-  _globals['_FINDRESPONSE']._serialized_start=927
-  _globals['_FINDRESPONSE']._serialized_end=1006
-  _globals['_PUTITEM']._serialized_start=1008
-  _globals['_PUTITEM']._serialized_end=1063
-  _globals['_PUTREQUEST']._serialized_start=1065
-  _globals['_PUTREQUEST']._serialized_end=1107
-  _globals['_PUTRESPONSE']._serialized_start=1109
-  _globals['_PUTRESPONSE']._serialized_end=1174
-  _globals['_GETREQUEST']._serialized_start=1176
-  _globals['_GETREQUEST']._serialized_end=1218
-  _globals['_GETRESULT']._serialized_start=1220
-  _globals['_GETRESULT']._serialized_end=1281
-  _globals['_GETRESPONSE']._serialized_start=1283
-  _globals['_GETRESPONSE']._serialized_end=1348
-  _globals['_NODESTATUSREQUEST']._serialized_start=1350
-  _globals['_NODESTATUSREQUEST']._serialized_end=1369
-  _globals['_NODESTATUSRESPONSE']._serialized_start=1372
-  _globals['_NODESTATUSRESPONSE']._serialized_end=1565
-  _globals['_DHTPEER']._serialized_start=1568
-  _globals['_DHTPEER']._serialized_end=1721
-  _globals['_DHT']._serialized_start=1724
-  _globals['_DHT']._serialized_end=1882
+  _globals['_NODEINFO']._serialized_start=31
+  _globals['_NODEINFO']._serialized_end=95
+  _globals['_VALUEENTRY']._serialized_start=97
+  _globals['_VALUEENTRY']._serialized_end=210
+  _globals['_PINGREQUEST']._serialized_start=212
+  _globals['_PINGREQUEST']._serialized_end=272
+  _globals['_PINGRESPONSE']._serialized_start=274
+  _globals['_PINGRESPONSE']._serialized_end=376
+  _globals['_STOREITEM']._serialized_start=378
+  _globals['_STOREITEM']._serialized_end=494
+  _globals['_STOREREQUEST']._serialized_start=496
+  _globals['_STOREREQUEST']._serialized_end=610
+  _globals['_STORERESPONSE']._serialized_start=613
+  _globals['_STORERESPONSE']._serialized_end=750
+  _globals['_FINDREQUEST']._serialized_start=752
+  _globals['_FINDREQUEST']._serialized_end=855
+  _globals['_FINDRESULT']._serialized_start=857
+  _globals['_FINDRESULT']._serialized_end=937
+  _globals['_FINDRESPONSE']._serialized_start=939
+  _globals['_FINDRESPONSE']._serialized_end=1018
+  _globals['_PUTITEM']._serialized_start=1020
+  _globals['_PUTITEM']._serialized_end=1075
+  _globals['_PUTREQUEST']._serialized_start=1077
+  _globals['_PUTREQUEST']._serialized_end=1119
+  _globals['_PUTRESPONSE']._serialized_start=1121
+  _globals['_PUTRESPONSE']._serialized_end=1186
+  _globals['_GETREQUEST']._serialized_start=1188
+  _globals['_GETREQUEST']._serialized_end=1230
+  _globals['_GETRESULT']._serialized_start=1232
+  _globals['_GETRESULT']._serialized_end=1293
+  _globals['_GETRESPONSE']._serialized_start=1295
+  _globals['_GETRESPONSE']._serialized_end=1360
+  _globals['_NODESTATUSREQUEST']._serialized_start=1362
+  _globals['_NODESTATUSREQUEST']._serialized_end=1381
+  _globals['_NODESTATUSRESPONSE']._serialized_start=1384
+  _globals['_NODESTATUSRESPONSE']._serialized_end=1577
+  _globals['_DHTPEER']._serialized_start=1580
+  _globals['_DHTPEER']._serialized_end=1779
+  _globals['_DHT']._serialized_start=1782
+  _globals['_DHT']._serialized_end=1940
 # @@protoc_insertion_point(module_scope)

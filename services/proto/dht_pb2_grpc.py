@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from . import dht_pb2 as dht__pb2
+from . import link_pb2 as link__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -50,6 +51,11 @@ class DHTPeerStub:
                 request_serializer=dht__pb2.FindRequest.SerializeToString,
                 response_deserializer=dht__pb2.FindResponse.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/dmoe.DHTPeer/Link',
+                request_serializer=link__pb2.LinkBatch.SerializeToString,
+                response_deserializer=link__pb2.LinkBatch.FromString,
+                _registered_method=True)
 
 
 class DHTPeerServicer:
@@ -76,6 +82,14 @@ class DHTPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """Ping, Store and Find multiplexed over one long-lived stream (see link.proto): what nodes
+        use between themselves; the unary methods stay for other callers (grpcurl, tests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DHTPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_DHTPeerServicer_to_server(servicer, server):
                     servicer.Find,
                     request_deserializer=dht__pb2.FindRequest.FromString,
                     response_serializer=dht__pb2.FindResponse.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=link__pb2.LinkBatch.FromString,
+                    response_serializer=link__pb2.LinkBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +196,33 @@ class DHTPeer:
             '/dmoe.DHTPeer/Find',
             dht__pb2.FindRequest.SerializeToString,
             dht__pb2.FindResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmoe.DHTPeer/Link',
+            link__pb2.LinkBatch.SerializeToString,
+            link__pb2.LinkBatch.FromString,
             options,
             channel_credentials,
             insecure,
