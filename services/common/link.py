@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.common.errors import StatusError
 from services.common.limits import Admission, Refused, peer_key
@@ -50,6 +51,28 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 class LinkError(StatusError):
     """A request over a link failed with ``code`` (a ``grpc.StatusCode``)."""
+
+    def as_rpc_error(self) -> grpc.aio.AioRpcError:
+        """The same failure as a unary call raises it (code, details)."""
+        empty = grpc.aio.Metadata()
+        return grpc.aio.AioRpcError(self.code, empty, empty, self.message)
+
+
+def protobuf_method(request_type: Any, handle: Callable[[Any, str], Awaitable[Any]]) -> LinkMethod:
+    """A link method from a coroutine ``(request message, peer) -> reply message``: parses
+    the payload (INVALID_ARGUMENT when it does not), serializes the reply."""
+    parse = request_type.FromString
+
+    async def serve(payload: bytes, peer: str) -> bytes:
+        try:
+            request = parse(payload)
+        except DecodeError as exc:
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_type.__name__}: {exc}"
+            ) from None
+        return (await handle(request, peer)).SerializeToString()
+
+    return serve
 
 
 class LinkServer:

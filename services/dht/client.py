@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from services.common.identity import Identity
+from services.common.link import LinkError, LinkPool
 from services.common.rejections import RateLimitedLog
 from services.common.server import channel_options
 from services.common.tls import TLSConfig, aio_channel
@@ -57,6 +58,11 @@ class DHTUnavailable(ConnectionError):
     """No DHT node answered."""
 
 
+_REPLIES = {
+    "Put": dht_pb2.PutResponse,
+    "Get": dht_pb2.GetResponse,
+    "NodeStatus": dht_pb2.NodeStatusResponse,
+}
 _RETRY_NEXT = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -100,6 +106,8 @@ class DHTClient:
         self._closing: set[asyncio.Future[None]] = set()
         self.identity = identity
         self.trusted = trusted
+        # one long-lived stream per node for every call (services.common.link)
+        self._links = LinkPool(lambda a: self._stub(a).Link(), self._drop, max(8, len(addresses)))
         self.clock_offset = 0.0  # the DHT node's clock minus this host's, from the last reply
         self.rejected: Counter[str] = Counter()  # entries dropped by get, per reason
         self._warn = RateLimitedLog(log)
@@ -127,6 +135,7 @@ class DHTClient:
         await self.close()
 
     async def close(self) -> None:
+        await self._links.close()
         stubs, self._stubs = self._stubs, {}
         for channel, _ in stubs.values():
             await channel.close()
@@ -149,11 +158,20 @@ class DHTClient:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    async def _over_link(self, address: str, method: str, request: Any) -> Any:
+        try:
+            payload = await self._links.call(
+                address, method, request.SerializeToString(), self.timeout
+            )
+        except LinkError as exc:
+            raise exc.as_rpc_error() from None
+        return _REPLIES[method].FromString(payload)
+
     async def _call(self, method: str, request: Any) -> Any:
         errors = []
         for address in self.addresses:
             try:
-                return await getattr(self._stub(address), method)(request, timeout=self.timeout)
+                return await self._over_link(address, method, request)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from services.common.addresses import check_peer_address
 from services.common.errors import StatusError
 from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
-from services.common.link import LinkServer
+from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.dht.clock import DHTClock
 from services.dht.records import PROBLEMS, Entry, ownership_problem
@@ -372,23 +371,17 @@ class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
 
     def __init__(self, protocol: PeerProtocol) -> None:
         self.protocol = protocol
-        self.link = LinkServer({name: self._linked(name) for name in _REQUESTS})
+        self.link = LinkServer(
+            {name: protobuf_method(kind, self._linked(name)) for name, kind in _REQUESTS.items()}
+        )
 
     def _linked(self, method: str) -> Any:
-        parse = _REQUESTS[method].FromString
-        handle = self.protocol.handle
-
-        async def serve(payload: bytes, peer: str) -> bytes:
+        async def handle(request: Any, peer: str) -> Any:
             if self.protocol.state.stopping:
                 raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-            try:
-                request = parse(payload)
-            except DecodeError as exc:
-                raise invalid(f"malformed {method} request: {exc}") from None
-            reply = await handle(method, request, caller_host=caller_host(peer))
-            return reply.SerializeToString()
+            return await self.protocol.handle(method, request, caller_host=caller_host(peer))
 
-        return serve
+        return handle
 
     def Link(self, frames: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.link.serve(frames, context)

@@ -74,7 +74,7 @@ async def start_node(
 
     def register(server: grpc.aio.Server) -> list[str]:
         dht_pb2_grpc.add_DHTPeerServicer_to_server(holder["peer"], server)
-        dht_pb2_grpc.add_DHTServicer_to_server(DHTServicer(holder["node"]), server)
+        dht_pb2_grpc.add_DHTServicer_to_server(holder["service"], server)
         return ["dmoe.DHTPeer", "dmoe.DHT"]
 
     registry = CollectorRegistry()
@@ -89,6 +89,7 @@ async def start_node(
     )
     holder["node"] = node
     holder["peer"] = peer = PeerServicer(node.protocol)
+    holder["service"] = service = DHTServicer(node)
     metrics.bind(node)
     running = await start_server(
         "dht",
@@ -100,7 +101,7 @@ async def start_node(
         registry=registry,
         tls=tls,
         limits=limits,
-        links=[peer.link],
+        links=[peer.link, service.link],
     )
     node.address = f"{announce_host}:{running.port}"
     await node.start(initial_peers, Path(state_file) if state_file else None)

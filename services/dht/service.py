@@ -9,8 +9,12 @@ client whose clock is off can base its expirations on the DHT's clock.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
+from services.common.limits import peer_key
+from services.common.link import LinkServer, protobuf_method
 from services.dht.node import DHTNode
 from services.dht.protocol import RequestRejected, check_batch, entry_to_proto, invalid, parse_entry
 from services.dht.records import PROBLEMS, ownership_problem
@@ -27,55 +31,55 @@ def _key_id(key: bytes, node: DHTNode, where: str) -> int:
 
 
 class DHTServicer(dht_pb2_grpc.DHTServicer):
+    """``dmoe.DHT``: each method once as a plain coroutine (request -> reply, raising
+    :class:`RequestRejected`), served unary and over the client's link (``Link``)."""
+
     def __init__(self, node: DHTNode) -> None:
         self.node = node
+        self.link = LinkServer(
+            {
+                "Put": protobuf_method(dht_pb2.PutRequest, self.put),
+                "Get": protobuf_method(dht_pb2.GetRequest, self.get),
+                "NodeStatus": protobuf_method(dht_pb2.NodeStatusRequest, self.node_status),
+            }
+        )
 
-    async def _check_up(self, context: grpc.aio.ServicerContext) -> None:
+    def _check_up(self) -> None:
         if self.node.stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "DHT node is shutting down")
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "DHT node is shutting down")
 
-    async def Put(
-        self, request: dht_pb2.PutRequest, context: grpc.aio.ServicerContext
-    ) -> dht_pb2.PutResponse:
+    async def put(self, request: dht_pb2.PutRequest, peer: str) -> dht_pb2.PutResponse:
         node = self.node
-        await self._check_up(context)
+        self._check_up()
         now = node.clock.now()
-        try:
-            check_batch(len(request.items), node.config, "items")
-            items = []
-            for i, item in enumerate(request.items):
-                key_id = _key_id(item.key, node, f"items[{i}]")
-                entry = parse_entry(item.entry, node.config, f"items[{i}]", now)
-                problem = ownership_problem(id_to_bytes(key_id), entry, node.trusted)
-                if problem:
-                    node.rejections.reject(problem, "refused a Put", source=context.peer())
-                    raise invalid(f"items[{i}]: {PROBLEMS[problem]}")
-                items.append((key_id, entry))
-        except RequestRejected as exc:
-            await context.abort(exc.code, exc.message)
+        check_batch(len(request.items), node.config, "items")
+        items = []
+        for i, item in enumerate(request.items):
+            key_id = _key_id(item.key, node, f"items[{i}]")
+            entry = parse_entry(item.entry, node.config, f"items[{i}]", now)
+            problem = ownership_problem(id_to_bytes(key_id), entry, node.trusted)
+            if problem:
+                node.rejections.reject(problem, "refused a Put", source=peer_key(peer))
+                raise invalid(f"items[{i}]: {PROBLEMS[problem]}")
+            items.append((key_id, entry))
         live = [i for i, (_, entry) in enumerate(items) if entry.expiration > now]
         counts, full = await node.store_many([items[i] for i in live])
         replicas = [0] * len(items)
         for index, count in zip(live, counts, strict=True):
             replicas[index] = count
         if full and live and not any(counts):
-            await context.abort(
+            raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "DHT storage full: no node accepted the items"
             )
         return dht_pb2.PutResponse(
             stored=[c > 0 for c in replicas], replicas=replicas, dht_time=node.clock.now()
         )
 
-    async def Get(
-        self, request: dht_pb2.GetRequest, context: grpc.aio.ServicerContext
-    ) -> dht_pb2.GetResponse:
+    async def get(self, request: dht_pb2.GetRequest, peer: str) -> dht_pb2.GetResponse:
         node = self.node
-        await self._check_up(context)
-        try:
-            check_batch(len(request.keys), node.config, "keys")
-            key_ids = [_key_id(k, node, f"keys[{i}]") for i, k in enumerate(request.keys)]
-        except RequestRejected as exc:
-            await context.abort(exc.code, exc.message)
+        self._check_up()
+        check_batch(len(request.keys), node.config, "keys")
+        key_ids = [_key_id(k, node, f"keys[{i}]") for i, k in enumerate(request.keys)]
         found = await node.get_many(key_ids, latest=request.latest)
         return dht_pb2.GetResponse(
             results=[
@@ -85,8 +89,8 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
             dht_time=node.clock.now(),
         )
 
-    async def NodeStatus(
-        self, request: dht_pb2.NodeStatusRequest, context: grpc.aio.ServicerContext
+    async def node_status(
+        self, request: dht_pb2.NodeStatusRequest, peer: str
     ) -> dht_pb2.NodeStatusResponse:
         node = self.node
         return dht_pb2.NodeStatusResponse(
@@ -101,3 +105,22 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
             dht_time=node.clock.now(),
             clock_correction=node.clock.correction,
         )
+
+    # ---- gRPC adapters: RequestRejected -> status with its message
+    async def _unary(self, method: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(request, context.peer())
+        except RequestRejected as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Put(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._unary(self.put, request, context)
+
+    async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._unary(self.get, request, context)
+
+    async def NodeStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._unary(self.node_status, request, context)
+
+    def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.link.serve(batches, context)

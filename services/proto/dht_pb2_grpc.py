@@ -259,6 +259,11 @@ class DHTStub:
                 request_serializer=dht__pb2.NodeStatusRequest.SerializeToString,
                 response_deserializer=dht__pb2.NodeStatusResponse.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/dmoe.DHT/Link',
+                request_serializer=link__pb2.LinkBatch.SerializeToString,
+                response_deserializer=link__pb2.LinkBatch.FromString,
+                _registered_method=True)
 
 
 class DHTServicer:
@@ -283,6 +288,13 @@ class DHTServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """the three methods over one long-lived stream (link.proto): what DHTClient uses
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DHTServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +312,11 @@ def add_DHTServicer_to_server(servicer, server):
                     servicer.NodeStatus,
                     request_deserializer=dht__pb2.NodeStatusRequest.FromString,
                     response_serializer=dht__pb2.NodeStatusResponse.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=link__pb2.LinkBatch.FromString,
+                    response_serializer=link__pb2.LinkBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +401,33 @@ class DHT:
             '/dmoe.DHT/NodeStatus',
             dht__pb2.NodeStatusRequest.SerializeToString,
             dht__pb2.NodeStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmoe.DHT/Link',
+            link__pb2.LinkBatch.SerializeToString,
+            link__pb2.LinkBatch.FromString,
             options,
             channel_credentials,
             insecure,
