@@ -146,12 +146,15 @@ def test_min_batch_size_runs_at_once_and_the_timeout_bounds_the_wait() -> None:
             local = copy.deepcopy(waiting.backends["ffn.0"].module)
             xs = [torch.randn(4, H), torch.randn(4, H)]
             first = asyncio.create_task(client.forward("ffn.0", [xs[0]], timeout=30))
-
-            async def queued() -> bool:
-                labels = {"expert": "ffn.0", "method": "forward"}
-                return waiting.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 4
-
-            await until(queued, 60, "the first request is queued", every=0.005)
+            labels = {"expert": "ffn.0", "method": "forward"}
+            await until(
+                lambda: (
+                    waiting.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 4
+                ),
+                60,
+                "the first request is queued",
+                every=0.005,
+            )
             assert not first.done()  # it cannot run before the timeout or a second request
             second = await client.forward("ffn.0", [xs[1]], timeout=30)
             outs = [(await first)[0], second[0]]

@@ -148,3 +148,33 @@ def test_snapshots_are_host_copies_that_later_steps_do_not_change() -> None:
     other = ExpertBackend("ffn.0", get_expert_class("ffn"), 8, OptimizerConfig())
     other.load_state_dict(snapshot)
     assert other.steps == 1
+
+
+def test_work_runs_once_on_every_compute_thread() -> None:
+    """How a GPU server warms up: once on each compute thread (cuBLAS handles are per thread),
+    while the threads keep the torch settings of compute threads."""
+    import asyncio
+    import threading
+
+    from services.expert.runtime import DeviceScheduler
+
+    async def scenario() -> None:
+        scheduler = DeviceScheduler("cpu", workers=3, torch_threads=1)
+        scheduler.start()
+        seen: list[tuple[str, int]] = []
+        lock = threading.Lock()
+
+        def work() -> None:
+            with lock:
+                seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+        try:
+            await scheduler.on_each_thread(work)
+            await scheduler.on_each_thread(work)  # threads that exist and idle take part too
+        finally:
+            await scheduler.close()
+        names = {name for name, _ in seen}
+        assert len(seen) == 6 and len(names) == 3
+        assert all(name.startswith("compute-cpu") and n == 1 for name, n in seen)
+
+    asyncio.run(scenario())

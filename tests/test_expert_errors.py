@@ -151,11 +151,14 @@ def test_overload_is_resource_exhausted_and_queued_requests_still_complete() -> 
             xs = [torch.randn(30, H), torch.randn(30, H)]
             queued = [asyncio.create_task(client.forward("ffn.0", [x], timeout=30)) for x in xs]
             labels = {"expert": "ffn.0", "method": "forward"}
-
-            async def both_queued() -> bool:
-                return server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 60
-
-            await until(both_queued, 60, "both requests are queued", every=0.005)
+            await until(
+                lambda: (
+                    server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 60
+                ),
+                60,
+                "both requests are queued",
+                every=0.005,
+            )
             await _expect(
                 client.forward("ffn.0", [torch.randn(30, H)]),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -299,8 +299,9 @@ class ExpertServer:
     async def _warm_up(self, backends: list[ExpertBackend]) -> None:
         """A forward and backward of every expert on every compute thread, before SERVING: a
         GPU's first batch loads kernels and libraries (cuBLAS), which can take longer than a
-        trainer's timeout. No optimizer step: weights and state stay as they are. (Skipped on
-        the CPU, where the first batch costs little more than the next.)"""
+        trainer's timeout. No optimizer step: weights and state stay as they are. A failure is
+        logged, not fatal (the expert may still serve real inputs). Skipped on the CPU, where
+        the first batch costs little more than the next."""
         assert self.scheduler is not None
         started = time.perf_counter()
 
@@ -309,7 +310,14 @@ class ExpertServer:
                 with backend.lock:
                     backend.warm_up()
 
-        await self.scheduler.on_each_thread(warm_up)
+        try:
+            await self.scheduler.on_each_thread(warm_up)
+        except Exception as exc:  # e.g. a custom module that random inputs do not suit
+            log.warning(
+                "warm-up failed; the first batch will load what it needs",
+                extra={"device": self.config.device, "error": repr(exc)},
+            )
+            return
         seconds = round(time.perf_counter() - started, 2)
         log.info("experts warmed up", extra={"device": self.config.device, "seconds": seconds})
 
