@@ -52,10 +52,10 @@ def _local_worker(
     )
     x, g = torch.randn(batch, hidden), torch.randn(batch, hidden)
 
-    def step() -> None:
-        expert.forward([x])
+    def step() -> None:  # outputs back on the host, as the server's (a no-op on the CPU)
+        [out.cpu() for out in expert.forward([x])]
         if backward:
-            expert.backward([x], [g])
+            [grad.cpu() for grad in expert.backward([x], [g])]
 
     for _ in range(3):
         step()

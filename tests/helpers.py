@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
 import signal
@@ -31,17 +32,21 @@ def free_port() -> int:
 
 
 async def until(
-    predicate: Callable[[], Awaitable[object]],
+    predicate: Callable[[], Awaitable[object] | object],
     timeout: float,
     what: str,
     ignore: tuple[type[BaseException], ...] = (),
     every: float = 0.1,
 ) -> None:
-    """Wait until ``await predicate()`` is truthy (exceptions in ``ignore`` count as not yet)."""
+    """Wait until ``predicate()`` (awaited when it is a coroutine) is truthy (exceptions in
+    ``ignore`` count as not yet)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if await predicate():
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
                 return
         except ignore:
             pass

@@ -8,6 +8,7 @@ import copy
 
 import grpc
 import torch
+from helpers import serve_expert, until
 
 from services.expert.client import ExpertClient
 from services.expert.server import ExpertConfig, ExpertServer
@@ -124,5 +125,48 @@ def test_a_nan_request_is_cut_out_of_its_batch() -> None:
         finally:
             await client.close()
             await server.stop(0.5)
+
+    asyncio.run(scenario())
+
+
+def test_min_batch_size_runs_at_once_and_the_timeout_bounds_the_wait() -> None:
+    """--min-batch-size 8 with a 60 s timeout: a 4-row request waits for company, and runs the
+    moment a second one brings the pool to 8 samples (both answered long before the timeout).
+    With a short timeout, a lone 4-row request is never stuck: it runs after the timeout."""
+
+    async def scenario() -> None:
+        async with (
+            serve_expert(
+                experts=["ffn.0"], hidden_dim=H, seed=5, min_batch_size=8, batch_timeout_ms=60_000
+            ) as (waiting, client),
+            serve_expert(
+                experts=["ffn.0"], hidden_dim=H, seed=5, min_batch_size=8, batch_timeout_ms=200
+            ) as (bounded, lone_client),
+        ):
+            local = copy.deepcopy(waiting.backends["ffn.0"].module)
+            xs = [torch.randn(4, H), torch.randn(4, H)]
+            first = asyncio.create_task(client.forward("ffn.0", [xs[0]], timeout=30))
+            labels = {"expert": "ffn.0", "method": "forward"}
+            await until(
+                lambda: (
+                    waiting.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 4
+                ),
+                60,
+                "the first request is queued",
+                every=0.005,
+            )
+            assert not first.done()  # it cannot run before the timeout or a second request
+            second = await client.forward("ffn.0", [xs[1]], timeout=30)
+            outs = [(await first)[0], second[0]]
+            for out, x in zip(outs, xs, strict=True):
+                with torch.no_grad():
+                    torch.testing.assert_close(out, local(x), atol=1e-5, rtol=0)
+            assert _metric(waiting, "dmoe_expert_batch_requests_count", "forward") == 1
+            assert _metric(waiting, "dmoe_expert_batch_size_samples_sum", "forward") == 8
+
+            (out,) = await lone_client.forward("ffn.0", [xs[0]], timeout=30)
+            with torch.no_grad():
+                torch.testing.assert_close(out, local(xs[0]), atol=1e-5, rtol=0)
+            assert _metric(bounded, "dmoe_expert_batch_size_samples_sum", "forward") == 4
 
     asyncio.run(scenario())

@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 import torch
+from helpers import until
 
 from services.common.tensor_codec import encode
 from services.expert.client import ExpertClient
@@ -149,7 +150,15 @@ def test_overload_is_resource_exhausted_and_queued_requests_still_complete() -> 
             local = copy.deepcopy(server.backends["ffn.0"].module)
             xs = [torch.randn(30, H), torch.randn(30, H)]
             queued = [asyncio.create_task(client.forward("ffn.0", [x], timeout=30)) for x in xs]
-            await asyncio.sleep(0.3)
+            labels = {"expert": "ffn.0", "method": "forward"}
+            await until(
+                lambda: (
+                    server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 60
+                ),
+                60,
+                "both requests are queued",
+                every=0.005,
+            )
             await _expect(
                 client.forward("ffn.0", [torch.randn(30, H)]),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -197,7 +206,8 @@ def test_simulated_failures_and_latency() -> None:
 def test_finite_check_refuses_every_bad_value_and_accepts_huge_finite_ones() -> None:
     """The finite check's fast path (a sum) must not refuse finite values whose sum overflows,
     and must catch NaN, +inf, -inf and +inf together with -inf (whose sum is NaN)."""
-    from services.expert.backend import BadRequest, ExpertBackend, OptimizerConfig
+    from services.expert.backend import ExpertBackend, OptimizerConfig
+    from services.expert.errors import ExpertError
     from services.expert.layers import get_expert_class
 
     backend = ExpertBackend("ffn.0", get_expert_class("ffn"), 8, OptimizerConfig())
@@ -207,5 +217,5 @@ def test_finite_check_refuses_every_bad_value_and_accepts_huge_finite_ones() -> 
     for values in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
         x = torch.ones(4, 8)
         x.view(-1)[: len(values)] = torch.tensor(values)
-        with pytest.raises(BadRequest, match="NaN or infinite"):
+        with pytest.raises(ExpertError, match="NaN or infinite"):
             backend.check_finite([torch.zeros(4, 8), x])

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import torch
-from helpers import serve_expert
+from helpers import serve_expert, until
 
 from services.common.tensor_codec import encode
 from services.expert.server import ExpertServer
@@ -27,14 +27,7 @@ def _value(server: ExpertServer, name: str, **labels: str) -> float:
 
 
 async def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-
-    try:
-        await asyncio.wait_for(poll(), 60)
-    except TimeoutError:
-        raise AssertionError(f"never happened: {what}") from None
+    await until(condition, 60, what, every=0.005)
 
 
 async def _expect(call, code: grpc.StatusCode, *fragments: str) -> None:  # type: ignore[no-untyped-def]

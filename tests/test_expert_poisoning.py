@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from helpers import serve_expert
+from helpers import serve_expert, until
 
 from services.expert.backend import ExpertBackend, OptimizerConfig
 from services.expert.client import ExpertClient
@@ -29,13 +29,13 @@ def _metric(server: ExpertServer, name: str, **labels: str) -> float:
 
 async def _until_queued(server: ExpertServer, uid: str, rows: int) -> None:
     """Wait until ``rows`` samples sit in the expert's backward pool (a condition, no timing)."""
-
-    async def poll() -> None:
-        labels = {"expert": uid, "method": "backward"}
-        while server.registry.get_sample_value("dmoe_expert_queued_samples", labels) != rows:
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), 60)
+    labels = {"expert": uid, "method": "backward"}
+    await until(
+        lambda: server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == rows,
+        60,
+        f"{rows} samples queued",
+        every=0.005,
+    )
 
 
 async def _one_batch(

@@ -28,8 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import ENV, ROOT, Proc
 
+from services.common.channels import sync_channel
 from services.common.server import start_server
-from services.common.tls import TLSConfig, TLSError, sync_channel
+from services.common.tls import TLSConfig, TLSError
 from services.dht.client import DHTClient
 from services.expert.client import ExpertClient
 from services.proto import dht_pb2, dht_pb2_grpc, trainer_pb2, trainer_pb2_grpc

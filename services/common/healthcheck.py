@@ -19,7 +19,8 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.tls import TLSConfig, add_tls_flags, sync_channel, tls_from_args
+from services.common.channels import sync_channel
+from services.common.tls import TLSConfig, add_tls_flags, tls_from_args
 
 
 def check(

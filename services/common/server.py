@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services import __version__
+from services.common.channels import channel_options
 from services.common.health_service import HealthServicer
 from services.common.limits import Admission, Refused, ServerLimits, peer_key
 from services.common.link import LinkServer
@@ -324,18 +325,6 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
 
 # statuses that do not mean "the handler chose this": unset, OK, and UNKNOWN (never sent)
 _NOT_CHOSEN = (None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options shared by servers and client channels."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 @dataclass

@@ -142,28 +142,6 @@ class TLSConfig:
         return [*options, ("grpc.ssl_target_name_override", self.server_name)]
 
 
-def aio_channel(
-    address: str, options: Sequence[tuple[str, Any]], tls: TLSConfig | None = None
-) -> grpc.aio.Channel:
-    """The one way services open a ``grpc.aio`` channel: plaintext when ``tls`` is None."""
-    if tls is None:
-        return grpc.aio.insecure_channel(address, options=list(options))
-    return grpc.aio.secure_channel(
-        address, tls.channel_credentials(), options=tls.with_server_name(options)
-    )
-
-
-def sync_channel(
-    address: str, options: Sequence[tuple[str, Any]] = (), tls: TLSConfig | None = None
-) -> grpc.Channel:
-    """The blocking twin of :func:`aio_channel` (healthcheck CLI, test helpers)."""
-    if tls is None:
-        return grpc.insecure_channel(address, options=list(options))
-    return grpc.secure_channel(
-        address, tls.channel_credentials(), options=tls.with_server_name(options)
-    )
-
-
 def add_tls_flags(parser: argparse.ArgumentParser, *, from_env: bool = False) -> None:
     """``--tls-cert/--tls-key/--tls-ca/--tls-server-name``. A ``service_parser`` reads their
     ``DMOE_TLS_*`` variables itself; ``from_env`` does it for a plain ``ArgumentParser``."""

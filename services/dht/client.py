@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from services.common.channels import aio_channel, channel_options
 from services.common.identity import Identity
 from services.common.link import LinkError, LinkPool
 from services.common.rejections import RateLimitedLog
-from services.common.server import channel_options
-from services.common.tls import TLSConfig, aio_channel
+from services.common.tls import TLSConfig
 from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry, ownership_problem, sign_entry
 from services.dht.routing import id_to_bytes, key_to_id

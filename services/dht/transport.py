@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from services.common.channels import aio_channel, channel_options
 from services.common.link import LinkError, LinkPool
-from services.common.server import channel_options
-from services.common.tls import TLSConfig, aio_channel
+from services.common.tls import TLSConfig
 from services.dht.protocol import RequestRejected
 from services.proto import dht_pb2, dht_pb2_grpc
 

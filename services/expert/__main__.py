@@ -88,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = parser.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=2048, help="samples per batch at most")
     b.add_argument(
-        "--batch-timeout-ms", type=float, default=1.0, help="how long a batch waits to fill up"
+        "--min-batch-size",
+        type=int,
+        default=0,
+        help="an expert's queue holding this many samples runs at once; with fewer it waits "
+        "for more until its oldest request has waited --batch-timeout-ms, then runs anyway "
+        "(0: --max-batch-size, i.e. wait up to the timeout for a full batch)",
+    )
+    b.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=1.0,
+        help="the longest a request waits for others to batch with (see --min-batch-size)",
     )
     b.add_argument(
         "--max-queue-samples",
@@ -156,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability that a forward/backward fails with UNAVAILABLE",
     )
     s.add_argument(
-        "--simulate-latency-ms", type=float, default=0.0, help="delay added to each reply"
+        "--simulate-latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added to each forward/backward reply",
     )
     return parser
 
@@ -183,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         device=args.device,
         seed=args.seed,
         max_batch_size=args.max_batch_size,
+        min_batch_size=args.min_batch_size,
         batch_timeout_ms=args.batch_timeout_ms,
         max_queue_samples=args.max_queue_samples,
         compute_threads=args.compute_threads,

@@ -9,7 +9,13 @@ are batched, so a bad request never mixes into a batch or touches the weights.
 Values that pass validation can still be hostile (finite but huge gradients), so a step is
 all-or-nothing: a gradient norm that overflows refuses it before it is taken, and a step that
 leaves any parameter or optimizer-state value non-finite is undone exactly (``StepGuard``).
-Either raises :class:`StepRejected`, which the pool answers by isolating the culprit request.
+Either raises :class:`~services.expert.errors.StepRejected`, which the batch runner
+(``batch.py``) answers by isolating the culprit request. A backward that fails half-way (out of
+memory in autograd or in the step) leaves no gradient behind for the next batch's step.
+
+Tensors: ``forward`` and ``backward`` take inputs on any device (the batch runner hands them
+over already on the expert's device) and return their outputs on the expert's device; moving
+them back to the host is the caller's (``batch.py`` stages them through pinned memory on CUDA).
 """
 
 from __future__ import annotations
@@ -26,34 +32,11 @@ import torch
 from torch import nn
 
 from services.common.tensor_codec import dtype_name
+from services.expert.errors import StepRejected, invalid
 from services.expert.layers import ExpertClass, Schema, num_parameters
 from services.expert.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
-
-
-class BadRequest(ValueError):
-    """A request that does not match the expert (answered INVALID_ARGUMENT).
-
-    ``reason`` is its label in ``dmoe_expert_rejected_total{reason}``.
-    """
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class StepRejected(BadRequest):
-    """The optimizer step of a batch was refused or undone; weights and state are as before.
-
-    ``cause`` labels ``dmoe_expert_steps_rejected_total{reason}``: ``nonfinite_gradient`` (the
-    gradient norm overflowed; nothing was applied) or ``nonfinite_result`` (the step left a
-    non-finite value and was undone).
-    """
-
-    def __init__(self, message: str, cause: str) -> None:
-        super().__init__(message, reason="nonfinite_step")
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -70,8 +53,8 @@ class OptimizerConfig:
 def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
     """The optimizer, fused where torch supports it (one kernel over all parameters).
 
-    Fused Adam is ~2-4x faster than the per-parameter loop on CPU; the step is a fixed cost
-    per batch, so it matters most for the small batches a swarm produces.
+    The step is a fixed cost per batch, so the per-parameter loop's overhead matters most for
+    the small batches a swarm produces (figures: docs/expert.md, "Batching and scheduling").
     """
     if config.name == "adam":
         kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
@@ -101,15 +84,30 @@ def preload_autograd() -> None:
     """Import what ``torch.autograd.backward`` imports lazily on its first call.
 
     With explicit output gradients, the first backward imports
-    ``torch.fx.experimental.symbolic_shapes`` (and sympy): ~0.6 s here, holding the GIL, so the
-    first Backward request would stall the event loop and every other request with it. The
-    server pays it once at start-up instead.
+    ``torch.fx.experimental.symbolic_shapes`` (and sympy), holding the GIL for a noticeable
+    time (docs/expert.md), so the first Backward request would stall the event loop and every
+    other request with it. The server pays it once at start-up instead.
     """
     import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 
 def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _host_copy(value: Any) -> Any:
+    """``value`` with every tensor copied into host memory; containers are rebuilt (keeping a
+    state dict's ``_metadata``), other values deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        out = type(value)((k, _host_copy(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, list | tuple):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 class ExpertBackend:
@@ -159,26 +157,26 @@ class ExpertBackend:
                 if backward
                 else f"{len(self.input_schemas)} inputs"
             )
-            raise BadRequest(f"expert {self.uid} takes {what}, got {len(tensors)} tensors")
+            raise invalid(f"expert {self.uid} takes {what}, got {len(tensors)} tensors")
         rows: int | None = None
         for i, (tensor, schema) in enumerate(zip(tensors, schemas, strict=True)):
             name = self._name(i)
             shape = tuple(tensor.shape)
             want = "[batch, " + ", ".join("*" if d < 0 else str(d) for d in schema.shape) + "]"
             if tensor.dtype != schema.dtype:
-                raise BadRequest(
+                raise invalid(
                     f"{name}: expected dtype {dtype_name(schema.dtype)}, "
                     f"got {dtype_name(tensor.dtype)}"
                 )
             if len(shape) != len(schema.shape) + 1:
-                raise BadRequest(
+                raise invalid(
                     f"{name}: expected rank {len(schema.shape) + 1} {want}, got shape {list(shape)}"
                 )
             for a, w in zip(shape[1:], schema.shape, strict=True):
                 if w >= 0 and a != w:
-                    raise BadRequest(f"{name}: expected shape {want}, got {list(shape)}")
+                    raise invalid(f"{name}: expected shape {want}, got {list(shape)}")
                 if w < 0 and not 1 <= a <= self.max_free_dim:
-                    raise BadRequest(
+                    raise invalid(
                         f"{name}: free dimension of size {a} in shape {list(shape)}; it must be "
                         f"at least 1 and at most {self.max_free_dim} (--max-free-dim)",
                         reason="free_dim_too_large" if a else "malformed",
@@ -186,12 +184,12 @@ class ExpertBackend:
             if rows is None:
                 rows = shape[0]
             elif shape[0] != rows:
-                raise BadRequest(f"{name}: batch dimension {shape[0]} differs from {rows}")
+                raise invalid(f"{name}: batch dimension {shape[0]} differs from {rows}")
         rows = rows or 0
         if rows == 0:
-            raise BadRequest("empty batch: the batch dimension must be at least 1")
+            raise invalid("empty batch: the batch dimension must be at least 1")
         if rows > self.max_batch_size:
-            raise BadRequest(
+            raise invalid(
                 f"request has {rows} rows but expert {self.uid} takes at most "
                 f"{self.max_batch_size} per batch (--max-batch-size); split the request",
                 reason="batch_too_large",
@@ -206,68 +204,115 @@ class ExpertBackend:
         """Refuse NaN and infinities (compute thread, before the values join a batch).
 
         Fast path: NaN and infinities propagate through a sum, so a finite sum proves every
-        value finite; one vectorized reduction costs ~8 us for a 128x256 float32 tensor
-        against ~240 us for ``isfinite(t).all()`` (a bool tensor per element, then a reduce).
-        A non-finite sum (a bad value, or an overflow of large finite values) falls back to
-        the exact check, so large finite values are never refused.
+        value finite, in one vectorized reduction instead of ``isfinite(t).all()``'s bool
+        tensor per element and a second reduction (far cheaper: docs/expert.md). A non-finite
+        sum (a bad value, or an overflow of large finite values) falls back to the exact
+        check, so large finite values are never refused.
         """
         for i, tensor in enumerate(tensors):
             if not tensor.is_floating_point() or math.isfinite(tensor.sum().item()):
                 continue
             if not bool(torch.isfinite(tensor).all()):
-                raise BadRequest(
+                raise invalid(
                     f"{self._name(i)}: contains NaN or infinite values", reason="nonfinite"
                 )
 
     # ---- compute (a scheduler worker thread, with ``lock`` held) ----
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs, on the expert's device."""
         with torch.no_grad():
-            outputs = _as_list(self.module(*(x.to(self.device) for x in inputs)))
-        return [o.detach().cpu() for o in outputs]
+            return _as_list(self.module(*(self._on_device(x) for x in inputs)))
 
     def backward(
         self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        leaves = [x.to(self.device).detach().requires_grad_(x.is_floating_point()) for x in inputs]
+        """The inputs' gradients (on the expert's device), after one optimizer step.
+
+        Parameter gradients never outlive the call: a step, a refused step and a failure
+        half-way (an out-of-memory error in autograd or in the step) all clear them, so the
+        next batch's step applies only its own."""
+        try:
+            grads = self._input_grads(inputs, grad_outputs)
+            self._step()
+            return grads
+        finally:
+            for param in self.params:
+                param.grad = None
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        # non_blocking: from pinned host memory (batch.py) the copy overlaps with the launch
+        return x.to(self.device, non_blocking=True)
+
+    def _input_grads(
+        self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Recompute the forward with autograd and backpropagate ``grad_outputs``: the
+        inputs' gradients; the parameters' accumulate in their ``.grad``."""
+        leaves = [self._on_device(x).detach().requires_grad_(x.is_floating_point()) for x in inputs]
         with torch.enable_grad():
             outputs = _as_list(self.module(*leaves))
         if len(outputs) != len(grad_outputs):
-            raise BadRequest(f"expected {len(outputs)} grad_outputs, got {len(grad_outputs)}")
+            raise invalid(f"expected {len(outputs)} grad_outputs, got {len(grad_outputs)}")
         pairs = []
         for i, (out, grad) in enumerate(zip(outputs, grad_outputs, strict=True)):
             if out.shape != grad.shape:
-                raise BadRequest(
+                raise invalid(
                     f"grad_outputs[{i}]: expected shape {list(out.shape)}, got {list(grad.shape)}"
                 )
             if out.requires_grad:
-                pairs.append((out, grad.to(self.device)))
+                pairs.append((out, self._on_device(grad)))
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
-        self._step()
-        return [g.detach().cpu() for g in grads]
+        return [x.grad.detach() if x.grad is not None else torch.zeros_like(x) for x in leaves]
 
     def _step(self) -> None:
         """One optimizer step, all or nothing; raises :class:`StepRejected` (nothing changed)."""
         if self.optimizer is None or self.guard is None:
             self.steps += 1
             return
-        try:
-            config = self.optimizer_config
-            norm = self._grad_norm(config.clip_grad_norm)
-            factor = lr_factor(config, self.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.lr * factor
-            if not self.guard.step(norm):
-                raise StepRejected(
-                    "these grad_outputs would make the expert's weights or optimizer state "
-                    "non-finite; the step was undone",
-                    cause="nonfinite_result",
-                )
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
+        config = self.optimizer_config
+        norm = self._grad_norm(config.clip_grad_norm)
+        factor = lr_factor(config, self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        if not self.guard.step(norm):
+            raise StepRejected(
+                "these grad_outputs would make the expert's weights or optimizer state "
+                "non-finite; the step was undone",
+                cause="nonfinite_result",
+            )
         self.steps += 1
+
+    def warm_up(self, rows: int = 8, free_dim: int = 8) -> None:
+        """One forward and one backward of random inputs, without an optimizer step.
+
+        On a GPU the first batch loads kernels and creates the thread's cuBLAS handle, which
+        can take longer than a trainer's timeout; the server pays that here before it reports
+        SERVING (run it on the thread that will compute: such handles are per thread). Weights,
+        buffers (e.g. batch-norm statistics), optimizer state, step count and the random
+        number generators are as before."""
+        rows = min(rows, self.max_batch_size)
+        free_dim = min(free_dim, self.max_free_dim)
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        cuda = []
+        if self.device.type == "cuda":
+            index = self.device.index
+            cuda = [index if index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda):
+            inputs = [s.sample(rows, free_dim) for s in self.input_schemas]
+            grad_outputs = [s.sample(rows, free_dim) for s in self.output_schemas]
+            try:
+                self.forward(inputs)
+                self._input_grads(inputs, grad_outputs)
+            finally:
+                for param in self.params:
+                    param.grad = None
+                with torch.no_grad():
+                    for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
+                        buffer.copy_(saved)
+        if cuda:
+            torch.cuda.synchronize(self.device)
 
     def _grad_norm(self, clip: float) -> float:
         """The gradients' global norm, clipped to ``clip`` when > 0; an overflowing norm
@@ -300,9 +345,10 @@ class ExpertBackend:
         }
 
     def snapshot_state(self) -> dict[str, Any]:
-        """A copy of :meth:`state_dict` that later steps do not change (caller holds ``lock``):
-        checkpoints copy under the lock (~1 ms per million parameters) and write outside it."""
-        return copy.deepcopy(self.state_dict())
+        """A copy of :meth:`state_dict` in host memory that later steps do not change (caller
+        holds ``lock``): checkpoints copy under the lock and write outside it, and a checkpoint
+        of a GPU server loads anywhere without ``map_location``."""
+        return _host_copy(self.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("expert_class") != self.expert_class.name:

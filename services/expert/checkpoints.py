@@ -6,9 +6,10 @@ leaves the previous checkpoint intact. The newest ``keep`` files per expert surv
 the newest readable file is restored (an unreadable one is skipped with a warning, so one
 damaged file does not lose all progress).
 
-The expert's lock is held only to copy its state (~1 ms per million parameters), not through
-``torch.save`` and ``fsync`` (tens of ms to seconds on a slow disk), so checkpoints do not stall
-compute; the price is one transient copy of one expert's state at a time.
+The expert's lock is held only to copy its state into host memory (a memory copy), not through
+``torch.save`` and ``fsync`` (a disk's latency, unbounded on a slow one), so checkpoints do not
+stall compute; the price is one transient copy of one expert's state at a time. The copy holds
+CPU tensors, so a GPU server's checkpoint loads anywhere without ``map_location``.
 """
 
 from __future__ import annotations

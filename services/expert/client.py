@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from services.common.server import channel_options
+from services.common.channels import aio_channel, channel_options
 from services.common.tensor_codec import decode, encode
-from services.common.tls import TLSConfig, aio_channel
+from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -4,7 +4,7 @@
 spec (deploy/k8s) runs on CPU and GPU nodes alike. An explicit ``cuda`` that torch cannot use
 (a CPU build of torch, no driver, no GPU given to the container) is refused at start with a
 clear message rather than failing the first batch: on a GPU node pool, running on the CPU by
-accident would be a silent 10-100x slowdown.
+accident would be a silent slowdown by orders of magnitude.
 """
 
 from __future__ import annotations

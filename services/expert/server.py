@@ -1,4 +1,9 @@
-"""An expert server assembled: backends, pools, schedulers, gRPC, checkpoints, DHT declarations.
+"""An expert server assembled: backends, pools, batch runners, the scheduler, gRPC, checkpoints,
+DHT declarations.
+
+Per expert: an ``ExpertBackend`` (module, optimizer), and per method (forward, backward) a
+``TaskPool`` (the queue) with its ``BatchRunner`` (how a batch runs), both registered with the
+one ``DeviceScheduler``; the ``ExpertServicer`` validates requests and submits them to the pools.
 
 ``ExpertServer.start(config)`` is what ``python -m services.expert`` runs and what tests run in
 process (many instances can live in one process: each has its own metrics registry).
@@ -11,6 +16,7 @@ import contextlib
 import logging
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +31,10 @@ from services.common.tls import TLSConfig
 from services.expert import assignment
 from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
+from services.expert.batch import BatchRunner
 from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
+from services.expert.faults import with_faults
 from services.expert.grad_monitor import GradNormMonitor
 from services.expert.layers import get_expert_class, load_custom_module
 from services.expert.metrics import ExpertMetrics
@@ -48,7 +56,8 @@ class ExpertConfig:
     device: str = "cpu"
     seed: int | None = None
     max_batch_size: int = 2048
-    batch_timeout_ms: float = 1.0
+    min_batch_size: int = 0  # a pool holding this many samples runs at once; 0: max_batch_size
+    batch_timeout_ms: float = 1.0  # the longest a request waits for company (task_pool.py)
     max_queue_samples: int = 0  # 0: 8 x max_batch_size
     max_queue_bytes: int = 128 * 1024 * 1024  # per expert and method: two largest requests
     max_free_dim: int = 1024  # largest size of a free (-1) schema dimension
@@ -182,6 +191,11 @@ class ExpertServer:
                 f"--max-receive-bytes ({cfg.max_receive_bytes}) must be at least "
                 f"--max-stream-bytes ({cfg.max_stream_bytes}), or no largest request fits"
             )
+        if not 0 <= cfg.min_batch_size <= cfg.max_batch_size:
+            raise ValueError(
+                f"--min-batch-size ({cfg.min_batch_size}) must be between 0 and "
+                f"--max-batch-size ({cfg.max_batch_size})"
+            )
         if cfg.switch_interval_ms > 0:
             # Each torch call in a compute thread releases the GIL; getting it back waits for
             # the event loop to yield it, at worst a whole switch interval (5 ms by default).
@@ -205,7 +219,6 @@ class ExpertServer:
         workers, threads = default_parallelism(cfg.device, len(backends))
         self.scheduler = DeviceScheduler(
             cfg.device,
-            self.metrics,
             workers=cfg.compute_threads or workers,
             torch_threads=cfg.torch_threads or threads,
         )
@@ -214,19 +227,26 @@ class ExpertServer:
             self.metrics.add_expert(backend.uid)
             for method in (FORWARD, BACKWARD):
                 pool = TaskPool(
-                    backend,
+                    backend.uid,
                     method,
+                    max_batch_size=cfg.max_batch_size,
+                    min_batch_size=cfg.min_batch_size,
                     batch_timeout=cfg.batch_timeout_ms / 1000.0,
                     max_queue_samples=max(bound, cfg.max_batch_size),
                     max_queue_bytes=cfg.max_queue_bytes,
                     metrics=self.metrics,
-                    monitor=GradNormMonitor(cfg.max_grad_norm_ratio)
-                    if method == BACKWARD and cfg.max_grad_norm_ratio > 0 and backend.optimizer
-                    else None,  # an expert without parameters learns nothing to poison
+                    on_ready=self.scheduler.ready,
                 )
+                monitor = (
+                    GradNormMonitor(cfg.max_grad_norm_ratio)
+                    if method == BACKWARD and cfg.max_grad_norm_ratio > 0 and backend.optimizer
+                    else None  # an expert without parameters learns nothing to poison
+                )
+                self.scheduler.add(pool, BatchRunner(backend, method, self.metrics, monitor))
                 self.pools[(backend.uid, method)] = pool
-                self.scheduler.add_pool(pool)
         self.scheduler.start()
+        if self.scheduler.device.type == "cuda":
+            await self._warm_up(backends)
 
         servicer = ExpertServicer(
             self.backends,
@@ -236,11 +256,12 @@ class ExpertServer:
             max_message_bytes=cfg.max_message_bytes,
             max_stream_bytes=cfg.max_stream_bytes,
             max_receive_bytes=cfg.max_receive_bytes,
-            failure_rate=cfg.simulate_failure_rate,
-            latency_ms=cfg.simulate_latency_ms,
-            seed=cfg.seed,
             public_key=self.identity.public_key,
         )
+        if cfg.simulate_failure_rate > 0 or cfg.simulate_latency_ms > 0:
+            servicer.handle = with_faults(
+                servicer.handle, cfg.simulate_failure_rate, cfg.simulate_latency_ms, cfg.seed
+            )
         self.running = await start_server(
             "expert",
             servicer.register,
@@ -274,6 +295,31 @@ class ExpertServer:
         else:
             await self.running.set_serving(True)
         return self
+
+    async def _warm_up(self, backends: list[ExpertBackend]) -> None:
+        """A forward and backward of every expert on every compute thread, before SERVING: a
+        GPU's first batch loads kernels and libraries (cuBLAS), which can take longer than a
+        trainer's timeout. No optimizer step: weights and state stay as they are. A failure is
+        logged, not fatal (the expert may still serve real inputs). Skipped on the CPU, where
+        the first batch costs little more than the next."""
+        assert self.scheduler is not None
+        started = time.perf_counter()
+
+        def warm_up() -> None:
+            for backend in backends:
+                with backend.lock:
+                    backend.warm_up()
+
+        try:
+            await self.scheduler.on_each_thread(warm_up)
+        except Exception as exc:  # e.g. a custom module that random inputs do not suit
+            log.warning(
+                "warm-up failed; the first batch will load what it needs",
+                extra={"device": self.config.device, "error": repr(exc)},
+            )
+            return
+        seconds = round(time.perf_counter() - started, 2)
+        log.info("experts warmed up", extra={"device": self.config.device, "seconds": seconds})
 
     async def _serving_after_declaration(self) -> None:
         assert self.declarer is not None and self.running is not None

@@ -1,8 +1,15 @@
 """The ``dmoe.Expert`` gRPC servicer: decode, validate, queue, answer.
 
+A Forward (Backward the same) goes ``Forward`` -> ``_unary`` -> ``handle`` (``_call``, wrapped
+by ``faults.py`` only when failures or latency are simulated): look up the expert, parse the
+tensors' metadata (``wire.parse``) and check them against its schemas
+(``ExpertBackend.validate``), then ``TaskPool.submit`` and await the future that the scheduler
+(``runtime.py``) resolves once the batch ran (``batch.py``).
+
 Every check that can fail happens before a request joins a pool, so a bad request gets its own
 status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and never reaches a batch or the
-weights. Forward/Backward replies are serialized on the compute thread (``Task.reply``) and
+weights. Every failure is an ``ExpertError`` carrying its status, answered in one place
+(``_abort``). Forward/Backward replies are serialized on the compute thread (``Task.reply``) and
 returned as bytes, so the event loop only moves them to the wire. Every refused input is
 counted in ``dmoe_expert_rejected_total{reason}`` and logged (rate-limited) with its peer.
 
@@ -15,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -27,10 +33,11 @@ from google.protobuf.message import DecodeError
 
 from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
-from services.expert.backend import BadRequest, ExpertBackend
+from services.expert.backend import ExpertBackend
+from services.expert.errors import ExpertError, exhausted, invalid, not_found
+from services.expert.faults import Handle
 from services.expert.metrics import ExpertMetrics
-from services.expert.runtime import BatchError
-from services.expert.task_pool import BACKWARD, FORWARD, PoolClosed, PoolFull, TaskPool
+from services.expert.task_pool import BACKWARD, FORWARD, TaskPool
 from services.expert.wire import parse
 from services.proto import expert_pb2, tensor_pb2
 
@@ -39,15 +46,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "dmoe.Expert"
 STREAM_CHUNK_CAP = 4 * 1024 * 1024  # smaller chunks pipeline; larger ones save per-message cost
 _COMPRESSIONS = set(tensor_pb2.Compression.values())
-
-
-class RequestFailed(Exception):
-    """Answer ``code`` with ``message``; ``reason`` counts it as refused input (None: not)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
 
 
 def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
@@ -84,9 +82,6 @@ class ExpertServicer:
         max_message_bytes: int,
         max_stream_bytes: int,
         max_receive_bytes: int,
-        failure_rate: float = 0.0,
-        latency_ms: float = 0.0,
-        seed: int | None = None,
         public_key: bytes = b"",
     ) -> None:
         self.backends = backends
@@ -98,9 +93,8 @@ class ExpertServicer:
         self.max_receive_bytes = max_receive_bytes
         self.rejections = rejections
         self._receiving = 0  # bytes held by streams being received
-        self.failure_rate = failure_rate
-        self.latency = latency_ms / 1000.0
-        self._rng = random.Random(seed)
+        # the request path; ``faults.with_faults`` wraps it when failures are simulated
+        self.handle: Handle = self._call
         self._latency = {m: metrics.latency.labels(m) for m in (FORWARD, BACKWARD)}
         self._in_flight = {m: metrics.in_flight.labels(m) for m in (FORWARD, BACKWARD)}
         self._counts: dict[tuple[str, str, str], Any] = {}
@@ -150,7 +144,7 @@ class ExpertServicer:
     ) -> expert_pb2.InfoResponse:
         backend = self.backends.get(request.uid)
         if backend is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request.uid))
+            await self._abort(context, "info", not_found(self._unknown(request.uid)))
         return expert_pb2.InfoResponse(
             uid=backend.uid,
             expert_class=backend.expert_class.name,
@@ -191,15 +185,15 @@ class ExpertServicer:
         self, method: str, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
         try:
-            reply = await self._call(method, request)
+            reply = await self.handle(method, request)
             if len(reply) > self.max_message_bytes:
-                raise RequestFailed(
+                raise ExpertError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"reply of {len(reply)} bytes exceeds the {self.max_message_bytes}-byte "
                     f"message limit; use {method.capitalize()}Stream",
                 )
             return reply
-        except RequestFailed as exc:
+        except ExpertError as exc:
             await self._abort(context, method, exc)
             raise  # unreachable: abort raises
 
@@ -215,25 +209,22 @@ class ExpertServicer:
             try:
                 request = expert_pb2.ExpertRequest.FromString(data)
             except DecodeError as exc:
-                raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"malformed streamed request: {exc}",
-                    "malformed",
-                ) from exc
+                raise invalid(f"malformed streamed request: {exc}") from exc
             finally:
                 del data  # the parsed message holds its own copy
                 self._hold(-size)
-            reply = await self._call(method, request)
-        except RequestFailed as exc:
+            reply = await self.handle(method, request)
+        except ExpertError as exc:
             await self._abort(context, method, exc)
             return
         for chunk in split_chunks(reply, reply_chunk):
             yield chunk
 
     async def _abort(
-        self, context: grpc.aio.ServicerContext, method: str, exc: RequestFailed
+        self, context: grpc.aio.ServicerContext, method: str, exc: ExpertError
     ) -> None:
-        """Answer ``exc``; a refused input is counted and logged with its peer's host."""
+        """Answer ``exc`` with its status (the one place an ``ExpertError`` becomes one); a
+        refused input is counted and logged with its peer's host."""
         if exc.reason is not None:
             peer = context.peer() or ""
             host = peer.rpartition(":")[0] or peer  # not the port: one key per host
@@ -244,8 +235,7 @@ class ExpertServicer:
     def _hold(self, size: int) -> None:
         """Take ``size`` bytes from the receive budget (give them back with a negative size)."""
         if size > 0 and self._receiving + size > self.max_receive_bytes:
-            raise RequestFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise exhausted(
                 f"streamed requests being received hold {self._receiving} bytes; {size} more "
                 f"would pass the {self.max_receive_bytes}-byte budget (--max-receive-bytes); "
                 "retry later",
@@ -273,81 +263,51 @@ class ExpertServicer:
                     if chunk.max_chunk_bytes > 0:
                         reply_chunk = min(reply_chunk, chunk.max_chunk_bytes)
                     if total > self.max_stream_bytes:
-                        raise RequestFailed(
-                            grpc.StatusCode.INVALID_ARGUMENT,
+                        raise invalid(
                             f"streamed request of {total} bytes exceeds the limit of "
                             f"{self.max_stream_bytes} (--max-stream-bytes)",
                             "request_too_large",
                         )
                 data = chunk.data
                 if len(buffer) + len(data) > total:
-                    raise RequestFailed(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"stream carries more than the announced total_bytes={total}",
-                        "malformed",
-                    )
+                    raise invalid(f"stream carries more than the announced total_bytes={total}")
                 self._hold(len(data))
                 buffer += data
                 if len(buffer) == total:
                     break
             if first or len(buffer) != total:
-                raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"stream ended after {len(buffer)} of {total} announced bytes",
-                    "malformed",
-                )
+                raise invalid(f"stream ended after {len(buffer)} of {total} announced bytes")
         except BaseException:
             self._hold(-len(buffer))
             raise
         return buffer, max(1024, reply_chunk)
 
     async def _call(self, method: str, request: expert_pb2.ExpertRequest) -> bytes:
+        """The reply to a Forward or Backward: validated, queued, batched, computed."""
         started = time.perf_counter()
         label, code = "unknown", grpc.StatusCode.OK
         self._in_flight[method].inc()
         try:
             backend = self.backends.get(request.uid)
             if backend is None:
-                raise RequestFailed(grpc.StatusCode.NOT_FOUND, self._unknown(request.uid))
+                raise not_found(self._unknown(request.uid))
             label = backend.uid
             if request.reply_compression not in _COMPRESSIONS:
-                raise RequestFailed(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"unknown reply_compression {request.reply_compression}",
-                    "malformed",
-                )
+                raise invalid(f"unknown reply_compression {request.reply_compression}")
             try:
                 tensors = [parse(t) for t in request.tensors]
-                rows = backend.validate(tensors, backward=method == BACKWARD)
-            except (TensorDecodeError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, BadRequest) else "malformed"
-                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason) from exc
-            if self.failure_rate > 0 and self._rng.random() < self.failure_rate:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "simulated failure")
-            pool = self.pools[(backend.uid, method)]
-            try:
-                future = pool.submit(
-                    tensors,
-                    rows,
-                    sum(len(t.buffer) for t in tensors),
-                    partial(encode_reply, compression=request.reply_compression),
-                )
-            except PoolFull as exc:
-                raise RequestFailed(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "queue_full"
-                ) from exc
-            except PoolClosed as exc:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-            try:
-                reply: bytes = await future
-            except BatchError as exc:
-                raise RequestFailed(exc.code, str(exc), exc.reason) from exc
-            except PoolClosed as exc:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-            if self.latency > 0:
-                await asyncio.sleep(self.latency)
+            except TensorDecodeError as exc:
+                raise invalid(str(exc)) from exc
+            rows = backend.validate(tensors, backward=method == BACKWARD)
+            future = self.pools[(backend.uid, method)].submit(
+                tensors,
+                rows,
+                sum(len(t.buffer) for t in tensors),
+                partial(encode_reply, compression=request.reply_compression),
+            )
+            reply: bytes = await future  # the scheduler sets the reply or an ExpertError
             return reply
-        except RequestFailed as exc:
+        except ExpertError as exc:
             code = exc.code
             raise
         except asyncio.CancelledError:

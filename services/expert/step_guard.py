@@ -27,9 +27,9 @@ value (it is *certified*), or it is checked after it ran and undone if it did:
   of reading the state. Should a certified step ever leave a non-finite parameter anyway, there
   is no copy: that is logged and raised as an internal error.
 
-Why two paths: measured inside the expert's backward (ffn, 1.6 M parameters, one CPU thread,
-~17 ms for 96 rows), the copy costs ~1.9 ms and checking parameters and state ~1.0 ms, measuring
-the parameters alone ~0.4 ms. Honest training stays certified (parameter norms ~1e2, clipped
+Why two paths: the copy and the check of parameters and state are a noticeable share of a
+backward, measuring the parameters alone a small one (figures: docs/expert.md, "Hostile
+peers"). Honest training stays certified (parameter norms far below ``BOUND``, clipped
 gradients <= 1; a loaded checkpoint is measured first); a hostile gradient, a hyper-parameter
 out of range or an optimizer not listed takes the copy.
 """

@@ -1,16 +1,25 @@
-"""Per-expert, per-method queues that turn concurrent requests into batches.
+"""Per-expert, per-method queues of requests waiting for their batch.
 
-Dynamic batching as in Triton: a pool is *ready* once it holds ``max_batch_size`` samples or
-its oldest request has waited ``batch_timeout``; the scheduler then takes as many queued
-requests as fit, in arrival order, that share the oldest one's non-batch shapes (a variable
-sequence length cannot be concatenated). The pool lives on the event loop; only
-:meth:`TaskPool.run` runs on a compute thread.
+A pool is a bounded queue and nothing else: it never computes and knows no scheduler. It calls
+``on_ready(pool)`` when it becomes *ready*, and its owner (``runtime.DeviceScheduler``) then
+takes a batch from it with :meth:`TaskPool.take` and runs it (``batch.py``).
+
+Readiness (dynamic batching as in Triton, with hivemind's minimum batch size, bounded):
+
+- a pool holding at least ``min_batch_size`` samples is ready at once;
+- a pool holding fewer is ready once its oldest request has waited ``batch_timeout``, whatever
+  it holds: the timeout bounds every request's wait for company, so a lone request is never
+  stuck (hivemind waits for ``min_batch_size`` without bound).
+
+``min_batch_size`` defaults to ``max_batch_size``: wait up to the timeout for a full batch. A
+smaller value runs batches of that size without waiting, e.g. a GPU server with a long timeout
+that should not wait once a batch is worth a kernel launch. A batch takes the oldest request and
+the later ones with the same non-batch shapes (a variable sequence length cannot be
+concatenated), in arrival order, up to ``max_batch_size`` samples.
 
 The queue is bounded twice: in samples (what a batch is cut from) and in bytes (what the queued
-requests hold in memory: a request's rows can be long sequences). A hostile request is cut out
-of its batch, never failing its batch-mates: non-finite values and (backward) outlying gradient
-norms before the batch runs, and a refused optimizer step by splitting the batch in halves until
-only the culprits fail (an honest half gets its own step).
+requests hold in memory: a request's rows can be long sequences). Everything here runs on the
+event loop, so nothing needs a lock.
 """
 
 from __future__ import annotations
@@ -20,27 +29,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from services.expert.backend import BadRequest, ExpertBackend, StepRejected
-from services.expert.grad_monitor import GradNormMonitor, rms
+from services.expert.errors import exhausted, unavailable
 from services.expert.metrics import ExpertMetrics
 from services.expert.wire import WireTensor
 
-if TYPE_CHECKING:
-    from services.expert.runtime import DeviceScheduler
-
 FORWARD, BACKWARD = "forward", "backward"
-
-
-class PoolFull(RuntimeError):
-    """The pool's queue bound is reached (answered RESOURCE_EXHAUSTED)."""
-
-
-class PoolClosed(RuntimeError):
-    """The server is shutting down (answered UNAVAILABLE)."""
 
 
 @dataclass(eq=False)
@@ -63,38 +60,39 @@ class Task:
 class TaskPool:
     def __init__(
         self,
-        backend: ExpertBackend,
+        uid: str,
         method: str,
         *,
+        max_batch_size: int,
         batch_timeout: float,
         max_queue_samples: int,
         max_queue_bytes: int,
         metrics: ExpertMetrics,
-        monitor: GradNormMonitor | None = None,
+        on_ready: Callable[[TaskPool], None],
+        min_batch_size: int = 0,
     ) -> None:
-        self.backend = backend
+        """``min_batch_size`` 0: ``max_batch_size`` (wait up to the timeout for a full batch)."""
+        if not 0 <= min_batch_size <= max_batch_size:
+            raise ValueError(
+                f"min_batch_size {min_batch_size} must be in [0, max_batch_size={max_batch_size}]"
+            )
+        self.uid = uid
         self.method = method
-        self.max_batch_size = backend.max_batch_size
+        self.max_batch_size = max_batch_size
+        self.min_batch_size = min_batch_size or max_batch_size
         self.batch_timeout = batch_timeout
         self.max_queue_samples = max_queue_samples
         self.max_queue_bytes = max_queue_bytes
-        self.metrics = metrics
-        self.monitor = monitor if method == BACKWARD else None
+        self.on_ready = on_ready
         self.tasks: deque[Task] = deque()
         self.queued_rows = 0
         self.queued_bytes = 0
         self.closed = False
-        self.scheduler: DeviceScheduler | None = None
-        self._queued_gauge = metrics.queued_rows.labels(backend.uid, method)
-        self._queued_bytes_gauge = metrics.queued_bytes.labels(backend.uid, method)
-        self._steps_rejected: dict[str, Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
         # metric children resolved once: ``labels()`` costs a lock and a dict lookup per call
-        self.m_wait = metrics.queue_wait.labels(method)
-        self.m_compute = metrics.compute.labels(method)
-        self.m_rows = metrics.batch_rows.labels(method)
-        self.m_requests = metrics.batch_requests.labels(method)
-        self.m_samples = metrics.samples.labels(backend.uid, method)
-        self.m_steps = metrics.steps.labels(backend.uid)
+        self._queued_gauge = metrics.queued_rows.labels(uid, method)
+        self._queued_bytes_gauge = metrics.queued_bytes.labels(uid, method)
+        self._wait = metrics.queue_wait.labels(method)
 
     def submit(
         self,
@@ -103,51 +101,68 @@ class TaskPool:
         nbytes: int,
         reply: Callable[[list[torch.Tensor]], Any],
     ) -> asyncio.Future[Any]:
-        """Queue a request of ``rows`` samples holding ``nbytes`` of tensor data. An empty queue
-        takes any request (its size is bounded by the request limits)."""
+        """Queue a request of ``rows`` samples holding ``nbytes`` of tensor data; the future
+        gets its reply or an ``ExpertError``. An empty queue takes any request (its size is
+        bounded by the request limits)."""
         if self.closed:
-            raise PoolClosed("the server is shutting down")
+            raise unavailable("the server is shutting down")
         if self.queued_rows + rows > self.max_queue_samples:
-            raise PoolFull(
-                f"expert {self.backend.uid} {self.method} queue is full "
+            raise exhausted(
+                f"expert {self.uid} {self.method} queue is full "
                 f"({self.queued_rows} samples waiting, bound {self.max_queue_samples}, "
-                "--max-queue-samples); retry later"
+                "--max-queue-samples); retry later",
+                "queue_full",
             )
         if self.queued_bytes and self.queued_bytes + nbytes > self.max_queue_bytes:
-            raise PoolFull(
-                f"expert {self.backend.uid} {self.method} queue is full "
+            raise exhausted(
+                f"expert {self.uid} {self.method} queue is full "
                 f"({self.queued_bytes} bytes waiting, this request {nbytes}, bound "
-                f"{self.max_queue_bytes}, --max-queue-bytes); retry later"
+                f"{self.max_queue_bytes}, --max-queue-bytes); retry later",
+                "queue_full",
             )
         task = Task(tensors, rows, nbytes, reply, asyncio.get_running_loop().create_future())
         self.tasks.append(task)
         self._count(task, 1)
         self._gauges()
-        if self.scheduler is not None:
-            self.scheduler.notify()
+        self.check()
         return task.future
 
-    def _count(self, task: Task, sign: int) -> None:
-        self.queued_rows += sign * task.rows
-        self.queued_bytes += sign * task.nbytes
-
-    def _gauges(self) -> None:
-        self._queued_gauge.set(self.queued_rows)
-        self._queued_bytes_gauge.set(self.queued_bytes)
-
-    def _drop_abandoned(self) -> None:
-        """Forget requests whose caller went away (deadline, cancel) before they ran."""
-        while self.tasks and self.tasks[0].future.done():
-            self._count(self.tasks.popleft(), -1)
+    # ---- readiness ----
 
     def oldest(self) -> float | None:
+        """Arrival time of the oldest waiting request; None when none waits."""
         self._drop_abandoned()
         return self.tasks[0].arrived if self.tasks else None
 
     def ready_at(self) -> float:
-        """Monotonic time at which the pool should run (assumes it is not empty)."""
+        """Monotonic time at which the pool is ready (assumes it is not empty)."""
         first = self.tasks[0].arrived
-        return first if self.queued_rows >= self.max_batch_size else first + self.batch_timeout
+        return first if self.queued_rows >= self.min_batch_size else first + self.batch_timeout
+
+    def check(self) -> None:
+        """Tell the owner if the pool is ready; otherwise make sure a timer will (the owner
+        calls it too, for a pool that stopped being ready: its requests were abandoned)."""
+        if self.oldest() is None:
+            self._cancel_timer()
+            return
+        delay = self.ready_at() - time.monotonic()
+        if delay <= 0:
+            self._cancel_timer()
+            self.on_ready(self)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self.check()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- batches ----
 
     def take(self) -> list[Task]:
         """Pop the next batch: the oldest task and later ones of the same shapes that fit."""
@@ -173,132 +188,34 @@ class TaskPool:
         kept.extend(self.tasks)
         self.tasks = kept
         self._gauges()
+        now = time.monotonic()
+        for task in batch:
+            self._wait.observe(now - task.arrived)
+        self.check()  # what is left may be ready too, or needs its timer
         return batch
 
     def close(self) -> list[Task]:
         """Refuse new requests and hand back the ones still queued."""
         self.closed = True
+        self._cancel_timer()
         left, self.tasks = list(self.tasks), deque()
         self.queued_rows = self.queued_bytes = 0
         self._gauges()
         return left
 
-    # ---- compute thread ----
+    # ---- bookkeeping ----
 
-    def run(self, batch: list[Task]) -> list[Any]:
-        """Build the tensors, cut out non-finite requests (and, for backward, outlying gradient
-        norms), compute the rest together, split the rows back and build each reply. Returns a
-        reply or a ``BadRequest`` per task."""
-        results: list[Any] = [None] * len(batch)
-        good: list[tuple[int, list[torch.Tensor]]] = []
-        for k, task in enumerate(batch):
-            try:
-                good.append((k, [w.tensor() for w in task.tensors]))
-            except ValueError as exc:
-                results[k] = BadRequest(str(exc))
-        tensors = self._concat(good)
-        if good:
-            try:
-                self.backend.check_finite(tensors)  # once over the whole batch
-            except BadRequest:  # find the culprits; the others still run together
-                good, tensors = self._finite_only(good, results), None
-        if good and self.monitor is not None:
-            screened = self._screen(good, results)
-            if len(screened) != len(good):
-                good, tensors = screened, None
-        if good:
-            self._compute(batch, good, results, tensors)
-        return results
+    def _count(self, task: Task, sign: int) -> None:
+        self.queued_rows += sign * task.rows
+        self.queued_bytes += sign * task.nbytes
 
-    def _finite_only(
-        self, good: list[tuple[int, list[torch.Tensor]]], results: list[Any]
-    ) -> list[tuple[int, list[torch.Tensor]]]:
-        kept = []
-        for k, ts in good:
-            try:
-                self.backend.check_finite(ts)
-                kept.append((k, ts))
-            except BadRequest as exc:
-                results[k] = exc
-        return kept
+    def _gauges(self) -> None:
+        self._queued_gauge.set(self.queued_rows)
+        self._queued_bytes_gauge.set(self.queued_bytes)
 
-    def _concat(self, good: list[tuple[int, list[torch.Tensor]]]) -> list[torch.Tensor]:
-        if len(good) == 1:
-            return good[0][1]
-        width = len(good[0][1]) if good else 0
-        return [torch.cat([ts[i] for _, ts in good]) for i in range(width)]
-
-    def _screen(
-        self, good: list[tuple[int, list[torch.Tensor]]], results: list[Any]
-    ) -> list[tuple[int, list[torch.Tensor]]]:
-        """Refuse requests whose grad_outputs RMS is an outlier (``grad_monitor``)."""
-        assert self.monitor is not None
-        n_in = len(self.backend.input_schemas)
-        values = rms([ts[n_in:] for _, ts in good])
-        flags, limit = self.monitor.screen(values)
-        if not any(flags):
-            return good
-        kept = []
-        for (k, ts), value, outlier in zip(good, values, flags, strict=True):
-            if outlier:
-                results[k] = BadRequest(
-                    f"grad_outputs have an RMS of {value:.3g}, over {self.monitor.ratio:g} x "
-                    f"the 90th percentile of this expert's recent requests (limit {limit:.3g}, "
-                    "--max-grad-norm-ratio); refused so that no single request steers the "
-                    "expert",
-                    reason="grad_norm_outlier",
-                )
-            else:
-                kept.append((k, ts))
-        return kept
-
-    def _compute(
-        self,
-        batch: list[Task],
-        good: list[tuple[int, list[torch.Tensor]]],
-        results: list[Any],
-        tensors: list[torch.Tensor] | None = None,
-    ) -> None:
-        """Run ``good`` as one batch. A refused step (nothing applied) is retried on each half,
-        down to single requests, so only the requests that cause it fail."""
-        backend = self.backend
-        if tensors is None:
-            tensors = self._concat(good)
-        try:
-            with backend.lock:
-                if self.method == FORWARD:
-                    outputs = backend.forward(tensors)
-                else:
-                    n_in = len(backend.input_schemas)
-                    outputs = backend.backward(tensors[:n_in], tensors[n_in:])
-        except StepRejected as exc:
-            self._step_rejected(exc.cause)
-            if len(good) == 1:
-                results[good[0][0]] = exc
-                return
-            half = len(good) // 2
-            self._compute(batch, good[:half], results)
-            self._compute(batch, good[half:], results)
-            return
-        except BadRequest as exc:  # the same for every request of these shapes
-            for k, _ in good:
-                results[k] = exc
-            return
-        if self.method == BACKWARD:
-            self.m_steps.inc()
-        if len(good) == 1:
-            k = good[0][0]
-            results[k] = batch[k].reply(outputs)
-            return
-        sizes = [batch[k].rows for k, _ in good]
-        parts = [out.split(sizes) for out in outputs]
-        for j, (k, _) in enumerate(good):
-            results[k] = batch[k].reply([p[j] for p in parts])
-
-    def _step_rejected(self, cause: str) -> None:
-        child = self._steps_rejected.get(cause)
-        if child is None:
-            child = self._steps_rejected[cause] = self.metrics.steps_rejected.labels(
-                self.backend.uid, cause
-            )
-        child.inc()
+    def _drop_abandoned(self) -> None:
+        """Forget requests whose caller went away (deadline, cancel) before they ran."""
+        if self.tasks and self.tasks[0].future.done():
+            while self.tasks and self.tasks[0].future.done():
+                self._count(self.tasks.popleft(), -1)
+            self._gauges()
