@@ -329,14 +329,17 @@ async def _hand_off(enabled: bool) -> tuple[bool, int]:
         await node.start([n.address for n in rng.sample(nodes, min(3, len(nodes)))])
         await asyncio.wait_for(node.joined.wait(), 5)
         nodes.append(node)
-    key = key_to_id(b"handed off")
+    # ids are hashes of keys: draw keys, and pick a key whose 10 nearest drawn ids are all
+    # nearer it than every node of the swarm
+    pool = [Identity.generate() for _ in range(3000)]
+    ids = {id(i): int.from_bytes(hashlib.sha1(i.public_key).digest(), "big") for i in pool}
+    for attempt in range(100):
+        key = key_to_id(b"handed off %d" % attempt)
+        identities = sorted(pool, key=lambda i: key ^ ids[id(i)])[:10]
+        if max(key ^ ids[id(i)] for i in identities) < min(key ^ n.node_id for n in nodes):
+            break
     counts, _ = await nodes[3].store_many([(key, Entry(b"s", b"v", time.time() + 600))])
     assert counts == [5]
-    # ids are hashes of keys: draw keys, keep the 10 nearest the key (nearer than all 20)
-    identities = sorted(
-        (Identity.generate() for _ in range(3000)),
-        key=lambda i: key ^ int.from_bytes(hashlib.sha1(i.public_key).digest(), "big"),
-    )[:10]
     if not enabled:  # what a node did before hand-off existed
         original = node_module.hand_off
         node_module.hand_off = lambda *args: asyncio.sleep(0)

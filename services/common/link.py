@@ -206,10 +206,11 @@ def _error(request_id: int, code: grpc.StatusCode, details: str) -> LinkFrame:
 
 
 class _Outbox:
-    """Frames waiting to leave; :meth:`take` waits for at least one and returns them all
-    (None once closed and empty), which is what makes a batch."""
+    """Frames waiting to leave; :meth:`take` waits for at least one and returns those that
+    fit ``max_bytes`` of payload (at least one; None once closed and empty): a batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 4 << 20) -> None:
+        self.max_bytes = max_bytes
         self._frames: list[LinkFrame] = []
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
@@ -230,8 +231,15 @@ class _Outbox:
                 return None
             self._ready = asyncio.get_running_loop().create_future()
             await self._ready
-        frames, self._frames = self._frames, []
-        return frames
+        frames, size, cut = self._frames, 0, 0
+        for cut, frame in enumerate(frames):
+            size += len(frame.payload)
+            if size > self.max_bytes and cut:
+                break
+        else:
+            cut = len(frames)
+        self._frames = frames[cut:]
+        return frames[:cut]
 
 
 class LinkClient:

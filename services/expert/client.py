@@ -14,12 +14,15 @@ from collections.abc import Sequence
 import torch
 
 from services.common.channels import aio_channel, channel_options
+from services.common.link import LinkClient, LinkError
 from services.common.tensor_codec import decode, encode
 from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
+from services.proto.link_pb2 import LinkBatch
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HEADROOM = 64 * 1024  # message framing and metadata
+_NO_DEADLINE = 24 * 3600.0  # a link request without a timeout still needs one
 
 
 def _identity(data: bytes) -> bytes:
@@ -36,9 +39,14 @@ class ExpertClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         stream_chunk_bytes: int = 4 * 1024 * 1024,
         tls: TLSConfig | None = None,
+        link_max_bytes: int = 1024 * 1024,
     ) -> None:
         self.address = address
         self.max_message_bytes = max_message_bytes
+        # requests (and replies) up to this size go over the server's link: one long-lived
+        # stream for every call (services.common.link); larger ones take their own call, so
+        # they do not hold up the small ones behind them. 0: never.
+        self.link_max_bytes = min(link_max_bytes, max_message_bytes - _HEADROOM)
         self.chunk_bytes = max(1024, min(stream_chunk_bytes, max_message_bytes - _HEADROOM))
         self._channel = aio_channel(address, channel_options(max_message_bytes), tls)
         ch = self._channel
@@ -63,9 +71,25 @@ class ExpertClient:
             )
             for m in ("Forward", "Backward")
         }
+        open_link = ch.stream_stream(
+            "/dmoe.Expert/Link",
+            request_serializer=LinkBatch.SerializeToString,
+            response_deserializer=LinkBatch.FromString,
+        )
+        self._link = LinkClient(lambda: open_link())
+
+    async def _linked(self, method: str, data: bytes, timeout: float | None) -> bytes:
+        try:
+            return await self._link.call(method, data, timeout or _NO_DEADLINE)
+        except LinkError as exc:
+            raise exc.as_rpc_error() from None
 
     async def info(self, uid: str, timeout: float | None = None) -> expert_pb2.InfoResponse:
-        return await self._info(expert_pb2.InfoRequest(uid=uid), timeout=timeout)
+        request = expert_pb2.InfoRequest(uid=uid)
+        if self.link_max_bytes:
+            reply = await self._linked("Info", request.SerializeToString(), timeout)
+            return expert_pb2.InfoResponse.FromString(reply)
+        return await self._info(request, timeout=timeout)
 
     async def forward(
         self,
@@ -121,7 +145,10 @@ class ExpertClient:
         # compressed inputs are up to 4x larger than the request): stream when either may not fit.
         reply_estimate = sum(t.numel() * t.element_size() for t in tensors)
         limit = self.max_message_bytes - _HEADROOM
-        if len(data) <= limit and reply_estimate <= limit:
+        if len(data) <= self.link_max_bytes and reply_estimate <= self.link_max_bytes:
+            reply = await self._linked(method, data, timeout)
+            response = expert_pb2.ExpertResponse.FromString(reply)
+        elif len(data) <= limit and reply_estimate <= limit:
             response = await self._unary[method](data, timeout=timeout)
         else:
             response = await self._call_stream(method, data, timeout)
@@ -146,6 +173,7 @@ class ExpertClient:
         return expert_pb2.ExpertResponse.FromString(b"".join(parts))
 
     async def close(self) -> None:
+        await self._link.close()
         await self._channel.close()
 
     async def __aenter__(self) -> ExpertClient:

@@ -272,6 +272,7 @@ class ExpertServer:
             registry=self.registry,
             tls=cfg.tls,
             limits=cfg.limits,
+            links=[servicer.link],
         )
         log.info(
             "expert server listening",

@@ -31,6 +31,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
 from services.expert.backend import ExpertBackend
@@ -40,6 +41,7 @@ from services.expert.metrics import ExpertMetrics
 from services.expert.task_pool import BACKWARD, FORWARD, TaskPool
 from services.expert.wire import parse
 from services.proto import expert_pb2, tensor_pb2
+from services.proto.link_pb2 import LinkBatch
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,35 @@ class ExpertServicer:
         self._latency = {m: metrics.latency.labels(m) for m in (FORWARD, BACKWARD)}
         self._in_flight = {m: metrics.in_flight.labels(m) for m in (FORWARD, BACKWARD)}
         self._counts: dict[tuple[str, str, str], Any] = {}
+        # the same three methods over a peer link (services.common.link): what clients use
+        self.link = LinkServer(
+            {
+                "Info": protobuf_method(expert_pb2.InfoRequest, self._info_linked),
+                "Forward": self._linked(FORWARD),
+                "Backward": self._linked(BACKWARD),
+            }
+        )
+
+    def _linked(self, method: str) -> Any:
+        async def serve(payload: bytes, peer: str) -> bytes:
+            try:
+                try:
+                    request = expert_pb2.ExpertRequest.FromString(payload)
+                except DecodeError as exc:
+                    raise invalid(f"malformed request: {exc}") from exc
+                return await self.handle(method, request)
+            except ExpertError as exc:
+                self._refused(peer, method, exc)
+                raise
+
+        return serve
+
+    async def _info_linked(self, request: expert_pb2.InfoRequest, peer: str) -> Any:
+        try:
+            return self.info(request)
+        except ExpertError as exc:
+            self._refused(peer, "info", exc)
+            raise
 
     def _count(self, uid: str, method: str, code: str) -> None:
         key = (uid, method, code)
@@ -130,6 +161,11 @@ class ExpertServicer:
             "BackwardStream": grpc.stream_stream_rpc_method_handler(
                 self.BackwardStream, request_deserializer=chunk_in, response_serializer=chunk_out
             ),
+            "Link": grpc.stream_stream_rpc_method_handler(
+                self.Link,
+                request_deserializer=LinkBatch.FromString,
+                response_serializer=LinkBatch.SerializeToString,
+            ),
         }
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -142,9 +178,19 @@ class ExpertServicer:
     async def Info(
         self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> expert_pb2.InfoResponse:
+        try:
+            return self.info(request)
+        except ExpertError as exc:
+            await self._abort(context, "info", exc)
+            raise  # unreachable: abort raises
+
+    def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self.link.serve(batches, context)
+
+    def info(self, request: expert_pb2.InfoRequest) -> expert_pb2.InfoResponse:
         backend = self.backends.get(request.uid)
         if backend is None:
-            await self._abort(context, "info", not_found(self._unknown(request.uid)))
+            raise not_found(self._unknown(request.uid))
         return expert_pb2.InfoResponse(
             uid=backend.uid,
             expert_class=backend.expert_class.name,
@@ -223,14 +269,17 @@ class ExpertServicer:
     async def _abort(
         self, context: grpc.aio.ServicerContext, method: str, exc: ExpertError
     ) -> None:
-        """Answer ``exc`` with its status (the one place an ``ExpertError`` becomes one); a
-        refused input is counted and logged with its peer's host."""
+        """Answer ``exc`` with its status (the one place an ``ExpertError`` becomes one on a
+        unary or chunked call; a link sends it as the request's error reply); a refused input
+        is counted and logged with its peer's host."""
+        self._refused(context.peer() or "", method, exc)
+        await context.abort(exc.code, str(exc))
+
+    def _refused(self, peer: str, method: str, exc: ExpertError) -> None:
         if exc.reason is not None:
-            peer = context.peer() or ""
             host = peer.rpartition(":")[0] or peer  # not the port: one key per host
             message = f"refused {method}: {exc}"
             self.rejections.reject(exc.reason, message, source=host, code=exc.code.name)
-        await context.abort(exc.code, str(exc))
 
     def _hold(self, size: int) -> None:
         """Take ``size`` bytes from the receive budget (give them back with a negative size)."""

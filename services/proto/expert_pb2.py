@@ -22,28 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import link_pb2 as link__pb2
 from . import tensor_pb2 as tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x04\x64moe\x1a\x0ctensor.proto\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"9\n\x0cTensorSchema\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1a\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0b.dmoe.DType\"\xd7\x01\n\x0cInfoResponse\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpert_class\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12#\n\x07outputs\x18\x04 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x17\n\x0foptimizer_steps\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\"i\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1d\n\x07tensors\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x03 \x01(\x0e\x32\x11.dmoe.Compression\"/\n\x0e\x45xpertResponse\x12\x1d\n\x07tensors\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"C\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x03\x32\x83\x02\n\x06\x45xpert\x12-\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x12.dmoe.InfoResponse\x12\x34\n\x07\x46orward\x12\x13.dmoe.ExpertRequest\x1a\x14.dmoe.ExpertResponse\x12\x35\n\x08\x42\x61\x63kward\x12\x13.dmoe.ExpertRequest\x1a\x14.dmoe.ExpertResponse\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x04\x64moe\x1a\nlink.proto\x1a\x0ctensor.proto\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"9\n\x0cTensorSchema\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1a\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0b.dmoe.DType\"\xd7\x01\n\x0cInfoResponse\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpert_class\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12#\n\x07outputs\x18\x04 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x17\n\x0foptimizer_steps\x18\x06 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x12\n\npublic_key\x18\x08 \x01(\x0c\"i\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1d\n\x07tensors\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x03 \x01(\x0e\x32\x11.dmoe.Compression\"/\n\x0e\x45xpertResponse\x12\x1d\n\x07tensors\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"C\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x03\x32\xb1\x02\n\x06\x45xpert\x12-\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x12.dmoe.InfoResponse\x12\x34\n\x07\x46orward\x12\x13.dmoe.ExpertRequest\x1a\x14.dmoe.ExpertResponse\x12\x35\n\x08\x42\x61\x63kward\x12\x13.dmoe.ExpertRequest\x1a\x14.dmoe.ExpertResponse\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12,\n\x04Link\x12\x0f.dmoe.LinkBatch\x1a\x0f.dmoe.LinkBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFOREQUEST']._serialized_start=36
-  _globals['_INFOREQUEST']._serialized_end=62
-  _globals['_TENSORSCHEMA']._serialized_start=64
-  _globals['_TENSORSCHEMA']._serialized_end=121
-  _globals['_INFORESPONSE']._serialized_start=124
-  _globals['_INFORESPONSE']._serialized_end=339
-  _globals['_EXPERTREQUEST']._serialized_start=341
-  _globals['_EXPERTREQUEST']._serialized_end=446
-  _globals['_EXPERTRESPONSE']._serialized_start=448
-  _globals['_EXPERTRESPONSE']._serialized_end=495
-  _globals['_CHUNK']._serialized_start=497
-  _globals['_CHUNK']._serialized_end=564
-  _globals['_EXPERT']._serialized_start=567
-  _globals['_EXPERT']._serialized_end=826
+  _globals['_INFOREQUEST']._serialized_start=48
+  _globals['_INFOREQUEST']._serialized_end=74
+  _globals['_TENSORSCHEMA']._serialized_start=76
+  _globals['_TENSORSCHEMA']._serialized_end=133
+  _globals['_INFORESPONSE']._serialized_start=136
+  _globals['_INFORESPONSE']._serialized_end=351
+  _globals['_EXPERTREQUEST']._serialized_start=353
+  _globals['_EXPERTREQUEST']._serialized_end=458
+  _globals['_EXPERTRESPONSE']._serialized_start=460
+  _globals['_EXPERTRESPONSE']._serialized_end=507
+  _globals['_CHUNK']._serialized_start=509
+  _globals['_CHUNK']._serialized_end=576
+  _globals['_EXPERT']._serialized_start=579
+  _globals['_EXPERT']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

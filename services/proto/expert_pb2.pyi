@@ -1,3 +1,4 @@
+from . import link_pb2 as _link_pb2
 from . import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from . import expert_pb2 as expert__pb2
+from . import link_pb2 as link__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +60,11 @@ class ExpertStub:
                 request_serializer=expert__pb2.Chunk.SerializeToString,
                 response_deserializer=expert__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/dmoe.Expert/Link',
+                request_serializer=link__pb2.LinkBatch.SerializeToString,
+                response_deserializer=link__pb2.LinkBatch.FromString,
+                _registered_method=True)
 
 
 class ExpertServicer:
@@ -99,6 +105,14 @@ class ExpertServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """Info, Forward and Backward over one long-lived stream (link.proto), what ExpertClient
+        uses for requests up to its link size (larger ones take the unary or chunked calls)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.BackwardStream,
                     request_deserializer=expert__pb2.Chunk.FromString,
                     response_serializer=expert__pb2.Chunk.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=link__pb2.LinkBatch.FromString,
+                    response_serializer=link__pb2.LinkBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class Expert:
             '/dmoe.Expert/BackwardStream',
             expert__pb2.Chunk.SerializeToString,
             expert__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmoe.Expert/Link',
+            link__pb2.LinkBatch.SerializeToString,
+            link__pb2.LinkBatch.FromString,
             options,
             channel_credentials,
             insecure,
