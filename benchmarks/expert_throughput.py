@@ -108,6 +108,7 @@ def _client_main(
     batch: int,
     batches: int,
     backward: bool,
+    link_max_bytes: int,
     ready: mp.Barrier,
     go: mp.Event,
     results: mp.Queue,
@@ -118,7 +119,7 @@ def _client_main(
     from services.expert.client import ExpertClient
 
     async def run() -> None:
-        client = ExpertClient(address)
+        client = ExpertClient(address, link_max_bytes=link_max_bytes)
         rng = random.Random(index)
         x = torch.randn(batch, hidden)
         for uid in uids:  # warm-up: connect, first-call costs
@@ -180,6 +181,11 @@ def main() -> int:
     parser.add_argument("--batches-per-client", type=int, default=32)
     parser.add_argument("--backward", action="store_true")
     parser.add_argument(
+        "--unary",
+        action="store_true",
+        help="clients make one unary call per request instead of using the server's link",
+    )
+    parser.add_argument(
         "--expert-cls", default="ffn", help="server's expert class (nop: RPC overhead only)"
     )
     parser.add_argument("--local-seconds", type=float, default=4.0)
@@ -232,6 +238,7 @@ def main() -> int:
                     args.batch_size,
                     args.batches_per_client,
                     args.backward,
+                    0 if args.unary else 1 << 20,
                     ready,
                     go,
                     results,
@@ -300,6 +307,7 @@ def main() -> int:
         delta.get(f"dmoe_expert_compute_seconds_sum:{m}", 0.0) for m in ("forward", "backward")
     )
     report = {
+        "transport": "unary" if args.unary else "link",
         "samples_per_s": round(throughput, 1),
         "local_limit_samples_per_s": round(limit, 1),
         "ratio": round(throughput / limit, 3),
