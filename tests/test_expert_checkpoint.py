@@ -41,7 +41,7 @@ async def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
         return proc.poll() is None
 
     address = f"127.0.0.1:{port}"
-    if await asyncio.to_thread(wait_serving, address, 60, alive=alive, interval=0.1):
+    if await asyncio.to_thread(wait_serving, address, 240, alive=alive, interval=0.1):
         return
     assert alive(), "expert server exited during start-up"
     raise TimeoutError("expert server did not become SERVING")

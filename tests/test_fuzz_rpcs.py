@@ -75,7 +75,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Proc]:
         ]  # fmt: skip
         procs["trainer"] = Proc("trainer", trainer_args, logdir, free_port())
         for proc in procs.values():
-            proc.wait_healthy(120)
+            proc.wait_healthy()
         yield procs
     finally:
         for proc in procs.values():

@@ -99,7 +99,7 @@ def swarm(certs, tmp_path_factory):
             "--failure-pause", "0.2", *tls_flags(folder, "trainer"),
         ], logdir)  # fmt: skip
         for proc in procs.values():
-            proc.wait_healthy(120, tls=client)
+            proc.wait_healthy(tls=client)
         yield procs, client
     finally:
         for proc in reversed(procs.values()):
