@@ -73,7 +73,7 @@ async def health(address: str) -> int:
         return reply.status
 
 
-async def wait_serving(address: str, timeout: float = 30.0) -> None:
+async def wait_serving(address: str, timeout: float = 240.0) -> None:
     async def serving() -> bool:
         return await health(address) == health_pb2.HealthCheckResponse.SERVING
 
