@@ -57,7 +57,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from proc import free_ports
+from proc import cpu_seconds, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -210,10 +210,17 @@ class Trainers:
                 raise RuntimeError("a trainer process did not start")
 
     def measure(
-        self, trainers: int, ping_s: float, warmup: float, window: float, seed: int
-    ) -> tuple[int, float]:
-        """Hops completed by ``trainers`` concurrent trainers inside the window, and their RPC
-        seconds; trainers are spread evenly over the processes."""
+        self,
+        trainers: int,
+        ping_s: float,
+        warmup: float,
+        window: float,
+        seed: int,
+        server_pids: list[int],
+    ) -> dict[str, float]:
+        """Hops completed by ``trainers`` concurrent trainers inside the window, their RPC
+        seconds, and the CPU seconds servers and trainer processes spent in the window;
+        trainers are spread evenly over the processes."""
         n = len(self.conns)
         split = [trainers // n + (i < trainers % n) for i in range(n)]
         start = time.monotonic() + warmup
@@ -221,13 +228,21 @@ class Trainers:
         # trainer k of process i starts at block i + k * n: all trainers spread over the chain
         for i, (conn, count) in enumerate(active):
             conn.send((count, ping_s, start, start + window, seed * 1000 + i, i, len(active)))
+        client_pids = [p.pid for p in self.procs]
+        time.sleep(max(0.0, start - time.monotonic()))
+        cpu = [sum(map(cpu_seconds, server_pids)), sum(map(cpu_seconds, client_pids))]
+        time.sleep(max(0.0, start + window - time.monotonic()))
+        cpu = [
+            sum(map(cpu_seconds, server_pids)) - cpu[0],
+            sum(map(cpu_seconds, client_pids)) - cpu[1],
+        ]
         hops, rpc = 0, 0.0
         for conn, _ in active:
             if not conn.poll(window + warmup + 120):
                 raise RuntimeError("a trainer process stopped answering")
             h, r = conn.recv()
             hops, rpc = hops + h, rpc + r
-        return hops, rpc
+        return {"hops": hops, "rpc_s": rpc, "server_cpu_s": cpu[0], "client_cpu_s": cpu[1]}
 
     def close(self) -> None:
         for conn in self.conns:
@@ -245,26 +260,36 @@ def systems(trainer_counts: list[int]) -> list[tuple[str, int]]:
     return [("sequential", 1)] + [("dmoe", j) for j in trainer_counts]
 
 
-def run_sweep(args: argparse.Namespace, trainers: Trainers) -> list[dict]:
+def run_sweep(args: argparse.Namespace, trainers: Trainers, server_pids: list[int]) -> list[dict]:
     """Every (system, J, ping) point ``--repeats`` times; repeats are the outer loop so a burst
     of load from elsewhere on the machine lands on one run of many points, not on one point."""
-    runs: dict[tuple[str, int, float], list[tuple[float, float]]] = {}
+    runs: dict[tuple[str, int, float], list[dict[str, float]]] = {}
     for r in range(args.repeats):
         for ping in args.pings:
             for system, j in systems(args.trainers):
                 window = max(args.seconds, args.min_hops * ping / 1000 / j)
-                hops, rpc = trainers.measure(j, ping / 1000, args.warmup, window, seed=r)
-                rate = hops * args.batch_size / args.layers / window
-                hop_ms = 1000 * rpc / hops if hops else float("nan")
-                runs.setdefault((system, j, ping), []).append((rate, hop_ms))
+                m = trainers.measure(j, ping / 1000, args.warmup, window, r, server_pids)
+                run = {
+                    "rate": m["hops"] * args.batch_size / args.layers / window,
+                    "hop_ms": 1000 * m["rpc_s"] / m["hops"] if m["hops"] else float("nan"),
+                    "server_cores": m["server_cpu_s"] / window,
+                    "client_cores": m["client_cpu_s"] / window,
+                }
+                runs.setdefault((system, j, ping), []).append(run)
                 print(
                     f"  run {r + 1}/{args.repeats} {system:<10} J={j:<3} ping {ping:>5g} ms: "
-                    f"{rate:9.1f} samples/s (hop RPC {hop_ms:.2f} ms, window {window:.1f} s)",
+                    f"{run['rate']:9.1f} samples/s (hop RPC {run['hop_ms']:.2f} ms, "
+                    f"CPU cores: servers {run['server_cores']:.2f}, trainers "
+                    f"{run['client_cores']:.2f}; window {window:.1f} s)",
                     flush=True,
                 )
     points = []
     for (system, j, ping), values in runs.items():
-        rates = [v for v, _ in values]
+        rates = [v["rate"] for v in values]
+
+        def mean(key: str, values: list[dict[str, float]] = values) -> float:
+            return sum(v[key] for v in values) / len(values)
+
         points.append(
             {
                 "system": system,
@@ -274,7 +299,14 @@ def run_sweep(args: argparse.Namespace, trainers: Trainers) -> list[dict]:
                 "min": round(min(rates), 2),
                 "max": round(max(rates), 2),
                 "runs": [round(v, 2) for v in rates],
-                "hop_rpc_ms": round(sum(h for _, h in values) / len(values), 3),
+                "hop_rpc_ms": round(mean("hop_ms"), 3),
+                "server_cpu_cores": round(mean("server_cores"), 2),
+                "trainer_cpu_cores": round(mean("client_cores"), 2),
+                # samples per CPU-second of servers + trainers: what the machine's other
+                # load does not change (unlike samples/s at 0 ms, which is CPU-bound)
+                "samples_per_cpu_s": round(
+                    sum(rates) / sum(v["server_cores"] + v["client_cores"] for v in values), 1
+                ),
             }
         )
     return points
@@ -309,6 +341,26 @@ def targets(points: list[dict], args: argparse.Namespace, at_ms: float = 100.0) 
             f"(target {'>=' if ok == 'ge' else '<'} {bound:.0%}): {'holds' if holds else 'MISSED'}"
         )
     return lines
+
+
+def markdown_table(points: list[dict], args: argparse.Namespace) -> str:
+    """One row per system, one column per ping: mean (min-max), and % of the 0 ms mean."""
+    lines = [
+        "| system | " + " | ".join(f"{p:g} ms" for p in args.pings) + " |",
+        "| --- |" + " ---: |" * len(args.pings),
+    ]
+    for system, j in systems(args.trainers):
+        zero = find(points, system, j, 0.0)
+        cells = []
+        for ping in args.pings:
+            p = find(points, system, j, ping)
+            cell = f"{p['samples_per_s']:,.0f} ({p['min']:,.0f}-{p['max']:,.0f})"
+            if zero is not None and ping != 0:
+                cell += f", {p['samples_per_s'] / zero['samples_per_s']:.0%}"
+            cells.append(cell)
+        name = "sequential" if system == "sequential" else f"dmoe J={j}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------- plot ----------------
@@ -433,7 +485,7 @@ def main() -> int:
         try:
             procs = max(1, min(args.trainer_procs, max([1, *args.trainers])))
             trainers = Trainers(procs, addresses, args.layers, args.hidden_dim, args.batch_size)
-            points = run_sweep(args, trainers)
+            points = run_sweep(args, trainers, [p.pid for p in servers])
         finally:
             if trainers is not None:
                 trainers.close()
@@ -460,17 +512,10 @@ def main() -> int:
     if not args.no_plot:
         plot(points, args, args.out / "throughput_latency.png")
     print(
-        f"\nsamples/s (mean [min..max] over {args.repeats} runs), "
-        f"L={args.layers}, B={args.batch_size}"
+        f"\nsamples/s, mean (min-max) over {args.repeats} runs, and the share of the same "
+        f"system's 0 ms figure; L={args.layers}, B={args.batch_size}\n"
     )
-    header = "".join(f"{p:>24g} ms" for p in args.pings)
-    print(f"{'system':<16}{header}")
-    for system, j in systems(args.trainers):
-        cells = []
-        for ping in args.pings:
-            p = find(points, system, j, ping)
-            cells.append(f"{p['samples_per_s']:>9.1f} [{p['min']:.1f}..{p['max']:.1f}]")
-        print(f"{system + f' J={j}':<16}" + "".join(f"{c:>27}" for c in cells))
+    print(markdown_table(points, args))
     if t:
         print(f"one hop without delay (sequential, 0 ms): {1000 * t:.2f} ms")
     for line in targets(points, args):
