@@ -16,20 +16,26 @@ Two systems run against the same servers, over the same ``ExpertClient`` (the tr
   over ``--trainer-procs`` OS processes (2 by default: the machine has 2 cores), so while one
   trainer waits out its delay the others keep the servers busy, and requests that meet at an
   expert are batched. J=1 is the sequential client by construction, which is why the default
-  sweep measures J in {8, 32} next to ``sequential``.
+  sweep measures J in {8, 32, 64} next to ``sequential`` (64: the paper's trainer count).
+  Trainers start spread over the chain's blocks; started together at block 0 with no delay
+  they would move as one herd and keep one server busy at a time.
 
 Throughput is counted per hop: each block a batch passes inside the measuring window counts
 B / L samples, so a window needs no whole passes (a sequential pass at 200 ms is seconds long)
 and the figure has no edge effects. A window lasts ``--seconds`` and at least
-``--min-hops`` x ping / J, so every point averages about as many random delays.
+``--min-hops`` x ping / J, so that a point at high ping still holds that many random delays
+in all (their sum is what the figure averages). Each point
+also reports the CPU cores servers and trainer processes used in its window, and samples per
+CPU-second, which other load on the machine changes far less than samples/s.
 
 Mapping to the paper (4 GPUs x 56 blocks = 224 blocks at hidden 1024, batch 2048, 64 trainer
 processes, ping 0..200 ms): here 4 servers x 2 blocks = 8 blocks at hidden 256, batch 32, up to
-32 trainers, on 2 shared CPU cores. What the curves depend on is the ratio of the delay to the
-hop time (ping / t: about 20-40 at 100 ms here, as on the paper's GPUs) and whether J x B rows
-in flight cover the servers' capacity during one delay; L only scales all curves alike.
+64 trainers, on 2 shared CPU cores. What the curves depend on is the ratio of the delay to the
+time of one hop (t ~ 7 ms here, so ping / t ~ 15 at 100 ms; a block of the paper's size is
+~100 GFLOP forward, milliseconds on a 2020 GPU: the same order) and whether the J x B rows in
+flight cover what the servers compute during one delay; L scales every curve alike.
 
-    python benchmarks/throughput_latency.py                        # default sweep, ~10 min
+    python benchmarks/throughput_latency.py                        # default sweep, ~6 min
     python benchmarks/throughput_latency.py --out docs/results --json
     python benchmarks/throughput_latency.py --layers 2 --pings 0,20 --trainers 2 --repeats 1
 
@@ -305,7 +311,9 @@ def run_sweep(args: argparse.Namespace, trainers: Trainers, server_pids: list[in
                 # samples per CPU-second of servers + trainers: what the machine's other
                 # load does not change (unlike samples/s at 0 ms, which is CPU-bound)
                 "samples_per_cpu_s": round(
-                    sum(rates) / sum(v["server_cores"] + v["client_cores"] for v in values), 1
+                    sum(rates)
+                    / max(1e-9, sum(v["server_cores"] + v["client_cores"] for v in values)),
+                    1,
                 ),
             }
         )
@@ -460,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-hops",
         type=int,
         default=100,
-        help="a window lasts at least this many mean delays per trainer",
+        help="a window lasts at least this many mean delays divided by J",
     )
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     parser.add_argument("--repeats", type=int, default=3)
