@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import multiprocessing as mp
@@ -252,7 +253,8 @@ class Trainers:
 
     def close(self) -> None:
         for conn in self.conns:
-            conn.send(None)
+            with contextlib.suppress(OSError):  # that process may be gone already
+                conn.send(None)
         for p in self.procs:
             p.join(30)
             if p.is_alive():
