@@ -29,3 +29,25 @@ def test_rpc_floor_reports_cpu_per_call(guard: str) -> None:
     assert report["cpu_us_per_call"] == round(
         report["client_cpu_us_per_call"] + report["server_cpu_us_per_call"], 1
     )
+
+
+def test_throughput_latency_reports_every_point_and_plots(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/throughput_latency.py", "--layers", "2", "--servers", "1",
+         "--trainer-procs", "1", "--pings", "0,20", "--trainers", "2", "--seconds", "0.5",
+         "--min-hops", "1", "--warmup", "0.2", "--repeats", "1", "--json",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    points = report["points"]
+    assert {(p["system"], p["trainers"], p["ping_ms"]) for p in points} == {
+        (system, j, ping) for system, j in (("sequential", 1), ("dmoe", 2)) for ping in (0, 20)
+    }
+    for p in points:
+        assert p["samples_per_s"] > 0 and p["min"] <= p["samples_per_s"] <= p["max"], p
+    # the file and the printed line are the same report
+    assert json.loads((tmp_path / "throughput_latency.json").read_text())["points"] == points
+    png = (tmp_path / "throughput_latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
