@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,40 @@ def test_throughput_latency_reports_every_point_and_plots(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "throughput_latency.json").read_text())["points"] == points
     png = (tmp_path / "throughput_latency.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_hivemind_baseline_counts_cpu_of_whole_process_trees() -> None:
+    """The hivemind figures rely on this: hivemind's CPU sits in child processes (DHT peers,
+    connection handlers, p2pd daemons) two levels below the driver."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hivemind_baseline import _descendants, tree_cpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    burn += "time.sleep(60)"
+    middle = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+    middle += "time.sleep(60)"
+    root = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                             f"subprocess.Popen([sys.executable, '-c', {middle!r}])\n"
+                             "time.sleep(60)"])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(_descendants(root.pid)) < 2 or tree_cpu(root.pid) < 0.6:
+            assert time.monotonic() < deadline, "the grandchild did not burn its CPU"
+            time.sleep(0.1)
+        (mid,) = Path(f"/proc/{root.pid}/task/{root.pid}/children").read_text().split()
+        without_mid = tree_cpu(root.pid, exclude=frozenset({int(mid)}))
+        assert tree_cpu(root.pid) - without_mid >= 0.55  # the grandchild's 0.6 s went
+        assert without_mid < 0.5  # root alone: an idle interpreter
+    finally:
+        for pid in reversed([root.pid, *_descendants(root.pid)]):
+            os.kill(pid, signal.SIGKILL)
+        root.wait()
+
+
+def test_hivemind_baseline_help_needs_no_hivemind() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/hivemind_baseline.py", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--runs" in done.stdout and "--hivemind-expert" in done.stdout
