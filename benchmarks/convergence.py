@@ -315,6 +315,9 @@ def staleness(
     """Over the window in which every trainer was training (see the module docstring)."""
     start = max(times[1] for times, _ in progress if len(times) > 1)
     end = min(times[-1] for times, _ in progress)
+    if end <= start:  # a short run: one trainer was done before another began
+        start = min(times[1] for times, _ in progress if len(times) > 1)
+        end = max(times[-1] for times, _ in progress)
     if len(polls) < 2:
         return {"window_s": 0.0}
     # the polls bracketing the window (a window shorter than the poll period still gets two)
@@ -487,7 +490,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
     note = "Learning@home (MNIST, batch 4, 16-64 trainers; far beyond this x range): " + "; ".join(
         f"{label} {acc:.2f} at {n / 1000:.1f}k updates" for label, n, acc in PAPER
     )
-    fig.text(0.01, 0.01, textwrap.fill(note, 150), fontsize=6.5, color="0.35")
+    fig.text(0.01, 0.01, textwrap.fill(note, 135), fontsize=6.5, color="0.35")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -524,7 +527,18 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=560, help="per setting, seconds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "convergence")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument(
+        "--replot", type=Path, default=None, help="redraw the PNG beside this convergence.json"
+    )
     args = parser.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        plot(
+            report["settings"],
+            argparse.Namespace(**report["config"]),
+            args.replot.with_suffix(".png"),
+        )
+        return 0
     args.seeds = [int(s) for s in args.seeds.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: stop the swarm
     settings = parse_settings(args.settings)

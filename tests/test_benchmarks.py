@@ -61,5 +61,13 @@ def test_convergence_smoke_reports_curves_staleness_and_a_plot(tmp_path: Path) -
     png = Path(report["png"])
     assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size < 150_000
+    png.unlink()
+    replot = [
+        sys.executable,
+        str(ROOT / "benchmarks/convergence.py"),
+        "--replot",
+        str(tmp_path / "convergence.json"),
+    ]
+    assert subprocess.run(replot, timeout=120).returncode == 0 and png.stat().st_size > 1000
     produced = sorted(p.name for p in tmp_path.iterdir())
     assert produced == ["convergence.json", "convergence.png", "logs"]
