@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,3 +92,44 @@ def test_hivemind_baseline_help_needs_no_hivemind() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--runs" in done.stdout and "--hivemind-expert" in done.stdout
+
+
+def test_convergence_smoke_reports_curves_staleness_and_a_plot(tmp_path: Path) -> None:
+    """Two trainers on the digits set, one small DMoE setting and its dense counterpart."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/convergence.py"), "--dataset", "digits",
+         "--updates", "16",
+         "--trainers", "2", "--seeds", "0", "--settings", "dmoe:0:0,dense:0:0", "--layers", "1",
+         "--grid", "4", "--k-best", "2", "--hidden-dim", "16", "--eval-every", "4",
+         "--log-every", "2", "--poll-every", "0.5", "--out", str(tmp_path), "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == json.loads((tmp_path / "convergence.json").read_text())
+    assert [s["model"] for s in report["settings"]] == ["dmoe", "dense"]
+    assert report["config"]["x_axis"].startswith("total updates")
+    for setting in report["settings"]:
+        (run,) = setting["runs"]
+        assert len(set(run["trainer_seeds"])) == 2  # every trainer its own seed
+        assert run["evaluator_steps"] == 8 and run["total_updates"] >= 8
+        final = setting["final_accuracy"]
+        assert 0.0 <= final["min"] <= final["mean"] <= final["max"] <= 1.0
+        curve = setting["curve"]
+        assert len(curve["updates"]) == len(curve["mean"]) == len(curve["min"]) > 1
+        assert all(math.isfinite(a) for a in curve["mean"])
+        assert setting["staleness"]["step_time_s"]["mean"] > 0
+    assert any(k.startswith("early_dmoe_accuracy") for k in report["targets"])
+    png = Path(report["png"])
+    assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size < 150_000
+    png.unlink()
+    replot = [
+        sys.executable,
+        str(ROOT / "benchmarks/convergence.py"),
+        "--replot",
+        str(tmp_path / "convergence.json"),
+    ]
+    assert subprocess.run(replot, timeout=120).returncode == 0 and png.stat().st_size > 1000
+    produced = sorted(p.name for p in tmp_path.iterdir())
+    assert produced == ["convergence.json", "convergence.png", "logs"]

@@ -1,8 +1,10 @@
 """The trainer's command line: help, environment fallbacks, clear refusals."""
 
+import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -45,3 +47,31 @@ def test_bad_invocations_are_refused_clearly() -> None:
     assert bad_peer.returncode == 2 and "host:port" in bad_peer.stderr
     with pytest.raises(Exception, match="not like 4x4"):
         grid("four")
+
+
+def seed_line(*args: str) -> dict:
+    """The trainer's structured ``seed`` log line (logged before it builds anything; the
+    trainer is stopped once it is read)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.trainer", "--initial-peers", "127.0.0.1:1",
+         "--port", "0", "--metrics-port", "-1", "--log-format", "json", *args],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for text in proc.stderr:
+            line = json.loads(text) if text.startswith("{") else {}
+            if line.get("msg") == "seed":
+                return line
+        raise AssertionError(f"no seed line; exit code {proc.wait()}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_trainers_without_seed_draw_their_own_and_log_it() -> None:
+    with ThreadPoolExecutor(3) as pool:
+        first, second, fixed = pool.map(lambda a: seed_line(*a), [(), (), ("--seed", "7")])
+    assert first["drawn"] and second["drawn"] and first["seed"] != second["seed"]
+    assert first["split_seed"] == second["split_seed"] == 0  # same test set for both
+    assert fixed == {**fixed, "seed": 7, "drawn": False}

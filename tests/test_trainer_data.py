@@ -86,3 +86,13 @@ def test_text_windows_predict_the_next_character(tmp_path) -> None:
         load_dataset("mnist")
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("cifar")
+
+
+def test_order_seed_changes_batches_not_the_split() -> None:
+    a = load_dataset("digits", seed=0, order_seed=1)
+    b = load_dataset("digits", seed=0, order_seed=2)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.batch_at(0, 64)[0], b.batch_at(0, 64)[0])
+    small = load_dataset("digits", seed=0, test_samples=50, train_samples=100)
+    assert small.test_x.shape == (50, 64) and small.train_x.shape == (100, 64)
+    assert torch.equal(small.test_x, a.test_x[:50])

@@ -39,7 +39,7 @@ def start_trainer(name: str, dht: Proc, logdir: Path, *extra: str, metrics_port:
         "services.trainer", "--initial-peers", dht.address, "--grid", "4x4", "--hidden-dim",
         str(H), "--k-best", "4", "--lr", "0.003", "--eval-every", "50", "--log-format", "json",
         "--metrics-port", str(metrics_port), "--history-file", str(logdir / f"{name}.json"),
-        "--forward-timeout", "3", "--backward-timeout", "3", *extra,
+        "--forward-timeout", "3", "--backward-timeout", "3", "--seed", "0", *extra,
     ]  # fmt: skip
     return Proc(name, args, logdir, free_port())
 

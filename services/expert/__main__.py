@@ -170,7 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--simulate-latency-ms",
         type=float,
         default=0.0,
-        help="delay added to each forward/backward reply",
+        help="delay added to each forward/backward reply (its mean with 'exp')",
+    )
+    s.add_argument(
+        "--simulate-latency-distribution",
+        choices=["fixed", "exp"],
+        default="fixed",
+        help="fixed: every reply --simulate-latency-ms late; exp: an exponential draw per call "
+        "with that mean (the Learning@home paper's delays)",
     )
     return parser
 
@@ -217,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
         checkpoint_keep=args.checkpoint_keep,
         simulate_failure_rate=args.simulate_failure_rate,
         simulate_latency_ms=args.simulate_latency_ms,
+        simulate_latency_distribution=args.simulate_latency_distribution,
         identity_file=args.identity_file,
         limits=ServerLimits.from_args(args),
     )

@@ -80,6 +80,7 @@ class ExpertConfig:
     hostname: str | None = None  # names <checkpoint_dir>/hosts/<hostname>.json; None: this host
     simulate_failure_rate: float = 0.0
     simulate_latency_ms: float = 0.0
+    simulate_latency_distribution: str = "fixed"  # or "exp": Exp-distributed with that mean
     identity_file: str | None = None  # None: <checkpoint_dir>/identity/<hostname>.key, if any
     tls: TLSConfig | None = None  # the gRPC port and the DHT client (services.common.tls)
     limits: ServerLimits = field(default_factory=ServerLimits)  # what the gRPC server admits
@@ -260,7 +261,11 @@ class ExpertServer:
         )
         if cfg.simulate_failure_rate > 0 or cfg.simulate_latency_ms > 0:
             servicer.handle = with_faults(
-                servicer.handle, cfg.simulate_failure_rate, cfg.simulate_latency_ms, cfg.seed
+                servicer.handle,
+                cfg.simulate_failure_rate,
+                cfg.simulate_latency_ms,
+                cfg.seed,
+                cfg.simulate_latency_distribution,
             )
         self.running = await start_server(
             "expert",

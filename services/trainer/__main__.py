@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -25,6 +26,11 @@ def grid(text: str) -> tuple[int, ...]:
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"grid {text!r} needs positive sizes")
     return dims
+
+
+def draw_seed() -> int:
+    """A fresh seed from the OS (not from the clock: trainers started together must differ)."""
+    return secrets.randbits(31)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-dim", type=int, default=64, help="width of the DMoE layers (= experts')"
     )
     model.add_argument("--num-layers", type=int, default=1, help="DMoE layers")
+    model.add_argument(
+        "--final-norm", type=parse_bool, default=False,
+        help="mlp: LayerNorm before the output layer (the Learning@home paper's MNIST model)",
+    )  # fmt: skip
     model.add_argument("--heads", type=int, default=2, help="attention heads (transformer)")
     model.add_argument(
         "--dataset", choices=["digits", "mnist", "text"], default="digits", help="data"
@@ -128,7 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 never")
     train.add_argument("--eval-batch-size", type=int, default=512, help="samples per eval batch")
-    train.add_argument("--seed", type=int, default=0, help="data split and initialisation seed")
+    train.add_argument(
+        "--seed", type=int, default=None,
+        help="initialisation and batch-order seed; unset: drawn at random (and logged), so "
+        "trainers of one swarm differ; set it to reproduce a run or resume it exactly",
+    )  # fmt: skip
+    train.add_argument(
+        "--split-seed", type=int, default=0,
+        help="train/test split seed (digits): the same for every trainer, so test sets agree",
+    )  # fmt: skip
+    train.add_argument(
+        "--train-samples", type=int, default=0,
+        help="train on the first N training samples (each trainer holds its data in memory); "
+        "0: all",
+    )  # fmt: skip
+    train.add_argument(
+        "--eval-samples", type=int, default=0,
+        help="evaluate on the first N test samples; 0: the whole test set",
+    )  # fmt: skip
     train.add_argument("--checkpoint-dir", default=None, help="where to checkpoint and resume from")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps")
     train.add_argument(
@@ -186,8 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    torch.manual_seed(args.seed)
-    dataset = load_dataset(args.dataset, args.data_path, seed=args.seed, seq_len=args.seq_len)
+    seed_drawn = args.seed is None
+    seed = draw_seed() if seed_drawn else args.seed
+    log.info("seed", extra={"seed": seed, "drawn": seed_drawn, "split_seed": args.split_seed})
+    torch.manual_seed(seed)
+    dataset = load_dataset(
+        args.dataset,
+        args.data_path,
+        seed=args.split_seed,
+        order_seed=seed,
+        seq_len=args.seq_len,
+        test_samples=args.eval_samples,
+        train_samples=args.train_samples,
+    )
     registry = CollectorRegistry()
     metrics = TrainerMetrics(registry)
     swarm = Swarm(
@@ -228,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.num_layers,
         heads=args.heads,
         model_module=args.model_module,
+        final_norm=args.final_norm,
     )
     trainer = Trainer(
         model,
@@ -274,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "dataset": dataset.name,
             "resumed_step": trainer.state.step,
+            "seed": seed,
             "public_key": identity.hex,
             "trusted_keys": len(trusted) if trusted is not None else "any",
         },

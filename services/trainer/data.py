@@ -1,8 +1,9 @@
 """Datasets that need no download: scikit-learn's digits, MNIST IDX files, a text file.
 
-Every dataset is held in memory as tensors with a train/test split fixed by the seed, so two
-trainers (or a resumed one) with the same seed see the same split. Training batches come from
-a per-epoch permutation seeded by ``(seed, epoch)``, so a resumed trainer continues exactly
+Every dataset is held in memory as tensors with a train/test split fixed by the split seed, so
+trainers with the same split seed see the same test set. Training batches come from a
+per-epoch permutation seeded by ``(order_seed, epoch)`` (the trainer's own seed, so trainers of
+one swarm see different batches), so a resumed trainer with the same seed continues exactly
 where its checkpoint's ``samples_seen`` left off.
 """
 
@@ -31,7 +32,8 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int  # classes, or the vocabulary size of a character LM
-    seed: int = 0
+    seed: int = 0  # the split's
+    order_seed: int | None = None  # the batch order's; None: ``seed``
 
     @property
     def input_dim(self) -> int:
@@ -43,7 +45,8 @@ class Dataset:
         parts, position, need = [], samples_seen, batch_size
         while need > 0:
             epoch, offset = divmod(position, n)
-            seed = self.seed * 7919 + epoch
+            base = self.seed if self.order_seed is None else self.order_seed
+            seed = base * 7919 + epoch
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             take = order[offset : offset + need]
             parts.append(take)
@@ -147,14 +150,32 @@ def load_text(
 
 
 def load_dataset(
-    name: str, path: str | None = None, *, seed: int = 0, seq_len: int = 64
+    name: str,
+    path: str | None = None,
+    *,
+    seed: int = 0,
+    seq_len: int = 64,
+    order_seed: int | None = None,
+    test_samples: int = 0,
+    train_samples: int = 0,
 ) -> Dataset:
+    """``seed`` fixes the split, ``order_seed`` (default: ``seed``) the batch order;
+    ``test_samples > 0`` keeps only the first that many test samples (cheaper evaluations),
+    ``train_samples > 0`` the first that many training samples (less memory per trainer)."""
     if name == "digits":
-        return load_digits(seed)
-    if name in ("mnist", "text") and not path:
+        data = load_digits(seed)
+    elif name in ("mnist", "text") and not path:
         raise ValueError(f"dataset {name!r} needs --data-path")
-    if name == "mnist":
-        return load_mnist(path, seed)  # type: ignore[arg-type]
-    if name == "text":
-        return load_text(path, seq_len=seq_len, seed=seed)  # type: ignore[arg-type]
-    raise ValueError(f"unknown dataset {name!r} (digits, mnist, text)")
+    elif name == "mnist":
+        data = load_mnist(path, seed)  # type: ignore[arg-type]
+    elif name == "text":
+        data = load_text(path, seq_len=seq_len, seed=seed)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown dataset {name!r} (digits, mnist, text)")
+    data.order_seed = order_seed
+    if test_samples > 0:
+        data.test_x, data.test_y = data.test_x[:test_samples], data.test_y[:test_samples]
+    if train_samples > 0:
+        data.train_x = data.train_x[:train_samples].clone()
+        data.train_y = data.train_y[:train_samples].clone()
+    return data

@@ -1,7 +1,9 @@
 """Named model architectures whose hidden layers are DMoE layers.
 
-- ``mlp``: ``Linear(in, h) -> ReLU -> DMoE(h) x layers -> Linear(h, classes)`` for
-  classification (digits, MNIST).
+- ``mlp``: ``Linear(in, h) -> ReLU -> DMoE(h) x layers [-> LayerNorm] -> Linear(h, classes)``
+  for classification (digits, MNIST); the LayerNorm (``final_norm``) is the Learning@home
+  paper's MNIST model. A grid of one expert with ``k_best=1`` makes it a dense model whose
+  blocks are hosted remotely (the paper's baseline, trained by all trainers asynchronously).
 - ``transformer``: a small pre-norm character LM; each block is causal self-attention
   followed by a DMoE feed-forward sublayer over ``[batch, seq, h]`` (routed per token).
 - a user's ``--model-module path.py`` that defines ``build_model(swarm, dataset, options)``.
@@ -58,17 +60,19 @@ class MoEMLP(nn.Module):
         layers: int,
         moe: MoEOptions,
         swarm: Swarm,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         self.inp = nn.Linear(in_features, hidden)
         self.moe = nn.ModuleList(make_moe(moe, swarm, hidden, i) for i in range(layers))
+        self.norm = nn.LayerNorm(hidden) if final_norm else nn.Identity()
         self.out = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
         for layer in self.moe:
             h = layer(h)
-        return self.out(h)
+        return self.out(self.norm(h))
 
 
 class MoEBlock(nn.Module):
@@ -136,13 +140,16 @@ def build_model(
     layers: int = 1,
     heads: int = 2,
     model_module: str | None = None,
+    final_norm: bool = False,
 ) -> nn.Module:
     if model_module:
         return load_user_module(model_module).build_model(swarm, dataset, moe)  # type: ignore[attr-defined]
     if name == "mlp":
         if dataset.task != "classification":
             raise ValueError("the mlp model needs a classification dataset (digits, mnist)")
-        return MoEMLP(dataset.input_dim, hidden, dataset.num_classes, layers, moe, swarm)
+        return MoEMLP(
+            dataset.input_dim, hidden, dataset.num_classes, layers, moe, swarm, final_norm
+        )
     if name == "transformer":
         if dataset.task != "lm":
             raise ValueError("the transformer model needs a text dataset (--dataset text)")

@@ -156,6 +156,7 @@ class Trainer:
                     "step": self.state.step,
                     "samples": self.state.samples_seen,
                     "seconds": round(time.time() - self.started, 3),
+                    "time": round(time.time(), 3),  # wall clock, to align trainers' logs
                     "train_loss": self.state.last_loss,
                     "test_loss": test_loss,
                     "test_accuracy": accuracy,
