@@ -52,7 +52,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from proc import free_ports
+from proc import free_ports, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,19 +131,6 @@ def wait_healthy(proc: subprocess.Popen, address: str, log: Path, timeout: float
     if wait_serving(address, timeout, alive=lambda: proc.poll() is None):
         return
     raise RuntimeError(f"{log.name} not serving: {log.read_text()[-2000:]}")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def json_lines(path: Path) -> list[dict]:

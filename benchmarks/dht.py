@@ -385,7 +385,7 @@ def main() -> int:
             f"  get:   mean {result['mean_get_s'] * 1e3:.1f} ms  p95 "
             f"{result['p95_get_s'] * 1e3:.1f} ms  success {result['get_success']:.2%}"
         )
-        print("  hivemind 1.1.12 here: store 1.43 s, get 1.25 s")
+        print("  hivemind 1.1.12, same machine: python benchmarks/hivemind_baseline.py --what dht")
     else:
         print(
             f"mode B: {result['peers']} nodes ({result['transport']} transport), "

@@ -60,6 +60,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from proc import cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 VENV = OUT / "hivemind-venv"
@@ -108,21 +110,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu(pid: int, exclude: frozenset[int] = frozenset()) -> float:
     """CPU seconds of ``pid`` and its live descendants, minus the subtrees rooted in
     ``exclude`` (user + system, all threads)."""
     skip = set(exclude)
     for root in exclude:
         skip.update(_descendants(root))
-    return sum(_cpu(p) for p in [pid, *_descendants(pid)] if p not in skip)
+    return sum(cpu_seconds(p) for p in [pid, *_descendants(pid)] if p not in skip)
 
 
 # ---------------------------------------------------------------- hivemind side: DHT
@@ -150,7 +144,7 @@ async def hivemind_dht(args: argparse.Namespace) -> dict[str, Any]:
 
     def kill(victim: int) -> None:
         pids = [peers[victim].pid, *_descendants(peers[victim].pid)]  # the DHT and its p2pd
-        cpu_end[victim] = sum(_cpu(p) for p in pids)
+        cpu_end[victim] = sum(cpu_seconds(p) for p in pids)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
 
@@ -195,14 +189,12 @@ async def hivemind_dht(args: argparse.Namespace) -> dict[str, Any]:
                     kill(victim)
 
     peer_pids = [p.pid for p in peers]
-    cpu_start = [sum(_cpu(q) for q in [p, *_descendants(p)]) for p in peer_pids]
+    cpu_start = [tree_cpu(p) for p in peer_pids]
     self_start = time.process_time()
     t_run = time.perf_counter()
     await asyncio.gather(*(task() for _ in range(args.tasks)))
     run_s = time.perf_counter() - t_run
-    cpu_now = [
-        cpu_end.get(i, sum(_cpu(q) for q in [p, *_descendants(p)])) for i, p in enumerate(peer_pids)
-    ]
+    cpu_now = [cpu_end.get(i, tree_cpu(p)) for i, p in enumerate(peer_pids)]
     cpu_s = time.process_time() - self_start + sum(cpu_now) - sum(cpu_start)
     for i in survivors:
         peers[i].shutdown()

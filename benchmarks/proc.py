@@ -1,9 +1,12 @@
-"""Process helpers the benchmarks share: free local ports and CPU time read from /proc."""
+"""Process helpers the benchmarks share: free local ports, CPU time read from /proc, stopping."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -27,3 +30,18 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """SIGTERM every process, then wait up to ``grace`` seconds in all (services checkpoint and
+    leave cleanly on SIGTERM); whatever still runs then is killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

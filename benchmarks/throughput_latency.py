@@ -54,7 +54,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from proc import cpu_seconds, free_ports
+from proc import cpu_seconds, free_ports, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,21 +109,9 @@ def start_servers(
         addresses.append(f"127.0.0.1:{port}")
     for s, (proc, address) in enumerate(zip(procs, addresses, strict=True)):
         if not wait_serving(address, 120, alive=lambda p=proc: p.poll() is None):
-            stop_all(procs)
+            stop(procs)
             raise RuntimeError(f"expert{s} did not start: {(logs / f'expert{s}.log').read_text()}")
     return procs, addresses
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---------------- trainer processes ----------------
@@ -499,7 +486,7 @@ def main() -> int:
         finally:
             if trainers is not None:
                 trainers.close()
-            stop_all(servers)
+            stop(servers)
     t = hop_seconds(points, args)
     config = {
         "layers": args.layers,
