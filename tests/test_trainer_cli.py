@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,17 @@ def seed_line(*args: str) -> dict:
 def test_trainers_without_seed_draw_their_own_and_log_it() -> None:
     with ThreadPoolExecutor(3) as pool:
         first, second, fixed = pool.map(lambda a: seed_line(*a), [(), (), ("--seed", "7")])
-    assert first["drawn"] and second["drawn"] and first["seed"] != second["seed"]
+    assert first["source"] == second["source"] == "drawn" and first["seed"] != second["seed"]
     assert first["split_seed"] == second["split_seed"] == 0  # same test set for both
-    assert fixed == {**fixed, "seed": 7, "drawn": False}
+    assert fixed == {**fixed, "seed": 7, "source": "flag"}
+
+
+def test_a_resumed_trainer_keeps_the_seed_of_its_checkpoint(tmp_path: Path) -> None:
+    from services.trainer import checkpoint
+
+    checkpoint.save(tmp_path, {"seed": 4242})
+    resumed = seed_line("--checkpoint-dir", str(tmp_path))
+    assert resumed == {**resumed, "seed": 4242, "source": "checkpoint"}
+    assert seed_line("--checkpoint-dir", str(tmp_path), "--seed", "3")["seed"] == 3
+    fresh = seed_line("--checkpoint-dir", str(tmp_path / "none"))
+    assert fresh["source"] == "drawn"

@@ -28,9 +28,19 @@ def grid(text: str) -> tuple[int, ...]:
     return dims
 
 
-def draw_seed() -> int:
-    """A fresh seed from the OS (not from the clock: trainers started together must differ)."""
-    return secrets.randbits(31)
+def resolve_seed(flag: int | None, checkpoint_dir: str | None) -> tuple[int, str]:
+    """The trainer's seed and where it came from: ``--seed``; else the checkpoint being resumed
+    (so a restarted trainer keeps its batch order and continues exactly); else a fresh draw
+    from the OS (not from the clock: trainers started together must differ)."""
+    if flag is not None:
+        return flag, "flag"
+    if checkpoint_dir:
+        from services.trainer import checkpoint
+
+        saved = checkpoint.load(checkpoint_dir)
+        if saved is not None and isinstance(saved.get("seed"), int):
+            return saved["seed"], "checkpoint"
+    return secrets.randbits(31), "drawn"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-batch-size", type=int, default=512, help="samples per eval batch")
     train.add_argument(
         "--seed", type=int, default=None,
-        help="initialisation and batch-order seed; unset: drawn at random (and logged), so "
-        "trainers of one swarm differ; set it to reproduce a run or resume it exactly",
+        help="initialisation and batch-order seed; unset: the resumed checkpoint's, or drawn at "
+        "random (and logged), so trainers of one swarm differ",
     )  # fmt: skip
     train.add_argument(
         "--split-seed", type=int, default=0,
@@ -213,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    seed_drawn = args.seed is None
-    seed = draw_seed() if seed_drawn else args.seed
-    log.info("seed", extra={"seed": seed, "drawn": seed_drawn, "split_seed": args.split_seed})
+    seed, source = resolve_seed(args.seed, args.checkpoint_dir)
+    log.info("seed", extra={"seed": seed, "source": source, "split_seed": args.split_seed})
     torch.manual_seed(seed)
     dataset = load_dataset(
         args.dataset,

@@ -36,6 +36,11 @@ class Dataset:
     order_seed: int | None = None  # the batch order's; None: ``seed``
 
     @property
+    def batch_seed(self) -> int:
+        """The seed of the training batches' order."""
+        return self.seed if self.order_seed is None else self.order_seed
+
+    @property
     def input_dim(self) -> int:
         return int(self.train_x.shape[1])
 
@@ -45,8 +50,7 @@ class Dataset:
         parts, position, need = [], samples_seen, batch_size
         while need > 0:
             epoch, offset = divmod(position, n)
-            base = self.seed if self.order_seed is None else self.order_seed
-            seed = base * 7919 + epoch
+            seed = self.batch_seed * 7919 + epoch
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             take = order[offset : offset + need]
             parts.append(take)

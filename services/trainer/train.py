@@ -266,6 +266,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "state": meta,
+                "seed": self.dataset.batch_seed,  # a resumed trainer keeps its batch order
             },
         )
         log.info("checkpoint saved", extra={"step": self.state.step, "path": str(path)})
