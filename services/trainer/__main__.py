@@ -8,6 +8,7 @@ import secrets
 import signal
 import sys
 import threading
+from typing import Any
 
 from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
@@ -28,18 +29,14 @@ def grid(text: str) -> tuple[int, ...]:
     return dims
 
 
-def resolve_seed(flag: int | None, checkpoint_dir: str | None) -> tuple[int, str]:
+def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, str]:
     """The trainer's seed and where it came from: ``--seed``; else the checkpoint being resumed
     (so a restarted trainer keeps its batch order and continues exactly); else a fresh draw
     from the OS (not from the clock: trainers started together must differ)."""
     if flag is not None:
         return flag, "flag"
-    if checkpoint_dir:
-        from services.trainer import checkpoint
-
-        saved = checkpoint.load(checkpoint_dir)
-        if saved is not None and isinstance(saved.get("seed"), int):
-            return saved["seed"], "checkpoint"
+    if saved is not None and isinstance(saved.get("seed"), int):
+        return saved["seed"], "checkpoint"
     return secrets.randbits(31), "drawn"
 
 
@@ -205,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from services.common.limits import ServerLimits
     from services.common.server import start_server
+    from services.trainer import checkpoint
     from services.trainer.backoff import Backoff
     from services.trainer.data import load_dataset
     from services.trainer.dispatch import CallPolicy
@@ -223,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    seed, source = resolve_seed(args.seed, args.checkpoint_dir)
+    saved = checkpoint.load(args.checkpoint_dir) if args.checkpoint_dir else None
+    seed, source = resolve_seed(args.seed, saved)
     log.info("seed", extra={"seed": seed, "source": source, "split_seed": args.split_seed})
     torch.manual_seed(seed)
     dataset = load_dataset(
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         history_file=args.history_file,
         lr_decay=args.lr_decay,
     )
-    trainer.restore()
+    trainer.restore(saved)
     servicer = TrainerServicer(
         trainer, args.model_module or args.model, dataset.name, identity.public_key
     )

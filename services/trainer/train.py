@@ -271,10 +271,11 @@ class Trainer:
         )
         log.info("checkpoint saved", extra={"step": self.state.step, "path": str(path)})
 
-    def restore(self) -> bool:
-        if not self.checkpoint_dir:
-            return False
-        saved = checkpoint.load(self.checkpoint_dir)
+    def restore(self, saved: dict[str, Any] | None = None) -> bool:
+        """Resume from ``saved`` (a checkpoint the caller already loaded) or from the newest
+        checkpoint in ``checkpoint_dir``; False when there is none."""
+        if saved is None and self.checkpoint_dir:
+            saved = checkpoint.load(self.checkpoint_dir)
         if saved is None:
             return False
         self.model.load_state_dict(saved["model"])
