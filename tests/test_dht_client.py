@@ -7,6 +7,7 @@ import time
 import pytest
 
 from services.dht.client import DHTClient, DHTUnavailable, ValueWithExpiration
+from services.dht.clock import ReplyClock
 from services.dht.server import start_node
 
 
@@ -65,3 +66,28 @@ async def _scenario() -> None:
 
 def test_client_put_get_contract() -> None:
     asyncio.run(_scenario())
+
+
+def test_reply_clock_ignores_round_trip_noise_and_follows_a_real_skew() -> None:
+    """One reply's offset is off by up to half its round trip: following each one made the
+    client's time go back, and an expert's renewal look older than its last declaration."""
+    host = [1000.0]
+    clock = ReplyClock(max_skew=10.0, window=4, source=lambda: host[0])
+    readings = []
+    for noise in (1.5, -2.0, 3.0, -1.0, 2.5):  # slow replies: seconds of noise, no skew
+        clock.observe(host[0] + noise, sent=host[0])
+        readings.append(clock.now())
+        host[0] += 0.1
+    assert readings == sorted(readings) and clock.offset == 0.0
+    clock.observe(0.0, sent=host[0])  # "not said" and garbage change nothing
+    clock.observe(float("nan"), sent=host[0])
+    assert clock.offset == 0.0
+    for noise in (30.5, 29.0, 31.0, 30.0):  # the host runs 30 s behind the DHT
+        clock.observe(host[0] + noise, sent=host[0])
+    assert 29.5 <= clock.offset <= 31.0 and clock.now() == host[0] + clock.offset
+    for offset in (8.0, 7.0, 9.0, 8.0):  # under the threshold, above half of it: no flip
+        clock.observe(host[0] + offset, sent=host[0])
+        assert clock.offset >= 7.0
+    for _ in range(4):
+        clock.observe(host[0] + 1.0, sent=host[0])
+    assert clock.offset == 0.0

@@ -11,7 +11,8 @@ the client's identity, into the client's own slot of each key; ``get`` checks ev
 entry's signature again (a hostile DHT node cannot forge what this client accepts) and, with
 ``trusted`` keys, keeps only entries those keys own. Dropped entries are counted in
 ``rejected`` and logged (rate-limited). Every reply carries the node's clock: :meth:`now`
-is this host's time corrected by it, what expirations should be based on.
+is this host's time corrected by it when the two differ by more than ``MAX_CLOCK_SKEW``
+(:class:`~services.dht.clock.ReplyClock`), what expirations should be based on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -31,6 +31,7 @@ from services.common.identity import Identity
 from services.common.link import LinkError, LinkPool
 from services.common.rejections import RateLimitedLog
 from services.common.tls import TLSConfig
+from services.dht.clock import ReplyClock
 from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry, ownership_problem, sign_entry
 from services.dht.routing import id_to_bytes, key_to_id
@@ -108,24 +109,22 @@ class DHTClient:
         self.trusted = trusted
         # one long-lived stream per node for every call (services.common.link)
         self._links = LinkPool(lambda a: self._stub(a).Link(), self._drop, max(8, len(addresses)))
-        self.clock_offset = 0.0  # the DHT node's clock minus this host's, from the last reply
+        self.clock = ReplyClock(MAX_CLOCK_SKEW)
         self.rejected: Counter[str] = Counter()  # entries dropped by get, per reason
         self._warn = RateLimitedLog(log)
 
     def now(self) -> float:
-        """This host's time corrected to the DHT's clock (as of the last reply)."""
-        return time.time() + self.clock_offset
+        """This host's time, corrected to the DHT's clock when it is off by more than
+        ``MAX_CLOCK_SKEW`` (see :class:`ReplyClock`)."""
+        return self.clock.now()
 
     def _clock(self, dht_time: float, sent: float) -> None:
-        if not dht_time or not math.isfinite(dht_time):
-            return
-        offset = dht_time - (sent + time.time()) / 2
-        self.clock_offset = offset
-        if abs(offset) > MAX_CLOCK_SKEW:
+        self.clock.observe(dht_time, sent)
+        if self.clock.offset:
             self._warn.warn(
                 "clock",
                 "this host's clock differs from the DHT's; expirations use the DHT's clock",
-                offset_s=round(offset, 3),
+                offset_s=round(self.clock.offset, 3),
             )
 
     async def __aenter__(self) -> DHTClient:
@@ -220,7 +219,7 @@ class DHTClient:
             request.items.append(dht_pb2.PutItem(key=key_bytes, entry=entry_to_proto(entry)))
         if not request.items:
             return []
-        sent = time.time()
+        sent = self.clock.source()
         try:
             reply = await self._call("Put", request)
         except grpc.aio.AioRpcError as exc:
@@ -239,7 +238,7 @@ class DHTClient:
             return {}
         raw = [_as_bytes(k, "key") for k in keys]
         request = dht_pb2.GetRequest(keys=raw, latest=latest)
-        sent = time.time()
+        sent = self.clock.source()
         reply = await self._call("Get", request)
         if len(reply.results) != len(keys):
             raise DHTUnavailable("DHT node answered the wrong number of results")

@@ -93,3 +93,40 @@ class DHTClock:
         ):
             self.on_skewed()
         return offset
+
+
+class ReplyClock:
+    """The DHT's time as a client sees it, from the ``dht_time`` its replies carry.
+
+    One reply is a poor sample: the offset ``dht_time - midpoint of the round trip`` is off
+    by up to half the round trip, and a ``Put`` that replicates for a second swings it by
+    half a second. Following every sample made :meth:`now` jitter, so an expert's renewal
+    could carry an *earlier* expiration than the declaration before it, and the DHT refused
+    it as stale. So, as the nodes do, the offset is the median of the last ``window``
+    samples and is applied only when it exceeds ``max_skew`` (a host off by less keeps its
+    own clock, monotone); once applied it stays applied until the median falls under half
+    of ``max_skew``, so a host near the threshold does not flip between two times.
+    """
+
+    def __init__(
+        self, max_skew: float = 10.0, window: int = 8, source: Callable[[], float] = time.time
+    ) -> None:
+        self.source = source  # the host clock (tests replace it)
+        self.max_skew = max_skew
+        self.offset = 0.0  # applied: the DHT's clock minus this host's
+        self.last_sample = 0.0
+        self._samples: list[float] = []
+        self._window = window
+
+    def now(self) -> float:
+        return self.source() + self.offset
+
+    def observe(self, dht_time: float, sent: float) -> None:
+        """A reply to a request sent at ``sent`` (host clock) carried ``dht_time``."""
+        if not dht_time or not math.isfinite(dht_time):
+            return
+        self.last_sample = dht_time - (sent + self.source()) / 2
+        self._samples = [*self._samples[1 - self._window :], self.last_sample]
+        median = statistics.median(self._samples)
+        threshold = self.max_skew / 2 if self.offset else self.max_skew
+        self.offset = median if abs(median) > threshold else 0.0

@@ -60,9 +60,21 @@ class Declarer:
         self.first_success = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._last_expiration = 0.0
+        self._one_at_a_time = asyncio.Lock()
 
     async def declare_once(self) -> bool:
-        items = declaration_items(self.uids, self.address, self.client.now() + 2 * self.period)
+        """One round; False when the DHT failed or refused part of it.
+
+        Rounds never overlap and never carry an earlier expiration than the round before:
+        the DHT refuses a renewal older than what it holds (a round that overtook another,
+        or a DHT clock correction that moved ``now`` back, would look like one)."""
+        async with self._one_at_a_time:
+            expiration = max(self.client.now() + 2 * self.period, self._last_expiration)
+            self._last_expiration = expiration
+            return await self._put(declaration_items(self.uids, self.address, expiration))
+
+    async def _put(self, items: list[Item]) -> bool:
         try:
             stored = await self.client.put(items, owned=True)
         except Exception as exc:
