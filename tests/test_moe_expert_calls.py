@@ -92,8 +92,8 @@ def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None
     x = torch.randn(2, H)
     started = time.perf_counter()
     with pytest.raises(ExpertsUnavailableError, match="fewer than k_min=1"):
-        call_experts(swarm, jobs, [x], 2, [(H,)], CallPolicy(forward_timeout=5.0))
-    assert time.perf_counter() - started < 4.0  # refused connections end the wait early
+        call_experts(swarm, jobs, [x], 2, [(H,)], CallPolicy(forward_timeout=60.0))
+    assert time.perf_counter() - started < 30.0  # refused connections end the wait early
     policy = CallPolicy(forward_timeout=5.0, allow_zero_outputs=True)
     (outputs,), mask = call_experts(swarm, jobs, [x], 2, [(H,)], policy)
     assert mask.tolist() == [[True, False], [False, False]]
@@ -102,19 +102,19 @@ def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None
 
 def test_stragglers_are_dropped_after_k_min(swarm_with_server) -> None:
     swarm, fast = swarm_with_server
-    slow = start_server(swarm, "ffn.[4:6]", simulate_latency_ms=5000)
+    slow = start_server(swarm, "ffn.[4:6]", simulate_latency_ms=60_000)
     try:
         choices = [["ffn.0", "ffn.4"], ["ffn.1", "ffn.5"]]
         addresses = {"ffn.0": fast.address, "ffn.1": fast.address}
         addresses |= {"ffn.4": slow.address, "ffn.5": slow.address}
         jobs = plan_jobs(choices, addresses)
         before = swarm.metrics.expert_failures.labels("forward", "timeout")._value.get()
-        policy = CallPolicy(k_min=1, forward_timeout=30.0, timeout_after_k_min=0.3)
+        policy = CallPolicy(k_min=1, forward_timeout=90.0, timeout_after_k_min=0.3)
         started = time.perf_counter()
         (_outputs,), mask = call_experts(swarm, jobs, [torch.randn(2, H)], 2, [(H,)], policy)
         elapsed = time.perf_counter() - started
         assert mask.tolist() == [[True, False], [True, False]]
-        assert elapsed < 4.0  # did not wait for the 5 s stragglers
+        assert elapsed < 30.0  # did not wait for the 60 s stragglers
         after = swarm.metrics.expert_failures.labels("forward", "timeout")._value.get()
         assert after == before + 2
         # k_min = 2 waits for them, but never past forward_timeout

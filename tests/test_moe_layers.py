@@ -175,12 +175,12 @@ def test_all_experts_gone_error_or_zeros_promptly(swarm) -> None:
 
     swarm.run(declare())
     layer = RemoteMixtureOfExperts(
-        H, (3, 2), "gone", k_best=2, swarm=swarm, policy=CallPolicy(forward_timeout=20.0)
+        H, (3, 2), "gone", k_best=2, swarm=swarm, policy=CallPolicy(forward_timeout=60.0)
     )
     started = time.perf_counter()
     with pytest.raises(ExpertsUnavailableError, match="fewer than k_min"):
         layer(torch.randn(4, H))
-    assert time.perf_counter() - started < 10.0
+    assert time.perf_counter() - started < 30.0  # refused connections end the wait early
     zeros = RemoteMixtureOfExperts(
         H,
         (3, 2),

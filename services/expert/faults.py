@@ -27,6 +27,18 @@ Handle = Callable[[str, expert_pb2.ExpertRequest], Awaitable[bytes]]
 LATENCY_DISTRIBUTIONS = ("fixed", "exp")
 
 
+def latency_sampler(
+    distribution: str, latency_ms: float, rng: random.Random
+) -> Callable[[], float]:
+    """Draws of the simulated delay, in seconds (``fixed``: always ``latency_ms``)."""
+    if distribution not in LATENCY_DISTRIBUTIONS:
+        raise ValueError(f"latency distribution {distribution!r} is not one of fixed, exp")
+    mean = latency_ms / 1000.0
+    if distribution == "exp":
+        return lambda: rng.expovariate(1.0 / mean)
+    return lambda: mean
+
+
 def with_faults(
     handle: Handle,
     failure_rate: float,
@@ -37,21 +49,16 @@ def with_faults(
     """``handle`` failing with UNAVAILABLE with probability ``failure_rate`` and answering
     ``latency_ms`` later (``distribution`` ``exp``: a draw with that mean); ``handle`` itself
     when both are 0."""
-    if distribution not in LATENCY_DISTRIBUTIONS:
-        raise ValueError(f"latency distribution {distribution!r} is not one of fixed, exp")
+    rng = random.Random(seed)
+    latency = latency_sampler(distribution, latency_ms, rng)
     if failure_rate <= 0 and latency_ms <= 0:
         return handle
-    rng = random.Random(seed)
-    mean = latency_ms / 1000.0
-
-    def latency() -> float:
-        return rng.expovariate(1.0 / mean) if distribution == "exp" else mean
 
     async def faulty(method: str, request: expert_pb2.ExpertRequest) -> bytes:
         if failure_rate > 0 and rng.random() < failure_rate:
             raise unavailable("simulated failure")
         reply = await handle(method, request)
-        if mean > 0:
+        if latency_ms > 0:
             await asyncio.sleep(latency())
         return reply
 
