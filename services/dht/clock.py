@@ -21,7 +21,7 @@ import logging
 import math
 import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from services.common.rejections import RateLimitedLog
@@ -114,9 +114,7 @@ class ReplyClock:
         self.source = source  # the host clock (tests replace it)
         self.max_skew = max_skew
         self.offset = 0.0  # applied: the DHT's clock minus this host's
-        self.last_sample = 0.0
-        self._samples: list[float] = []
-        self._window = window
+        self._samples: deque[float] = deque(maxlen=window)
 
     def now(self) -> float:
         return self.source() + self.offset
@@ -125,8 +123,7 @@ class ReplyClock:
         """A reply to a request sent at ``sent`` (host clock) carried ``dht_time``."""
         if not dht_time or not math.isfinite(dht_time):
             return
-        self.last_sample = dht_time - (sent + self.source()) / 2
-        self._samples = [*self._samples[1 - self._window :], self.last_sample]
+        self._samples.append(dht_time - (sent + self.source()) / 2)
         median = statistics.median(self._samples)
         threshold = self.max_skew / 2 if self.offset else self.max_skew
         self.offset = median if abs(median) > threshold else 0.0

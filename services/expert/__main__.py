@@ -14,6 +14,7 @@ from services.common.server import run_until_signal
 from services.common.tls import tls_from_args
 from services.expert.backend import OptimizerConfig
 from services.expert.device import device_name, resolve_device
+from services.expert.faults import LATENCY_DISTRIBUTIONS
 from services.expert.server import ExpertConfig, ExpertServer
 
 log = logging.getLogger("services.expert")
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--simulate-latency-distribution",
-        choices=["fixed", "exp"],
+        choices=LATENCY_DISTRIBUTIONS,
         default="fixed",
         help="fixed: every reply --simulate-latency-ms late; exp: an exponential draw per call "
         "with that mean (the Learning@home paper's delays)",

@@ -32,7 +32,8 @@ def latency_sampler(
 ) -> Callable[[], float]:
     """Draws of the simulated delay, in seconds (``fixed``: always ``latency_ms``)."""
     if distribution not in LATENCY_DISTRIBUTIONS:
-        raise ValueError(f"latency distribution {distribution!r} is not one of fixed, exp")
+        choices = ", ".join(LATENCY_DISTRIBUTIONS)
+        raise ValueError(f"latency distribution {distribution!r} is not one of {choices}")
     mean = latency_ms / 1000.0
     if distribution == "exp":
         return lambda: rng.expovariate(1.0 / mean)
