@@ -1,13 +1,14 @@
 """Run rendered Kubernetes pods as Docker containers, and probe them as the kubelet does.
 
-A pod becomes one container per pod container with what the kubelet would give it: the
-command and args (``$(VAR)`` expanded), the resolved environment, the user and groups of the
+A pod becomes one container per pod container with what the kubelet would give it: the command
+and args (``$(VAR)`` expanded), the resolved environment, the user and groups of the
 securityContext (fsGroup as a supplementary group), a read-only root filesystem, no new
-privileges, no capabilities, the memory and CPU limits, emptyDir volumes (tmpfs), a volume
-per PersistentVolumeClaim, Secret volumes as read-only files (mode and group as the kubelet
-sets them), the pod's hostname and IP (``status.podIP``). On a user-defined network whose DNS
-answers the cluster's names (``dht-0.dht.<ns>.svc.cluster.local``, Services) with the pods'
-IPs, with the namespace's search path and ndots:5 as a pod's resolv.conf has them.
+privileges, no capabilities, the memory and CPU limits, emptyDir volumes (a 0777 directory per
+pod, as the kubelet makes them; not their sizeLimit, which the kubelet enforces by eviction), a
+volume per PersistentVolumeClaim, Secret volumes as read-only files (mode and group as the
+kubelet sets them), the pod's hostname and IP (``status.podIP``). On a user-defined network
+whose DNS answers the cluster's names (``dht-0.dht.<ns>.svc.cluster.local``, Services) with the
+pods' IPs, with the namespace's search path and ndots:5 as a pod's resolv.conf has them.
 
 Differences from a cluster: a ClusterIP Service name resolves to its pods' IPs (Docker's
 round-robin DNS) rather than to a virtual IP, and to every pod, ready or not.
@@ -159,9 +160,10 @@ class PodRunner:
         assert volume is not None, mount
         target, ro = mount["mountPath"], ",readonly" if mount.get("readOnly") else ""
         if "emptyDir" in volume:
-            size = volume["emptyDir"].get("sizeLimit")
-            extra = f",tmpfs-size={memory_bytes(size)}" if size else ""
-            return ["--mount", f"type=tmpfs,destination={target},tmpfs-mode=1777{extra}"]
+            return [
+                "--mount",
+                f"type=bind,source={self._empty_dir(pod, volume)},destination={target}",
+            ]
         if "persistentVolumeClaim" in volume:
             source = f"{self.project}-{mount['name']}-{pod.name}"
             return ["--mount", f"type=volume,source={source},destination={target}{ro}"]
@@ -171,6 +173,19 @@ class PodRunner:
                 f"type=bind,source={self._files(pod, volume)},destination={target},readonly",
             ]
         raise AssertionError(f"volume kind not emulated: {volume}")
+
+    def _empty_dir(self, pod: Pod, volume: dict[str, Any]) -> str:
+        """An emptyDir as the kubelet makes one: a directory of the pod, mode 0777 (group
+        fsGroup, setgid, when set), kept across container restarts. Not a tmpfs: Docker gives
+        a tmpfs the mode of the image's directory at that path (``/data/checkpoints``: 0755,
+        root), so a non-root pod could not write its checkpoints there."""
+        folder = self.workdir / f"{pod.name}-{volume['name']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        group = pod.spec.get("securityContext", {}).get("fsGroup")
+        if group is not None:
+            os.chown(folder, 0, group)
+        folder.chmod(0o2777 if group is not None else 0o777)
+        return str(folder)
 
     def _files(self, pod: Pod, volume: dict[str, Any]) -> str:
         """A Secret or ConfigMap volume's files, with the kubelet's mode and group."""

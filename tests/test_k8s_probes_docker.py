@@ -176,6 +176,16 @@ def test_pods_pass_their_probes_and_find_each_other_by_name(runner: Any, tmp_pat
     # the expert's identity and uid choice live on its volume (the PVC), under its pod name
     listing = docker("exec", expert.name, "ls", "/data/checkpoints/hosts").stdout.split()
     assert {"expert-0.json", "expert-0.key"} <= set(listing), listing
+
+    # the trainer (non-root, read-only root filesystem) checkpoints onto its emptyDir, and goes on
+    def checkpointed() -> bool:
+        state = pod_runner.state(trainer)
+        assert state == "running 0", f"{trainer.name}: {state}\n{pod_runner.logs(trainer)}"
+        listing = docker("exec", trainer.name, "ls", "/data/checkpoints", check=False).stdout
+        return "trainer.pt" in listing.split()
+
+    wait_for("trainer checkpoint", checkpointed, 180)
+    assert pod_runner.state(trainer) == "running 0"
     print(f"k8s probe test (plaintext): {time.monotonic() - started_at:.0f} s")
 
 
