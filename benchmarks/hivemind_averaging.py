@@ -73,10 +73,6 @@ SPEC_PER_LAYER: tuple[tuple[tuple[int | str, ...], str], ...] = (
     ((1,), "zeros"), ((1, 4), "randn"), ((4,), "randn"), ((4,), "ones"),
     (("2", 1, 1, "2"), "randn"), ((1,), "randn"), ((1,), "randn"), ((1,), "randn"),
 )  # fmt: skip
-SUMMARY_KEYS = (
-    "wall_s", "success_rate", "rounds_ok", "rounds_total", "mean_group_size", "max_abs_error",
-    "cpu_s", "load_average_1m",
-)  # fmt: skip
 
 
 # ---------------------------------------------------------------- pure helpers (both venvs)
@@ -221,6 +217,7 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
             crashed.append(f"peer {index}: {type(e).__name__}: {e}"[:300])
             done_at[index] = time.perf_counter()
 
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     cpu_start = tree_cpu(me)
     root = hivemind.DHT(start=True)
@@ -258,6 +255,7 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
         "driver_cpu_s": round(driver_cpu, 2),
         "processes": 1 + len(descendants(me)),
         "load_average_1m": os.getloadavg()[0],
+        "load_average_1m_before": load_before,
         "crashed": crashed,
         "stuck": stuck,
         "failures": sorted({r["failure"] for r in records if r["failure"]})[:10],
@@ -323,7 +321,8 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{result['success_rate']:.2%} ({result['rounds_ok']}/{result['rounds_total']}), mean "
         f"group {result['mean_group_size']:.2f} {result['group_sizes']}, max |error| "
         f"{'-' if error is None else f'{error:.2e}'}, CPU {result['cpu_s']:.1f} s, load "
-        f"average {result['load_average_1m']:.2f}"
+        f"average {result['load_average_1m_before']:.1f} before, "
+        f"{result['load_average_1m']:.1f} after"
     )
     for line in result["crashed"] + result["failures"]:
         print(f"  {line}")
