@@ -1,4 +1,4 @@
-"""hivemind 1.1.12's decentralized averaging, measured: ``python benchmarks/hivemind_averaging.py``.
+"""hivemind 1.1.12's averaging, measured: ``python benchmarks/hivemind_averaging.py [--json]``.
 
 Why: issue 17 compares dmoe's averager with hivemind's on the workload of hivemind's
 ``benchmarks/benchmark_averaging.py``, in the same run (``benchmarks/averaging.py`` alternates
@@ -32,14 +32,20 @@ What differs from the script, and why:
 - The averagers are made from the driver's threads, as in the script; hivemind's
   ``run_in_background`` calls ``signal.signal``, which Python allows only in the main thread,
   so that call is skipped in other threads (it only makes the driver ignore Ctrl-C).
+- By default every peer waits until all averagers are ready, then all start their rounds
+  together, so ``wall_s`` (from that start to the last peer's last round) compares with dmoe's
+  side, whose peers also start on one signal. ``--staggered`` (``together=False``) is the
+  script's shape: each peer starts its rounds once it is ready and the clock runs from the
+  first peer's start (the script's clock starts after spawning the peers, 1.6 s later).
+  ``startup_s`` is the time until every averager was ready; ``wall_with_startup_s`` counts
+  from the first peer's start in either mode.
 
-Figures: ``wall_s`` from the first peer's start to the last peer's last round (the script's
-clock starts after the peers are spawned, 1.6 s later, and includes their start-up as this
-one does; ``startup_s`` says how long the last averager took to be ready). ``cpu_s`` is the
-CPU of every process involved, read from /proc before anything shuts down: the driver (its
-``step`` calls and hivemind's background threads), the 17 DHT processes, their p2pd daemons and
-the averager processes, less the driver threads' own time loading inputs and checking results
-(``check_cpu_s``), which is this benchmark's work, not hivemind's.
+``cpu_s`` is the CPU of every process involved over the ``wall_s`` window, read from /proc
+before anything shuts down: the driver (its ``step`` calls and hivemind's background threads),
+the DHT processes (the peers' and the bootstrap one), their p2pd daemons and the averager
+processes, less the driver threads' own time loading inputs and checking results
+(``check_cpu_s``: this benchmark's work, not hivemind's). ``cpu_with_startup_s`` adds the
+start-up (forking the processes, starting p2pd, joining the DHT).
 
 Prints a summary; with ``--json`` the last line is one JSON object. Each run writes the
 hivemind side's log and its full output (every peer-round) to
@@ -159,8 +165,13 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
     done_at: dict[int, float] = {}
     crashed: list[str] = []
     check_cpu = [0.0] * args.peers
-    lock = threading.Lock()
+    lock = threading.Condition()
+    go = threading.Event()  # with --together: every averager is ready, rounds may start
     peers: list[tuple[Any, Any]] = []
+
+    def settled() -> None:
+        with lock:
+            lock.notify_all()
 
     def run_peer(index: int, initial_peers: list[Any]) -> None:
         try:
@@ -180,6 +191,9 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
             with lock:
                 peers.append((dht, averager))
                 ready_at[index] = time.perf_counter()
+            settled()
+            if args.together:
+                go.wait()
             for round_ in range(args.rounds):
                 spent = time.thread_time()
                 inputs = pool[input_key(index, round_, args.peers)]
@@ -216,6 +230,7 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as e:  # a peer that could not start: its rounds count as failed
             crashed.append(f"peer {index}: {type(e).__name__}: {e}"[:300])
             done_at[index] = time.perf_counter()
+            settled()
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -228,11 +243,19 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
         thread.start()
         threads.append(thread)
         time.sleep(args.spawn_dtime)
+    with lock:
+        lock.wait_for(lambda: len(ready_at) + len(crashed) >= args.peers, args.peer_timeout)
+    all_ready = time.perf_counter()
+    if args.together:
+        began, cpu_began = all_ready, tree_cpu(me)
+        go.set()
+    else:  # hivemind's script: each peer starts its rounds once it is ready
+        began, cpu_began = started, cpu_start
     for thread in threads:
         thread.join(timeout=args.peer_timeout)
     stuck = [i for i, t in enumerate(threads) if t.is_alive()]
     end = time.perf_counter() if stuck else max(done_at.values(), default=time.perf_counter())
-    cpu_total = tree_cpu(me) - cpu_start  # before anything shuts down: dead processes count 0
+    cpu_end = tree_cpu(me)  # before anything shuts down: dead processes count 0
     driver_cpu = cpu_seconds(me)
     result = {
         "system": f"hivemind {hivemind.__version__}",
@@ -247,10 +270,13 @@ def hivemind_averaging(args: argparse.Namespace) -> dict[str, Any]:
         "min_matchmaking_time": args.min_matchmaking_time,
         "round_timeout": args.round_timeout,
         "request_timeout": args.request_timeout,
-        "wall_s": round(end - started, 3),
-        "startup_s": round(max(ready_at.values(), default=end) - started, 3),
+        "start": "together" if args.together else "staggered",
+        "wall_s": round(end - began, 3),
+        "startup_s": round(all_ready - started, 3),
+        "wall_with_startup_s": round(end - started, 3),
         **summarize(records, args.peers, args.rounds),
-        "cpu_s": round(cpu_total - sum(check_cpu), 2),
+        "cpu_s": round(cpu_end - cpu_began - sum(check_cpu), 2),
+        "cpu_with_startup_s": round(cpu_end - cpu_start - sum(check_cpu), 2),
         "check_cpu_s": round(sum(check_cpu), 2),
         "driver_cpu_s": round(driver_cpu, 2),
         "processes": 1 + len(descendants(me)),
@@ -281,10 +307,17 @@ def run_hivemind(
     round_timeout: float = DEFAULTS["round_timeout"],
     request_timeout: float = DEFAULTS["request_timeout"],
     spawn_dtime: float = DEFAULTS["spawn_dtime"],
+    together: bool = True,
     timeout_s: float = 900.0,
     pip_args: str = "",
 ) -> dict[str, Any]:
     """One hivemind averaging run in its own venv (made on first use); the summary figures.
+
+    ``together`` (default): every peer starts its rounds once all averagers are ready, and
+    ``wall_s`` and ``cpu_s`` run from that common start, as dmoe's side measures. False: each
+    peer starts as soon as it is ready and both run from the first peer's start, the shape of
+    hivemind's script. ``wall_with_startup_s`` and ``cpu_with_startup_s`` count from the first
+    peer's start either way.
 
     Writes the hivemind side's log and full output (every peer-round) under ``out_dir``;
     raises ``RuntimeError`` when that side fails or outlives ``timeout_s`` (its whole process
@@ -304,6 +337,8 @@ def run_hivemind(
         ("peer-timeout", timeout_s),
     ):  # fmt: skip
         cmd += [f"--{name}", str(value)]
+    if together:
+        cmd.append("--together")
     full = run_inner(cmd, base.with_suffix(".log"), timeout=timeout_s + 120)
     base.with_suffix(".json").write_text(json.dumps(full, indent=1))
     return {k: v for k, v in full.items() if k != "records"}
@@ -317,7 +352,8 @@ def print_summary(result: dict[str, Any]) -> None:
         f"({result['floats_per_peer']:,} floats, fp16 on the wire)"
     )
     print(
-        f"wall {result['wall_s']:.1f} s (start-up {result['startup_s']:.1f} s), success "
+        f"start {result['start']}: wall {result['wall_s']:.1f} s (start-up "
+        f"{result['startup_s']:.1f} s, {result['wall_with_startup_s']:.1f} s in all), success "
         f"{result['success_rate']:.2%} ({result['rounds_ok']}/{result['rounds_total']}), mean "
         f"group {result['mean_group_size']:.2f} {result['group_sizes']}, max |error| "
         f"{'-' if error is None else f'{error:.2e}'}, CPU {result['cpu_s']:.1f} s, load "
@@ -337,7 +373,13 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--pip-args", default="", help="extra pip flags for the venv install")
     parser.add_argument("--out", type=Path, default=OUT, help="where the log and output go")
+    parser.add_argument(
+        "--staggered", action="store_true",
+        help="each peer starts its rounds once it is ready, clock from the first peer's start "
+        "(hivemind's script); default: all start together once every averager is ready",
+    )  # fmt: skip
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--together", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peer-timeout", type=float, default=900.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -347,7 +389,8 @@ def main() -> int:
         args.peers, args.target_group_size, args.rounds, args.hid_size, args.num_layers,
         args.out, min_matchmaking_time=args.min_matchmaking_time,
         round_timeout=args.round_timeout, request_timeout=args.request_timeout,
-        spawn_dtime=args.spawn_dtime, timeout_s=args.timeout, pip_args=args.pip_args,
+        spawn_dtime=args.spawn_dtime, together=not args.staggered, timeout_s=args.timeout,
+        pip_args=args.pip_args,
     )  # fmt: skip
     print_summary(result)
     if args.json:
