@@ -51,7 +51,9 @@ def test_summary_counts_unreached_rounds_as_failed() -> None:
     assert summary["success_rate"] == 0.5
     assert summary["mean_group_size"] == 3.0
     assert summary["group_sizes"] == {"2": 1, "4": 1}
-    assert summary["max_abs_error"] == 3e-3
+    assert summary["max_abs_error"] == 3e-3 and summary["rounds_off"] == 0
+    records.append({"ok": True, "group_size": 4, "error": 4.0})  # a part left unaveraged
+    assert summarize(records, peers=2, rounds=2)["rounds_off"] == 1
     nothing = summarize([{"ok": False, "group_size": 0}], peers=1, rounds=1)
     assert nothing["success_rate"] == 0.0 and nothing["max_abs_error"] is None
 
