@@ -28,7 +28,10 @@ What differs from the script, and why:
   member's gathered value on success; from it the driver rebuilds the exact mean of the
   group's inputs and takes the largest absolute difference from the peer's result.
 - A round succeeds when ``step`` returns a group of at least 2 (hivemind's ``min_group_size``);
-  the script counts any non-``None`` return, which is the same thing.
+  the script counts any non-``None`` return, which is the same thing. hivemind also returns
+  the group when a reducer timed out and part of the vector kept the peer's own values (it
+  logs ``Averaging: received 89.0% results``); ``rounds_off`` counts such rounds, whose result
+  is off the group's mean beyond float16 rounding (``max_abs_error`` then shows ~4).
 - The averagers are made from the driver's threads, as in the script; hivemind's
   ``run_in_background`` calls ``signal.signal``, which Python allows only in the main thread,
   so that call is skipped in other threads (it only makes the driver ignore Ctrl-C).
