@@ -42,15 +42,36 @@ def venv_python(pip_args: str = "") -> Path:
     return python
 
 
+def _hivemind_sockets() -> set[Path]:
+    """hivemind's unix sockets (p2pd's and its clients', always under /tmp) that exist now."""
+    return set(Path("/tmp").glob("hivemind-*.sock"))
+
+
+def _remove_stale(candidates: set[Path]) -> None:
+    """Remove those of ``candidates`` that no process listens on any more (a replicated P2P
+    client, as each averager has, leaves its socket file behind); a socket still bound,
+    someone else's live run, is in /proc/net/unix and stays."""
+    try:
+        bound = {line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:]}
+    except OSError:
+        return
+    for path in candidates:
+        if str(path) not in bound:
+            with suppress(OSError):
+                path.unlink()
+
+
 def run_inner(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
     """Run ``cmd`` (a hivemind-side driver) in its own process group, stderr kept in ``log``,
     and return the JSON object on the last line of its stdout.
 
     hivemind's DHT and averager processes and their p2pd daemons stay in that group, so
     whatever outlives the driver (a timeout, a crash, a driver that ``os._exit``s past a stuck
-    shutdown) is killed with the group rather than left running on a shared machine.
+    shutdown) is killed with the group rather than left running on a shared machine; the
+    socket files the run left in /tmp are removed.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sockets_before = _hivemind_sockets()
     with log.open("w") as err:
         err.write(f"$ {' '.join(cmd)}\n")
         err.flush()
@@ -66,6 +87,7 @@ def run_inner(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the group: the driver's leftovers too
             proc.wait()
+            _remove_stale(_hivemind_sockets() - sockets_before)
         err.write(f"\n--- stdout\n{stdout}")
     lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
