@@ -61,7 +61,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hivemind_venv import OUT, ROOT, venv_python
+from hivemind_venv import OUT, ROOT, hivemind_sockets, remove_stale_sockets, venv_python
 from proc import cpu_seconds, descendants, tree_cpu
 
 # issue 12: dmoe's mean store and get each this many times faster than hivemind's
@@ -323,7 +323,11 @@ def hivemind_expert(args: argparse.Namespace) -> dict[str, Any]:
 def _last_json(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd`` from the repository root, its output kept in ``log``; its last line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    sockets_before = hivemind_sockets()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    finally:  # hivemind's p2p clients leave their socket files in /tmp
+        remove_stale_sockets(hivemind_sockets() - sockets_before)
     log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"{cmd[1:4]} failed ({proc.returncode}), see {log}")

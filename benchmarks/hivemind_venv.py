@@ -42,12 +42,12 @@ def venv_python(pip_args: str = "") -> Path:
     return python
 
 
-def _hivemind_sockets() -> set[Path]:
+def hivemind_sockets() -> set[Path]:
     """hivemind's unix sockets (p2pd's and its clients', always under /tmp) that exist now."""
     return set(Path("/tmp").glob("hivemind-*.sock"))
 
 
-def _remove_stale(candidates: set[Path]) -> None:
+def remove_stale_sockets(candidates: set[Path]) -> None:
     """Remove those of ``candidates`` that no process listens on any more (a replicated P2P
     client, as each averager has, leaves its socket file behind); a socket still bound,
     someone else's live run, is in /proc/net/unix and stays."""
@@ -71,25 +71,29 @@ def run_inner(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
     socket files the run left in /tmp are removed.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sockets_before = _hivemind_sockets()
-    with log.open("w") as err:
+    sockets_before = hivemind_sockets()
+    out = log.with_name(log.name + ".stdout")
+    # stdout to a file, not a pipe: a leftover process holding the pipe would hold the reader
+    with log.open("w") as err, out.open("w+") as stdout:
         err.write(f"$ {' '.join(cmd)}\n")
         err.flush()
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+            cmd, cwd=ROOT, env=env, stdout=stdout, stderr=err, start_new_session=True
+        )
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stdout = ""
+            pass
         finally:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the group: the driver's leftovers too
             proc.wait()
-            _remove_stale(_hivemind_sockets() - sockets_before)
-        err.write(f"\n--- stdout\n{stdout}")
-    lines = stdout.strip().splitlines()
+            remove_stale_sockets(hivemind_sockets() - sockets_before)
+        stdout.seek(0)
+        text = stdout.read()
+        err.write(f"\n--- stdout\n{text}")
+    out.unlink()
+    lines = text.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd[1:4])} failed ({proc.returncode}), see {log}")
     return json.loads(lines[-1])

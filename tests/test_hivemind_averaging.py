@@ -4,14 +4,20 @@ and a minute of both cores: it is run by hand, see docs/links.md)."""
 from __future__ import annotations
 
 import math
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hivemind_averaging import group_bits, input_key, summarize, tensor_specs  # noqa: E402
+from hivemind_venv import remove_stale_sockets, run_inner  # noqa: E402
 
 
 def test_tensors_are_those_of_hiveminds_script() -> None:
@@ -65,3 +71,46 @@ def test_help_needs_no_hivemind() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--target-group-size" in done.stdout and "--hid-size" in done.stdout
+
+
+def test_run_inner_kills_what_the_driver_leaves_and_reads_its_last_line(tmp_path: Path) -> None:
+    """hivemind's p2pd daemons can outlive a driver that ``os._exit``s: the group goes."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import json, subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('noise'); print(json.dumps({'wall_s': 1.5}))\n"
+    )
+    assert run_inner([sys.executable, "-c", code], tmp_path / "run.log", timeout=60) == {
+        "wall_s": 1.5
+    }
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def dead() -> bool:  # gone, or a zombie waiting for init to reap it
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 60  # SIGKILL lands asynchronously: bound a hang only
+    while not dead():
+        assert time.monotonic() < deadline, "the driver's leftover child still runs"
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_inner([sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "t.log", 1)
+
+
+def test_stale_socket_files_go_and_live_ones_stay(tmp_path: Path) -> None:
+    live, stale = tmp_path / "hivemind-live.sock", tmp_path / "hivemind-stale.sock"
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(live))
+    closed = socket.socket(socket.AF_UNIX)
+    closed.bind(str(stale))
+    closed.close()  # the file stays behind, as a replicated p2p client's does
+    try:
+        remove_stale_sockets({live, stale})
+        assert live.exists() and not stale.exists()
+    finally:
+        listening.close()
+        os.unlink(live)
