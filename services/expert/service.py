@@ -31,6 +31,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.errors import echo
 from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
@@ -225,7 +226,7 @@ class ExpertServicer:
     # ---- shared path ----
 
     def _unknown(self, uid: str) -> str:
-        return f"expert {uid!r} is not hosted here ({len(self.backends)} experts hosted)"
+        return f"expert {echo(uid)} is not hosted here ({len(self.backends)} experts hosted)"
 
     async def _unary(
         self, method: str, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
@@ -337,7 +338,9 @@ class ExpertServicer:
         label, code = "unknown", grpc.StatusCode.OK
         self._in_flight[method].inc()
         try:
-            backend = self.backends.get(request.uid)
+            uid = request.uid  # one str made of it (each access to the field makes another)
+            backend = self.backends.get(uid)
+            del uid
             if backend is None:
                 raise not_found(self._unknown(request.uid))
             label = backend.uid
