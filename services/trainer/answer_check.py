@@ -4,7 +4,7 @@ An expert server is anybody who declared a uid, and its outputs (forward) and in
 (backward) flow straight into the trainer's loss, its gating and its optimizer. One NaN makes
 the loss NaN, the gating weights NaN at the next step and the beam search blind for good; a
 finite 1e30 overflows Adam's second moment. So every answer is judged, on tensors already in
-memory (two vectorised reductions per tensor, one ``tolist``), and a bad one is a failed
+memory (``aminmax`` and a float32 norm per tensor, one ``tolist``), and a bad one is a failed
 expert like a timeout: masked, backed off, counted in
 ``dmoe_trainer_expert_failures_total{reason="anomaly"}`` and logged (rate-limited).
 
@@ -51,22 +51,24 @@ class AnswerCheck:
         if not floating:
             return ""
         with torch.no_grad():
-            figures = torch.stack(
-                [
-                    f
-                    for t in floating
-                    for f in (
-                        torch.linalg.vector_norm(t, ord=math.inf, dtype=torch.float32),
-                        torch.linalg.vector_norm(t, dtype=torch.float64),
-                    )
+            parts = []
+            for t in floating:  # aminmax (NaN propagates) is ~15 x faster than an inf-norm
+                low, high = torch.aminmax(t)
+                parts += [
+                    low.float(),
+                    high.float(),
+                    torch.linalg.vector_norm(t, dtype=torch.float32),
                 ]
-            ).tolist()
-        largest = max(figures[0::2])
-        squares = sum(n * n for n in figures[1::2])
-        if not (math.isfinite(largest) and math.isfinite(squares)) or math.isnan(largest):
+            figures = torch.stack(parts).tolist()
+        extremes = [abs(v) for v in figures[0::3] + figures[1::3]]
+        if not all(math.isfinite(v) for v in extremes):
             return "non-finite values"
+        largest = max(extremes)
         if self.max_value > 0 and largest > self.max_value:
             return f"a value of {largest:.3g}, over --max-expert-value {self.max_value:g}"
+        squares = sum(n * n for n in figures[2::3])
+        if not math.isfinite(squares):  # float32 norms overflow past ~1e19 (no cap set)
+            return "values whose norm overflows"
         if self.ratio <= 0:
             return ""
         rms = math.sqrt(squares / sum(t.numel() for t in floating))
