@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 from helpers import free_port
-from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
 from services.dht.client import DHTClient
@@ -15,7 +14,6 @@ from services.expert.server import ExpertConfig, ExpertServer
 from services.trainer.backoff import Backoff
 from services.trainer.dispatch import CallPolicy, ExpertsUnavailableError
 from services.trainer.gating import switch_balancing_loss
-from services.trainer.metrics import TrainerMetrics
 from services.trainer.moe import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from services.trainer.remote_expert import RemoteExpert
 from services.trainer.swarm import Swarm
@@ -23,30 +21,18 @@ from services.trainer.swarm import Swarm
 H = 16
 
 
-@pytest.fixture(scope="module")
-def swarm():
-    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()), cache_ttl=0.0)
-    node = swarm.run(start_node())
-    swarm.initial_peers = [node.address]
-    servers = []
-    for pattern in ("ffn.[0:3].[0:2],mix.1.[0:2]", "ffn.[0:3].[2:4]"):
-        config = ExpertConfig(
-            experts=[pattern],
-            hidden_dim=H,
-            optimizer=OptimizerConfig(lr=0.0),
-            seed=0,
-            dht_peers=[node.address],
-            update_period=30,
-        )
-        servers.append(swarm.run(ExpertServer(config).start()))
-    for server in servers:
-        swarm.run(server.declarer.first_success.wait(), timeout=20)
-    swarm.node, swarm.servers = node, servers
-    yield swarm
-    for server in servers:
-        swarm.run(server.stop(0))
-    swarm.run(node.stop())
-    swarm.close()
+pytestmark = pytest.mark.expert_swarm(
+    *(
+        {
+            "experts": [pattern],
+            "hidden_dim": H,
+            "optimizer": OptimizerConfig(lr=0.0),
+            "seed": 0,
+        }
+        for pattern in ("ffn.[0:3].[0:2],mix.1.[0:2]", "ffn.[0:3].[2:4]")
+    ),
+    cache_ttl=0.0,
+)
 
 
 def reference(layer: RemoteMixtureOfExperts, swarm: Swarm, x: torch.Tensor) -> torch.Tensor:

@@ -2,51 +2,26 @@
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
-from services.dht.server import start_node
-from services.expert.server import ExpertConfig, ExpertServer
 from services.trainer import checkpoint
 from services.trainer.data import load_digits, load_text
-from services.trainer.metrics import TrainerMetrics
 from services.trainer.models import MoEOptions, build_model
 from services.trainer.moe import RemoteMixtureOfExperts
 from services.trainer.remote_expert import RemoteExpert
-from services.trainer.swarm import Swarm
 from services.trainer.train import Trainer
 
 H = 16
 
 
-@pytest.fixture(scope="module")
-def swarm():
-    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()))
-    node = swarm.run(start_node())
-    swarm.initial_peers = [node.address]
-    servers = [
-        ExpertServer(
-            ExpertConfig(
-                experts=[pattern],
-                expert_cls=cls,
-                hidden_dim=H,
-                seed=0,
-                dht_peers=[node.address],
-                update_period=30,
-            )
-        )
+pytestmark = pytest.mark.expert_swarm(
+    *(
+        {"experts": [pattern], "expert_cls": cls, "hidden_dim": H, "seed": 0}
         for pattern, cls in (
             ("ffn.[0:2].[0:2],ffn1.[0:2].[0:2]", "ffn"),
             ("seq.[0:2]", "transformer"),
         )
-    ]
-    for server in servers:
-        swarm.run(server.start())
-        swarm.run(server.declarer.first_success.wait(), timeout=20)
-    yield swarm
-    for server in servers:
-        swarm.run(server.stop(0))
-    swarm.run(node.stop())
-    swarm.close()
+    )
+)
 
 
 def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
