@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.files import atomic_write
 from services.trainer import checkpoint
 from services.trainer.data import Dataset
 from services.trainer.dispatch import ExpertsUnavailableError
@@ -292,10 +291,7 @@ class Trainer:
     def _write_history(self) -> None:
         if not self.history_file:
             return
-        path = Path(self.history_file)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"history": self.state.history}))
-        os.replace(tmp, path)
+        atomic_write(self.history_file, json.dumps({"history": self.state.history}))
 
     def snapshot(self) -> TrainerState:
         with self._lock:
