@@ -31,6 +31,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.addresses import peer_host
 from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
@@ -277,7 +278,7 @@ class ExpertServicer:
 
     def _refused(self, peer: str, method: str, exc: ExpertError) -> None:
         if exc.reason is not None:
-            host = peer.rpartition(":")[0] or peer  # not the port: one key per host
+            host = peer_host(peer) or peer  # not the port: one key per host, as limits key it
             message = f"refused {method}: {exc}"
             self.rejections.reject(exc.reason, message, source=host, code=exc.code.name)
 
