@@ -13,6 +13,7 @@ from typing import Any
 from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.tls import tls_from_args
+from services.trainer.policy import CallPolicy
 
 log = logging.getLogger("services.trainer")
 
@@ -41,6 +42,7 @@ def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    policy = CallPolicy()  # the flags' defaults are the dataclass's (what in-process layers use)
     parser = service_parser(
         "trainer",
         "Train a model whose hidden layers are Decentralized Mixture-of-Experts layers: "
@@ -62,27 +64,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-kind", choices=["mixture", "switch"], default="mixture", help="layer type"
     )
     swarm.add_argument("--k-best", type=int, default=4, help="experts chosen per sample")
-    swarm.add_argument("--k-min", type=int, default=1, help="answers each sample needs")
-    swarm.add_argument("--forward-timeout", type=float, default=5.0, help="seconds per forward")
+    swarm.add_argument("--k-min", type=int, default=policy.k_min, help="answers each sample needs")
     swarm.add_argument(
-        "--timeout-after-k-min", type=float, default=0.5, help="extra wait for stragglers, seconds"
+        "--forward-timeout", type=float, default=policy.forward_timeout, help="seconds per forward"
     )
     swarm.add_argument(
-        "--transient-retries", type=int, default=1,
+        "--timeout-after-k-min",
+        type=float,
+        default=policy.timeout_after_k_min,
+        help="extra wait for stragglers, seconds",
+    )
+    swarm.add_argument(
+        "--transient-retries", type=int, default=policy.transient_retries,
         help="re-sends of a forward refused with UNAVAILABLE/RESOURCE_EXHAUSTED",
     )  # fmt: skip
     swarm.add_argument(
-        "--forward-retries", type=int, default=1,
+        "--forward-retries", type=int, default=policy.forward_retries,
         help="rounds with replacement experts for samples short of k-min",
     )  # fmt: skip
-    swarm.add_argument("--backward-k-min", type=int, default=1, help="backward answers per sample")
-    swarm.add_argument("--backward-timeout", type=float, default=5.0, help="seconds per backward")
     swarm.add_argument(
-        "--allow-zero-outputs", type=parse_bool, default=False,
+        "--backward-k-min",
+        type=int,
+        default=policy.backward_k_min,
+        help="backward answers per sample",
+    )
+    swarm.add_argument(
+        "--backward-timeout",
+        type=float,
+        default=policy.backward_timeout,
+        help="seconds per backward",
+    )
+    swarm.add_argument(
+        "--allow-zero-outputs", type=parse_bool, default=policy.allow_zero_outputs,
         help="zeros instead of an error when fewer than k-min experts answer",
     )  # fmt: skip
     swarm.add_argument(
-        "--detect-anomalies", type=parse_bool, default=False, help="drop non-finite expert outputs"
+        "--detect-anomalies",
+        type=parse_bool,
+        default=policy.detect_anomalies,
+        help="drop non-finite expert outputs",
     )
     swarm.add_argument(
         "--dht-cache-ttl", type=float, default=2.0, help="seconds DHT answers are reused"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
+from services.trainer.policy import CallPolicy
 from services.trainer.swarm import Swarm
 
 # A leaf that requires grad, so the node's backward runs even when the inputs do not need one
@@ -47,21 +48,6 @@ class ExpertJob:
     address: str
     rows: torch.Tensor  # sample indices, int64
     slots: torch.Tensor  # which of the sample's k choices this expert is
-
-
-@dataclass
-class CallPolicy:
-    """How a mixture layer waits for its experts (see ``RemoteMixtureOfExperts``)."""
-
-    k_min: int = 1
-    forward_timeout: float = 10.0
-    timeout_after_k_min: float = 1.0
-    backward_k_min: int = 1
-    backward_timeout: float = 10.0
-    forward_retries: int = 1
-    transient_retries: int = 1
-    allow_zero_outputs: bool = False
-    detect_anomalies: bool = False
 
 
 # (sample, slot, uid, address): the sample's slot-th choice is that expert
