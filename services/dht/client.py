@@ -59,7 +59,7 @@ class DHTUnavailable(ConnectionError):
     """No DHT node answered."""
 
 
-_REPLIES = {
+_REPLIES: dict[str, Any] = {  # method -> its reply message class
     "Put": dht_pb2.PutResponse,
     "Get": dht_pb2.GetResponse,
     "NodeStatus": dht_pb2.NodeStatusResponse,

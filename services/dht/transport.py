@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("Ping", "Store", "Find")
-REPLIES = {
+REPLIES: dict[str, Any] = {  # method -> its reply message class
     "Ping": dht_pb2.PingResponse,
     "Store": dht_pb2.StoreResponse,
     "Find": dht_pb2.FindResponse,

@@ -51,7 +51,7 @@ STREAM_CHUNK_CAP = 4 * 1024 * 1024  # smaller chunks pipeline; larger ones save 
 _COMPRESSIONS = set(tensor_pb2.Compression.values())
 
 
-def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
+def encode_reply(outputs: list[torch.Tensor], compression: tensor_pb2.Compression) -> bytes:
     """Serialized ``ExpertResponse``; lossy compression applies to floating tensors only."""
     response = expert_pb2.ExpertResponse()
     for out in outputs:

@@ -13,11 +13,17 @@ from typing import Any
 from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.tls import tls_from_args
+from services.proto import tensor_pb2
 from services.trainer.policy import CallPolicy
 
 log = logging.getLogger("services.trainer")
 
-_COMPRESSIONS = {"none": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
+_COMPRESSIONS = {
+    "none": tensor_pb2.COMPRESSION_NONE,
+    "float16": tensor_pb2.COMPRESSION_FLOAT16,
+    "bfloat16": tensor_pb2.COMPRESSION_BFLOAT16,
+    "uint8": tensor_pb2.COMPRESSION_UINT8,
+}
 
 
 def grid(text: str) -> tuple[int, ...]:

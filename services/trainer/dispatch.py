@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -281,8 +282,8 @@ class RemoteMoECall(torch.autograd.Function):
     use :func:`call_experts`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,  # torch's FunctionCtx; this call's fields are set on it
         _dummy: torch.Tensor,
         swarm: Swarm,
         jobs: list[ExpertJob],
@@ -307,9 +308,7 @@ class RemoteMoECall(torch.autograd.Function):
         return (*gathered.outputs, gathered.mask)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         inputs = ctx.saved_tensors
         grad_outputs = [  # the mask (last) has no gradient; an unused output gets zeros
             g if g is not None else torch.zeros(shape)
