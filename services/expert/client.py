@@ -1,10 +1,14 @@
 """``ExpertClient``: remote forward/backward of experts hosted by one expert server.
 
 Light by design: one channel per server, reused; a request is serialized once and sent as raw
-bytes (unary when it fits the message limit, otherwise as chunks over the streaming RPC); the
-reply tensors are zero-copy, read-only views of the received message (``clone()`` one before
-writing into it in place). Errors surface as ``grpc.aio.AioRpcError`` carrying the server's
-status code.
+bytes by one of three paths, chosen by size: up to ``link_max_bytes`` (1 MiB by default;
+``Info`` whenever the link is on) over the server's peer link (``dmoe.Expert/Link``: one
+long-lived stream carrying every small request, ``services.common.link``, docs/links.md);
+larger ones as their own unary ``Forward``/``Backward`` call while they fit the message limit,
+so they do not hold up the small ones behind them; beyond it as chunks over
+``ForwardStream``/``BackwardStream``. The reply tensors are zero-copy, read-only views of the
+received message (``clone()`` one before writing into it in place). Errors surface as
+``grpc.aio.AioRpcError`` carrying the server's status code, whichever path was taken.
 """
 
 from __future__ import annotations
