@@ -5,12 +5,15 @@ import torch
 
 from services.trainer import checkpoint
 from services.trainer.data import load_digits, load_text
+from services.trainer.dispatch import CallPolicy
 from services.trainer.models import MoEOptions, build_model
 from services.trainer.moe import RemoteMixtureOfExperts
 from services.trainer.remote_expert import RemoteExpert
 from services.trainer.train import Trainer
 
 H = 16
+# every chosen expert answers on a loaded CI machine too (the default 5 s / 0.5 s are a swarm's)
+PATIENT = CallPolicy(forward_timeout=60.0, timeout_after_k_min=60.0, backward_timeout=60.0)
 
 
 pytestmark = pytest.mark.expert_swarm(
@@ -29,7 +32,7 @@ def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
     path.write_text("abcdefgh" * 200)
     data = load_text(path, seq_len=8)
     torch.manual_seed(0)
-    options = MoEOptions(grid_size=(2, 2), k_best=2)
+    options = MoEOptions(grid_size=(2, 2), k_best=2, policy=PATIENT)
     model = build_model("transformer", swarm, data, options, hidden=H, layers=2, heads=2)
     prefixes = [m.uid_prefix for m in model.modules() if isinstance(m, RemoteMixtureOfExperts)]
     assert prefixes == ["ffn.", "ffn1."]
@@ -83,7 +86,7 @@ def test_sequence_experts_get_whole_samples_and_their_attention_mask(swarm) -> N
 
 def test_trainer_checkpoint_restores_state(swarm, tmp_path) -> None:
     data = load_digits(0)
-    options = MoEOptions(grid_size=(2, 2), k_best=2)
+    options = MoEOptions(grid_size=(2, 2), k_best=2, policy=PATIENT)
 
     def make() -> Trainer:
         torch.manual_seed(0)
