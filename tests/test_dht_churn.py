@@ -151,6 +151,7 @@ async def _state_file_scenario(path) -> None:
             await x.stop(0)
 
 
-def test_restarted_seed_rejoins_from_its_state_file(tmp_path) -> None:
-    asyncio.run(_state_file_scenario(tmp_path / "dht.state"))
+@run_async
+async def test_restarted_seed_rejoins_from_its_state_file(tmp_path) -> None:
+    await _state_file_scenario(tmp_path / "dht.state")
     assert (tmp_path / "dht.state").exists()
