@@ -3,7 +3,10 @@ is calling it (gRPC's ``context.peer()``), spelled once for every service."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from helpers import run_async, serve_expert
 
 from services.common.addresses import is_peer_address, peer_host
 from services.common.limits import peer_key
@@ -48,3 +51,21 @@ def test_peer_host_is_none_for_anything_else(peer: str) -> None:
 )  # fmt: skip
 def test_dialable_addresses(address: str, ok: bool) -> None:
     assert is_peer_address(address) is ok
+
+
+@run_async
+async def test_expert_rejection_log_keys_the_caller_by_its_ip(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The expert's rejection log used to key callers by ``ipv4:127.0.0.1`` (the scheme kept),
+    unlike the rate limits; now both say ``127.0.0.1``."""
+    import grpc
+    import torch
+
+    caplog.set_level(logging.WARNING)
+    async with serve_expert(experts=["ffn.0"], hidden_dim=8) as (_server, client):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.forward("ffn.0", [torch.randn(2, 9)], timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    sources = [getattr(r, "source", None) for r in caplog.records if hasattr(r, "reason")]
+    assert sources and set(sources) == {"127.0.0.1"}, sources
