@@ -13,7 +13,7 @@ from services.expert.__main__ import build_parser as expert_parser
 from services.expert.__main__ import config_from_args
 from services.expert.server import ExpertConfig
 from services.trainer.__main__ import build_parser as trainer_parser
-from services.trainer.policy import CallPolicy
+from services.trainer.options import CallPolicy, MoEOptions
 
 # per-process settings the common parser owns (a service's well-known ports, bind address,
 # its peers) or that only exist in-process (TLS and limits objects, the host name)
@@ -38,11 +38,18 @@ def test_expert_flags_default_to_expert_config() -> None:
         assert getattr(from_flags, name) == getattr(defaults, name), name
 
 
-def test_trainer_flags_default_to_call_policy() -> None:
+def test_trainer_flags_default_to_call_policy_and_moe_options() -> None:
     args = trainer_parser().parse_args([])
     policy = CallPolicy()
     for field in dataclasses.fields(CallPolicy):
         assert getattr(args, field.name) == getattr(policy, field.name), field.name
+    layer = MoEOptions()
+    assert (args.grid, args.uid_prefix, args.moe_kind, args.k_best) == (
+        layer.grid_size,
+        layer.uid_prefix,
+        layer.kind,
+        layer.k_best,
+    )
     # what trainers have run with from the command line: 5 s per call, 0.5 s for stragglers
     assert (policy.forward_timeout, policy.timeout_after_k_min) == (5.0, 0.5)
     assert policy.backward_timeout == 5.0

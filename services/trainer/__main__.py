@@ -14,7 +14,7 @@ from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.tls import tls_from_args
 from services.proto import tensor_pb2
-from services.trainer.policy import CallPolicy
+from services.trainer.options import CallPolicy, MoEOptions
 
 log = logging.getLogger("services.trainer")
 
@@ -48,7 +48,8 @@ def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    policy = CallPolicy()  # the flags' defaults are the dataclass's (what in-process layers use)
+    # the flags' defaults are the dataclasses' (what in-process layers use)
+    layer, policy = MoEOptions(), CallPolicy()
     parser = service_parser(
         "trainer",
         "Train a model whose hidden layers are Decentralized Mixture-of-Experts layers: "
@@ -61,15 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-peers", "--dht-peers", type=peer_list, default=[], help="DHT nodes, host:port"
     )
     swarm.add_argument(
-        "--uid-prefix", default="ffn", help="expert grid of layer 0 (layer i: <prefix><i>)"
+        "--uid-prefix",
+        default=layer.uid_prefix,
+        help="expert grid of layer 0 (layer i: <prefix><i>)",
     )
     swarm.add_argument(
-        "--grid", type=grid, default=(4, 4), help="grid size per dimension, e.g. 4x4"
+        "--grid", type=grid, default=layer.grid_size, help="grid size per dimension, e.g. 4x4"
     )
     swarm.add_argument(
-        "--moe-kind", choices=["mixture", "switch"], default="mixture", help="layer type"
+        "--moe-kind", choices=["mixture", "switch"], default=layer.kind, help="layer type"
     )
-    swarm.add_argument("--k-best", type=int, default=4, help="experts chosen per sample")
+    swarm.add_argument("--k-best", type=int, default=layer.k_best, help="experts chosen per sample")
     swarm.add_argument("--k-min", type=int, default=policy.k_min, help="answers each sample needs")
     swarm.add_argument(
         "--forward-timeout", type=float, default=policy.forward_timeout, help="seconds per forward"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
-from services.trainer.policy import CallPolicy
+from services.trainer.options import CallPolicy
 from services.trainer.swarm import Swarm
 
 # A leaf that requires grad, so the node's backward runs even when the inputs do not need one
