@@ -201,8 +201,8 @@ class Swarm:
                         subkey=subkey[:40].decode("utf-8", "replace"),
                     )  # fmt: skip
                     continue
-                if entry.expiration > now:
-                    children.setdefault(coord, []).append((address, entry.expiration))  # type: ignore[arg-type]
+                if entry.expiration > now and coord is not None:  # (no reason: coord is set)
+                    children.setdefault(coord, []).append((address, entry.expiration))
         return children
 
     # ---- experts -----------------------------------------------------------------------------
