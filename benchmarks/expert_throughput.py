@@ -119,26 +119,25 @@ def _client_main(
     from services.expert.client import ExpertClient
 
     async def run() -> None:
-        client = ExpertClient(address, link_max_bytes=link_max_bytes)
-        rng = random.Random(index)
-        x = torch.randn(batch, hidden)
-        for uid in uids:  # warm-up: connect, first-call costs
-            out = (await client.forward(uid, [x]))[0]
-            if backward:
-                await client.backward(uid, [x], [torch.randn_like(out)])
-        ready.wait()
-        await asyncio.get_running_loop().run_in_executor(None, go.wait)
-        started, cpu = time.perf_counter(), time.process_time()
-        for _ in range(batches):
-            uid = rng.choice(uids)
+        async with ExpertClient(address, link_max_bytes=link_max_bytes) as client:
+            rng = random.Random(index)
             x = torch.randn(batch, hidden)
-            out = (await client.forward(uid, [x]))[0]
-            if backward:
-                await client.backward(uid, [x], [torch.randn_like(out)])
-        results.put(
-            (index, started, time.perf_counter(), batches * batch, time.process_time() - cpu)
-        )
-        await client.close()
+            for uid in uids:  # warm-up: connect, first-call costs
+                out = (await client.forward(uid, [x]))[0]
+                if backward:
+                    await client.backward(uid, [x], [torch.randn_like(out)])
+            ready.wait()
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            started, cpu = time.perf_counter(), time.process_time()
+            for _ in range(batches):
+                uid = rng.choice(uids)
+                x = torch.randn(batch, hidden)
+                out = (await client.forward(uid, [x]))[0]
+                if backward:
+                    await client.backward(uid, [x], [torch.randn_like(out)])
+            results.put(
+                (index, started, time.perf_counter(), batches * batch, time.process_time() - cpu)
+            )
 
     asyncio.run(run())
 

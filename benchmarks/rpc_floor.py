@@ -13,7 +13,7 @@ long-lived bidirectional stream carrying every request, through the services' bo
 path DHT nodes and expert clients use between themselves. Reports wall
 time per call and CPU microseconds per call on each side (user + system, all threads), so
 the per-RPC budgets of the DHT and expert benchmarks can be compared with what gRPC alone
-costs here (docs/performance.md).
+costs here (figures: docs/links.md, "What a request costs"; docs/dht.md and docs/expert.md).
 
     python benchmarks/rpc_floor.py [--request-bytes 65536] [--concurrency 1] [--json]
 """

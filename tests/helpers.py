@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import random
@@ -12,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from services.common.healthcheck import wait_serving
 from services.common.tls import TLSConfig
@@ -22,6 +23,30 @@ from services.dht.config import NodeConfig
 from services.dht.server import RunningNode, start_node
 
 ROOT = Path(__file__).resolve().parent.parent
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def run_async(test: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """Run an ``async def`` test in a fresh event loop (``asyncio.run``), fixtures included.
+
+    A decorator rather than pytest-asyncio: every test here wants exactly one loop that ends
+    with the test, which is all ``asyncio.run`` does, and it needs no plugin, mode or
+    loop-scope settings. ``functools.wraps`` keeps the signature pytest reads fixtures from.
+    """
+
+    @functools.wraps(test)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+def metric(owner: Any, name: str, **labels: str) -> float:
+    """One sample of a Prometheus registry, or of ``owner.registry`` (a server, a metrics
+    object); 0.0 while the labelled child does not exist yet (a counter nobody incremented)."""
+    registry = getattr(owner, "registry", owner)
+    return registry.get_sample_value(name, labels) or 0.0
 
 
 def free_port() -> int:
@@ -175,3 +200,37 @@ async def from_source_ip(target: str, source_ip: str) -> AsyncIterator[str]:
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def expert_swarm(*servers: dict[str, Any], dht: bool = True, **swarm_options: Any) -> Iterator[Any]:
+    """A trainer ``Swarm`` over real in-process servers on 127.0.0.1: one DHT node (unless
+    ``dht=False``) and one ``ExpertServer(ExpertConfig(**server))`` per dict, each declared in
+    the DHT before this yields. The swarm carries them as ``swarm.node`` (None without a DHT)
+    and ``swarm.servers``; everything is stopped on exit."""
+    from prometheus_client import CollectorRegistry
+
+    from services.expert.server import ExpertConfig, ExpertServer
+    from services.trainer.metrics import TrainerMetrics
+    from services.trainer.swarm import Swarm
+
+    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()), **swarm_options)
+    node = swarm.run(start_node()) if dht else None
+    swarm.node, swarm.servers = node, []  # type: ignore[attr-defined]
+    try:
+        if node is not None:
+            swarm.initial_peers = [node.address]
+        for config in servers:
+            if node is not None:
+                config = {"dht_peers": [node.address], "update_period": 30, **config}
+            server = swarm.run(ExpertServer(ExpertConfig(**config)).start())
+            swarm.servers.append(server)  # type: ignore[attr-defined]
+            if node is not None:
+                swarm.run(server.declarer.first_success.wait(), timeout=20)
+        yield swarm
+    finally:
+        for server in swarm.servers:  # type: ignore[attr-defined]
+            swarm.run(server.stop(0))
+        if node is not None:
+            swarm.run(node.stop())
+        swarm.close()

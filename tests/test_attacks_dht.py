@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 import torch
+from helpers import run_async
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
@@ -295,45 +296,39 @@ def test_malformed_declarations_cannot_crash_or_mislead_a_trainer(swarm) -> None
     assert sum(rejected.count(r) for r in before) > sum(before.values())
 
 
-def test_expiration_cap_and_a_skewed_clock() -> None:
+@run_async
+async def test_expiration_cap_and_a_skewed_clock() -> None:
     """A node whose host clock runs 30 s ahead used to refuse every declaration: it now
     corrects its DHT time from its peers' median; a peer whose clock is off gets its entries
     kept only as long as its own clock says; expirations are capped."""
 
-    async def scenario() -> None:
-        honest = [await start_node()]
-        for _ in range(2):
-            honest.append(await start_node(initial_peers=[honest[0].address]))
-        skewed = await start_node(
-            NodeConfig(simulate_clock_offset=30.0), initial_peers=[n.address for n in honest]
-        )
-        try:
-            await asyncio.wait_for(skewed.node.joined.wait(), 30)
-            assert -31 < skewed.node.clock.correction < -29  # it noticed and corrected
-            async with DHTClient([skewed.address], identity=Identity.generate()) as client:
-                await client.get(["probe"])
-                assert abs(client.now() - time.time()) < 2  # clients get the corrected time
-                expiration = client.now() + 20
-                assert await client.put(
-                    [("ffn.", "0", b"127.0.0.1:1", expiration)], owned=True
-                ) == [True]
-                found = await client.get(["ffn."], latest=True)
-                assert [v.value for v in found["ffn."][b"0"]] == [b"127.0.0.1:1"]
-            # a peer that claims a clock 100 s ahead: its 60-second entry is already over
-            channel, _, peer = stubs(honest[1].address)
-            async with channel:
-                key = id_to_bytes(key_to_id(b"skewed"))
-                item = dht_pb2.StoreItem(
-                    key_id=key, entry=plain_entry(b"v", time.time() + 60, b"s")
-                )
-                reply = await peer.Store(
-                    dht_pb2.StoreRequest(items=[item], dht_time=time.time() + 100)
-                )
-                assert list(reply.stored) == [False]
-                reply = await peer.Store(dht_pb2.StoreRequest(items=[item], dht_time=time.time()))
-                assert list(reply.stored) == [True]
-        finally:
-            for node in (*honest, skewed):
-                await node.stop()
-
-    asyncio.run(scenario())
+    honest = [await start_node()]
+    for _ in range(2):
+        honest.append(await start_node(initial_peers=[honest[0].address]))
+    skewed = await start_node(
+        NodeConfig(simulate_clock_offset=30.0), initial_peers=[n.address for n in honest]
+    )
+    try:
+        await asyncio.wait_for(skewed.node.joined.wait(), 30)
+        assert -31 < skewed.node.clock.correction < -29  # it noticed and corrected
+        async with DHTClient([skewed.address], identity=Identity.generate()) as client:
+            await client.get(["probe"])
+            assert abs(client.now() - time.time()) < 2  # clients get the corrected time
+            expiration = client.now() + 20
+            assert await client.put([("ffn.", "0", b"127.0.0.1:1", expiration)], owned=True) == [
+                True
+            ]
+            found = await client.get(["ffn."], latest=True)
+            assert [v.value for v in found["ffn."][b"0"]] == [b"127.0.0.1:1"]
+        # a peer that claims a clock 100 s ahead: its 60-second entry is already over
+        channel, _, peer = stubs(honest[1].address)
+        async with channel:
+            key = id_to_bytes(key_to_id(b"skewed"))
+            item = dht_pb2.StoreItem(key_id=key, entry=plain_entry(b"v", time.time() + 60, b"s"))
+            reply = await peer.Store(dht_pb2.StoreRequest(items=[item], dht_time=time.time() + 100))
+            assert list(reply.stored) == [False]
+            reply = await peer.Store(dht_pb2.StoreRequest(items=[item], dht_time=time.time()))
+            assert list(reply.stored) == [True]
+    finally:
+        for node in (*honest, skewed):
+            await node.stop()

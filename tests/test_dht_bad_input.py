@@ -1,12 +1,12 @@
 """Bad input through real gRPC calls gets a clear status; the node keeps serving and
 keeps what it stored."""
 
-import asyncio
 import math
 import time
 
 import grpc
 import pytest
+from helpers import run_async
 
 from services.dht.client import DHTClient
 from services.dht.config import NodeConfig
@@ -36,7 +36,8 @@ def entry(value: bytes = b"v", expiration: float | None = None, subkey=None) -> 
     return message
 
 
-async def _scenario() -> None:
+@run_async
+async def test_bad_input_gets_clear_status_and_node_survives() -> None:
     node = await start_node(CONFIG)
     try:
         async with grpc.aio.insecure_channel(node.address) as channel:
@@ -150,7 +151,3 @@ async def _scenario() -> None:
             assert (await peer.Ping(dht_pb2.PingRequest())).peer.node_id == node.node.info.node_id
     finally:
         await node.stop(0)
-
-
-def test_bad_input_gets_clear_status_and_node_survives() -> None:
-    asyncio.run(_scenario())

@@ -6,7 +6,7 @@ import random
 import time
 
 from grpc_health.v1 import health_pb2
-from helpers import free_port, make_swarm, until
+from helpers import free_port, make_swarm, run_async, until
 
 from services.dht.client import DHTClient
 from services.dht.config import NodeConfig
@@ -25,7 +25,8 @@ async def health(node: RunningNode) -> int:
 CLIENT_TIMEOUT = 60.0
 
 
-async def _churn_scenario() -> None:
+@run_async
+async def test_churn_kill_10_percent_and_restart_bootstrap() -> None:
     rng = random.Random(11)
     nodes = await make_swarm(50, rng, NodeConfig(seed_ping_interval=0.5))
     alive = list(nodes)
@@ -68,11 +69,8 @@ async def _churn_scenario() -> None:
         await asyncio.gather(*(x.stop(0) for x in alive))
 
 
-def test_churn_kill_10_percent_and_restart_bootstrap() -> None:
-    asyncio.run(_churn_scenario())
-
-
-async def _late_bootstrap_scenario() -> None:
+@run_async
+async def test_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> None:
     port = free_port()
     # the initial peer is a DNS name that only starts answering later
     early = await start_node(initial_peers=[f"localhost:{port}"])
@@ -97,11 +95,8 @@ async def _late_bootstrap_scenario() -> None:
             await late.stop(0)
 
 
-def test_node_started_before_its_bootstrap_peer_joins_when_it_appears() -> None:
-    asyncio.run(_late_bootstrap_scenario())
-
-
-async def _republish_scenario() -> None:
+@run_async
+async def test_republish_restores_num_replicas_after_replicas_die() -> None:
     rng = random.Random(5)
     # A roomy deadline: this checks where republish puts the copies, not failure handling
     # (the churn test above keeps the 1.5 s default); a live peer that misses a deadline on a
@@ -127,10 +122,6 @@ async def _republish_scenario() -> None:
         assert await republish(replicas[4].node) == 0
     finally:
         await asyncio.gather(*(x.stop(0) for x in alive))
-
-
-def test_republish_restores_num_replicas_after_replicas_die() -> None:
-    asyncio.run(_republish_scenario())
 
 
 async def _state_file_scenario(path) -> None:
@@ -160,6 +151,7 @@ async def _state_file_scenario(path) -> None:
             await x.stop(0)
 
 
-def test_restarted_seed_rejoins_from_its_state_file(tmp_path) -> None:
-    asyncio.run(_state_file_scenario(tmp_path / "dht.state"))
+@run_async
+async def test_restarted_seed_rejoins_from_its_state_file(tmp_path) -> None:
+    await _state_file_scenario(tmp_path / "dht.state")
     assert (tmp_path / "dht.state").exists()

@@ -5,6 +5,7 @@ import socket
 import time
 
 import pytest
+from helpers import run_async
 
 from services.dht.client import DHTClient, DHTUnavailable, ValueWithExpiration
 from services.dht.clock import ReplyClock
@@ -17,7 +18,8 @@ def dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-async def _scenario() -> None:
+@run_async
+async def test_client_put_get_contract() -> None:
     a = await start_node()
     b = await start_node(initial_peers=[a.address])
     await asyncio.wait_for(b.node.joined.wait(), 10)
@@ -62,10 +64,6 @@ async def _scenario() -> None:
     finally:
         await b.stop(0)
         await a.stop(0)
-
-
-def test_client_put_get_contract() -> None:
-    asyncio.run(_scenario())
 
 
 def test_reply_clock_ignores_round_trip_noise_and_follows_a_real_skew() -> None:

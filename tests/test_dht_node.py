@@ -5,6 +5,8 @@ import hashlib
 import random
 import time
 
+from helpers import run_async
+
 from services.dht.config import NodeConfig
 from services.dht.metrics import NullMetrics
 from services.dht.node import DHTNode
@@ -50,7 +52,8 @@ def far_half(me: DHTNode, transport: InProcessTransport, config: NodeConfig, cou
     return found
 
 
-async def _evict_scenario() -> None:
+@run_async
+async def test_full_bucket_pings_least_recently_seen_before_evicting() -> None:
     transport = InProcessTransport()
     config = NodeConfig(k=2, depth_modulo=1)  # classic Kademlia: only the own bucket splits
     me = make_node(transport, 0, config)
@@ -74,11 +77,8 @@ async def _evict_scenario() -> None:
         await node.stop()
 
 
-def test_full_bucket_pings_least_recently_seen_before_evicting() -> None:
-    asyncio.run(_evict_scenario())
-
-
-async def _inprocess_swarm() -> None:
+@run_async
+async def test_inprocess_swarm_store_get_after_churn() -> None:
     rng = random.Random(3)
     transport = InProcessTransport()
     config = NodeConfig(maintenance_interval=0.2)
@@ -108,11 +108,8 @@ async def _inprocess_swarm() -> None:
         await node.stop()
 
 
-def test_inprocess_swarm_store_get_after_churn() -> None:
-    asyncio.run(_inprocess_swarm())
-
-
-async def _coalescing() -> None:
+@run_async
+async def test_concurrent_requests_to_one_peer_share_an_rpc() -> None:
     transport = InProcessTransport()
     config = NodeConfig()
     a, b, c = (make_node(transport, i, config) for i in (1, 2, 3))
@@ -139,11 +136,8 @@ async def _coalescing() -> None:
         await node.stop()
 
 
-def test_concurrent_requests_to_one_peer_share_an_rpc() -> None:
-    asyncio.run(_coalescing())
-
-
-async def _observed_host() -> None:
+@run_async
+async def test_loopback_announce_is_replaced_by_the_observed_host() -> None:
     from services.dht.protocol import caller_host
     from services.proto import dht_pb2
 
@@ -167,10 +161,6 @@ async def _observed_host() -> None:
     assert caller_host("unix:/tmp/sock") == ""
 
 
-def test_loopback_announce_is_replaced_by_the_observed_host() -> None:
-    asyncio.run(_observed_host())
-
-
 class Recorder(NullMetrics):
     def __init__(self) -> None:
         self.lookups: list[str] = []
@@ -179,7 +169,8 @@ class Recorder(NullMetrics):
         self.lookups.append(operation)
 
 
-async def _maintenance() -> None:
+@run_async
+async def test_maintenance_republishes_and_refreshes() -> None:
     rng = random.Random(9)
     transport = InProcessTransport()
     config = NodeConfig(maintenance_interval=0.05, republish_interval=0.4, refresh_interval=0.3)
@@ -210,10 +201,6 @@ async def _maintenance() -> None:
         await node.stop()
 
 
-def test_maintenance_republishes_and_refreshes() -> None:
-    asyncio.run(_maintenance())
-
-
 def test_blacklist_backoff_doubles_and_clears() -> None:
     from services.dht.blacklist import Blacklist
 
@@ -234,7 +221,8 @@ def test_blacklist_backoff_doubles_and_clears() -> None:
     assert not blacklist.blocked("a:1") and len(blacklist) == 0
 
 
-async def _conditional_store() -> None:
+@run_async
+async def test_store_doubles_as_last_lookup_step_and_non_replicas_decline() -> None:
     from services.proto import dht_pb2
 
     transport = InProcessTransport()
@@ -279,10 +267,6 @@ async def _conditional_store() -> None:
     assert near[5].cache.get(key) == [entry] and not far[0].cache.get(key)
     for node in (*near, *far, storer):
         await node.stop()
-
-
-def test_store_doubles_as_last_lookup_step_and_non_replicas_decline() -> None:
-    asyncio.run(_conditional_store())
 
 
 async def _latest_rounds(k: int) -> tuple[int, int, int]:

@@ -5,7 +5,7 @@ import asyncio
 import random
 import time
 
-from helpers import make_swarm
+from helpers import make_swarm, run_async
 
 from services.dht.client import DHTClient, ValueWithExpiration
 from services.dht.config import NodeConfig
@@ -21,7 +21,8 @@ def holders(nodes: list[RunningNode], key: bytes) -> set[int]:
     return {x.node.node_id for x in nodes if x.node.storage.get(key_to_id(key))}
 
 
-async def _swarm_scenario() -> None:
+@run_async
+async def test_50_node_swarm_lookups_store_get_replicas_expiry() -> None:
     rng = random.Random(7)
     # 50 nodes share one process: a generous deadline keeps a loaded CI machine from
     # blacklisting live peers, which this test (routing, not failure handling) must not see
@@ -108,7 +109,3 @@ async def _swarm_scenario() -> None:
             assert not holders(nodes, b"short.plain")
     finally:
         await stop_all(nodes)
-
-
-def test_50_node_swarm_lookups_store_get_replicas_expiry() -> None:
-    asyncio.run(_swarm_scenario())

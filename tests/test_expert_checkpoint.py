@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import free_port, serve_expert
+from helpers import free_port, run_async, serve_expert
 
 from services.common.healthcheck import wait_serving
 from services.expert.backend import ExpertBackend, OptimizerConfig
@@ -130,7 +130,8 @@ def test_sigterm_and_kill9_restore(tmp_path: Path) -> None:
     assert not list((ckpt / "ffn.0").glob(".tmp-*"))
 
 
-def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@run_async
+async def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """While a checkpoint is being written (held inside ``torch.save`` here until the test lets
     it go), the expert keeps computing: a backward and a forward complete. The file holds the
     state of the moment it was taken (step 1), not the step taken during the write."""
@@ -142,36 +143,34 @@ def test_checkpoint_write_does_not_block_compute(tmp_path: Path, monkeypatch) ->
         assert release.wait(60), "the test never released the checkpoint write"
         return real_save(*args, **kwargs)
 
-    async def scenario() -> None:
-        async with serve_expert(
-            experts=["ffn.0"], hidden_dim=H, seed=1, checkpoint_dir=str(tmp_path),
-            checkpoint_every=0,
-        ) as (server, client):  # fmt: skip
-            x, g = torch.randn(4, H), torch.randn(4, H)
+    async with serve_expert(
+        experts=["ffn.0"], hidden_dim=H, seed=1, checkpoint_dir=str(tmp_path),
+        checkpoint_every=0,
+    ) as (server, client):  # fmt: skip
+        x, g = torch.randn(4, H), torch.randn(4, H)
+        await client.backward("ffn.0", [x], [g], timeout=30)
+        backend = server.backends["ffn.0"]
+        with backend.lock:
+            step1 = {k: v.clone() for k, v in backend.module.state_dict().items()}
+        monkeypatch.setattr(torch, "save", held_save)
+        writing = asyncio.create_task(server.checkpoint_now())
+        try:
+            assert await asyncio.to_thread(entered.wait, 60), "no checkpoint write started"
             await client.backward("ffn.0", [x], [g], timeout=30)
-            backend = server.backends["ffn.0"]
-            with backend.lock:
-                step1 = {k: v.clone() for k, v in backend.module.state_dict().items()}
-            monkeypatch.setattr(torch, "save", held_save)
-            writing = asyncio.create_task(server.checkpoint_now())
-            try:
-                assert await asyncio.to_thread(entered.wait, 60), "no checkpoint write started"
-                await client.backward("ffn.0", [x], [g], timeout=30)
-                await client.forward("ffn.0", [x], timeout=30)
-                assert backend.steps == 2
-            finally:
-                release.set()
-                await writing
-            monkeypatch.setattr(torch, "save", real_save)
-            saved = _checkpoint(tmp_path, "ffn.0", 1)
-            assert saved["steps"] == 1
-            for name, value in step1.items():
-                assert torch.equal(saved["model"][name], value), name
-
-    asyncio.run(scenario())
+            await client.forward("ffn.0", [x], timeout=30)
+            assert backend.steps == 2
+        finally:
+            release.set()
+            await writing
+        monkeypatch.setattr(torch, "save", real_save)
+        saved = _checkpoint(tmp_path, "ffn.0", 1)
+        assert saved["steps"] == 1
+        for name, value in step1.items():
+            assert torch.equal(saved["model"][name], value), name
 
 
-def test_a_checkpoint_with_non_finite_values_is_skipped(tmp_path: Path) -> None:
+@run_async
+async def test_a_checkpoint_with_non_finite_values_is_skipped(tmp_path: Path) -> None:
     """A newest checkpoint holding NaN (written before steps were guarded) is not restored: the
     server falls back to the previous one, so the poison does not come back."""
     from services.expert.checkpoints import save
@@ -185,16 +184,13 @@ def test_a_checkpoint_with_non_finite_values_is_skipped(tmp_path: Path) -> None:
     next(iter(poisoned["model"].values())).view(-1)[0] = float("nan")
     save(poisoned, tmp_path, keep=3)
 
-    async def scenario() -> None:
-        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=9,
-                              checkpoint_dir=str(tmp_path), checkpoint_every=0)  # fmt: skip
-        server = await ExpertServer(config).start()
-        try:
-            backend = server.backends["ffn.0"]
-            assert backend.steps == 1
-            for name, value in backend.module.state_dict().items():
-                assert torch.equal(value, good["model"][name]), name
-        finally:
-            await server.stop(0.5)
-
-    asyncio.run(scenario())
+    config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=9,
+                          checkpoint_dir=str(tmp_path), checkpoint_every=0)  # fmt: skip
+    server = await ExpertServer(config).start()
+    try:
+        backend = server.backends["ffn.0"]
+        assert backend.steps == 1
+        for name, value in backend.module.state_dict().items():
+            assert torch.equal(value, good["model"][name]), name
+    finally:
+        await server.stop(0.5)

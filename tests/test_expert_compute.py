@@ -3,12 +3,11 @@ compression stays within its documented bounds; 20 MiB requests and replies roun
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from pathlib import Path
 
 import torch
-from helpers import serve_expert
+from helpers import run_async, serve_expert
 
 from services.expert.backend import make_optimizer
 from services.expert.server import ExpertServer
@@ -96,16 +95,14 @@ async def _check_class(expert_cls: str, custom: str | None = None) -> None:
             assert any(not torch.equal(p, q) for p, q in zip(params, before, strict=True))
 
 
-def test_builtin_and_custom_classes_match_local(tmp_path: Path) -> None:
+@run_async
+async def test_builtin_and_custom_classes_match_local(tmp_path: Path) -> None:
     custom = tmp_path / "gated_test.py"
     custom.write_text(CUSTOM)
 
-    async def scenario() -> None:
-        for cls in ("ffn", "transformer", "nop", "det_dropout"):
-            await _check_class(cls)
-        await _check_class("gated_test", str(custom))
-
-    asyncio.run(scenario())
+    for cls in ("ffn", "transformer", "nop", "det_dropout"):
+        await _check_class(cls)
+    await _check_class("gated_test", str(custom))
 
 
 # documented bounds (services/common/tensor_codec.py), per direction
@@ -117,56 +114,50 @@ def _bound(kind: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float(x.max() - x.min()) / 510 * (1 + 1e-5))
 
 
-def test_compression_round_trips_within_bounds() -> None:
-    async def scenario() -> None:
-        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=256) as (_, client):
-            torch.manual_seed(0)
-            x = torch.randn(64, 256) * 3
-            kinds = (
-                tensor_pb2.COMPRESSION_FLOAT16,
-                tensor_pb2.COMPRESSION_BFLOAT16,
-                tensor_pb2.COMPRESSION_UINT8,
-            )
-            none = tensor_pb2.COMPRESSION_NONE
-            for kind in kinds:
-                for req, rep in ((kind, none), (none, kind)):
-                    (out,) = await client.forward(
-                        "nop.0", [x], compression=req, reply_compression=rep
-                    )
-                    err = (out - x).abs()
-                    assert bool((err <= _bound(kind, x) + 1e-12).all()), (kind, float(err.max()))
-                    assert float(err.max()) > 0  # really lossy: the bound is what is tested
-            (out,) = await client.forward("nop.0", [x])
-            assert torch.equal(out, x)
-
-    asyncio.run(scenario())
+@run_async
+async def test_compression_round_trips_within_bounds() -> None:
+    async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=256) as (_, client):
+        torch.manual_seed(0)
+        x = torch.randn(64, 256) * 3
+        kinds = (
+            tensor_pb2.COMPRESSION_FLOAT16,
+            tensor_pb2.COMPRESSION_BFLOAT16,
+            tensor_pb2.COMPRESSION_UINT8,
+        )
+        none = tensor_pb2.COMPRESSION_NONE
+        for kind in kinds:
+            for req, rep in ((kind, none), (none, kind)):
+                (out,) = await client.forward("nop.0", [x], compression=req, reply_compression=rep)
+                err = (out - x).abs()
+                assert bool((err <= _bound(kind, x) + 1e-12).all()), (kind, float(err.max()))
+                assert float(err.max()) > 0  # really lossy: the bound is what is tested
+        (out,) = await client.forward("nop.0", [x])
+        assert torch.equal(out, x)
 
 
-def test_20_mib_request_and_reply_unary_and_streamed() -> None:
+@run_async
+async def test_20_mib_request_and_reply_unary_and_streamed() -> None:
     rows, hidden = 5 * 1024, 1024  # 5120 x 1024 float32 = 20 MiB per tensor
     x = torch.randn(rows, hidden)
     g = torch.randn(rows, hidden)
 
-    async def scenario() -> None:
-        # default 64 MiB limit: forward fits a unary call; backward (40 MiB + reply) too
-        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
-                         max_batch_size=8192) as (_, client):  # fmt: skip
-            (out,) = await client.forward("nop.0", [x], timeout=60)
-            assert torch.equal(out, x)
-            (grad,) = await client.backward("nop.0", [x], [g], timeout=60)
-            assert torch.equal(grad, g)
-        # 4 MiB message limit on both sides: the same calls go over the streaming RPCs
-        limit = 4 * 1024 * 1024
-        async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
-                         max_batch_size=8192, max_message_bytes=limit,
-                         client_bytes=limit) as (server, client):  # fmt: skip
-            (out,) = await client.forward("nop.0", [x], timeout=60)
-            assert torch.equal(out, x)
-            (grad,) = await client.backward("nop.0", [x], [g], timeout=60)
-            assert torch.equal(grad, g)
-            streamed = server.registry.get_sample_value(
-                "dmoe_expert_rpc_requests_total", {"method": "ForwardStream", "code": "OK"}
-            )
-            assert streamed == 1
-
-    asyncio.run(scenario())
+    # default 64 MiB limit: forward fits a unary call; backward (40 MiB + reply) too
+    async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
+                     max_batch_size=8192) as (_, client):  # fmt: skip
+        (out,) = await client.forward("nop.0", [x], timeout=60)
+        assert torch.equal(out, x)
+        (grad,) = await client.backward("nop.0", [x], [g], timeout=60)
+        assert torch.equal(grad, g)
+    # 4 MiB message limit on both sides: the same calls go over the streaming RPCs
+    limit = 4 * 1024 * 1024
+    async with serve_expert(experts=["nop.0"], expert_cls="nop", hidden_dim=hidden,
+                     max_batch_size=8192, max_message_bytes=limit,
+                     client_bytes=limit) as (server, client):  # fmt: skip
+        (out,) = await client.forward("nop.0", [x], timeout=60)
+        assert torch.equal(out, x)
+        (grad,) = await client.backward("nop.0", [x], [g], timeout=60)
+        assert torch.equal(grad, g)
+        streamed = server.registry.get_sample_value(
+            "dmoe_expert_rpc_requests_total", {"method": "ForwardStream", "code": "OK"}
+        )
+        assert streamed == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_async
 
 from services.expert.__main__ import build_parser
 from services.expert.device import device_name, resolve_device
@@ -150,31 +151,28 @@ def test_snapshots_are_host_copies_that_later_steps_do_not_change() -> None:
     assert other.steps == 1
 
 
-def test_work_runs_once_on_every_compute_thread() -> None:
+@run_async
+async def test_work_runs_once_on_every_compute_thread() -> None:
     """How a GPU server warms up: once on each compute thread (cuBLAS handles are per thread),
     while the threads keep the torch settings of compute threads."""
-    import asyncio
     import threading
 
     from services.expert.runtime import DeviceScheduler
 
-    async def scenario() -> None:
-        scheduler = DeviceScheduler("cpu", workers=3, torch_threads=1)
-        scheduler.start()
-        seen: list[tuple[str, int]] = []
-        lock = threading.Lock()
+    scheduler = DeviceScheduler("cpu", workers=3, torch_threads=1)
+    scheduler.start()
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
 
-        def work() -> None:
-            with lock:
-                seen.append((threading.current_thread().name, torch.get_num_threads()))
+    def work() -> None:
+        with lock:
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
 
-        try:
-            await scheduler.on_each_thread(work)
-            await scheduler.on_each_thread(work)  # threads that exist and idle take part too
-        finally:
-            await scheduler.close()
-        names = {name for name, _ in seen}
-        assert len(seen) == 6 and len(names) == 3
-        assert all(name.startswith("compute-cpu") and n == 1 for name, n in seen)
-
-    asyncio.run(scenario())
+    try:
+        await scheduler.on_each_thread(work)
+        await scheduler.on_each_thread(work)  # threads that exist and idle take part too
+    finally:
+        await scheduler.close()
+    names = {name for name, _ in seen}
+    assert len(seen) == 6 and len(names) == 3
+    assert all(name.startswith("compute-cpu") and n == 1 for name, n in seen)

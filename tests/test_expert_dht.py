@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port, until
+from helpers import free_port, run_async, until
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
@@ -150,28 +150,26 @@ def test_num_experts_skips_uids_declared_by_others() -> None:
         _stop(dht_proc)
 
 
-def test_a_renewal_is_accepted_when_the_client_clock_goes_back() -> None:
+@run_async
+async def test_a_renewal_is_accepted_when_the_client_clock_goes_back() -> None:
     """The expert's declarations never carry an earlier expiration than the last one, so a
     DHT time correction (or a round overtaking another) cannot get a renewal refused."""
 
-    async def scenario() -> None:
-        node = await start_node()
-        host = [time.time()]
-        try:
-            async with DHTClient([node.address], identity=Identity.generate()) as client:
-                client.clock.source = lambda: host[0]
-                declarer = Declarer(
-                    client, ["ffn.0.0"], "127.0.0.1:5", 30.0, ExpertMetrics(CollectorRegistry())
-                )
-                assert await declarer.declare_once()
-                first = (await client.get(["ffn.0."]))["ffn.0."][b"0"][0].expiration
-                host[0] -= 5.0  # DHT time moved back five seconds
-                assert await declarer.declare_once()
-                rounds = await asyncio.gather(*(declarer.declare_once() for _ in range(4)))
-                assert rounds == [True] * 4  # concurrent rounds take turns
-                found = await client.get(["ffn.0."])
-                assert found["ffn.0."][b"0"][0].expiration >= first
-        finally:
-            await node.stop(0)
-
-    asyncio.run(scenario())
+    node = await start_node()
+    host = [time.time()]
+    try:
+        async with DHTClient([node.address], identity=Identity.generate()) as client:
+            client.clock.source = lambda: host[0]
+            declarer = Declarer(
+                client, ["ffn.0.0"], "127.0.0.1:5", 30.0, ExpertMetrics(CollectorRegistry())
+            )
+            assert await declarer.declare_once()
+            first = (await client.get(["ffn.0."]))["ffn.0."][b"0"][0].expiration
+            host[0] -= 5.0  # DHT time moved back five seconds
+            assert await declarer.declare_once()
+            rounds = await asyncio.gather(*(declarer.declare_once() for _ in range(4)))
+            assert rounds == [True] * 4  # concurrent rounds take turns
+            found = await client.get(["ffn.0."])
+            assert found["ffn.0."][b"0"][0].expiration >= first
+    finally:
+        await node.stop(0)

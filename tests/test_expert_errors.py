@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 import torch
-from helpers import until
+from helpers import run_async, until
 
 from services.common.tensor_codec import encode
 from services.expert.client import ExpertClient
@@ -33,174 +33,164 @@ def _request(*tensors: tensor_pb2.Tensor, uid: str = "ffn.0", **kw: object) -> b
     return expert_pb2.ExpertRequest(uid=uid, tensors=tensors, **kw).SerializeToString()  # type: ignore[arg-type]
 
 
-def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
-    async def scenario() -> None:
-        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=5, max_batch_size=32,
-                              max_stream_bytes=1 << 20)  # fmt: skip
-        server = await ExpertServer(config).start()
-        client = ExpertClient(f"127.0.0.1:{server.port}")
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        raw_forward = channel.unary_unary("/dmoe.Expert/Forward")
-        raw_stream = channel.stream_stream("/dmoe.Expert/ForwardStream")
-        backend = server.backends["ffn.0"]
-        before = copy.deepcopy(backend.module.state_dict())
-        x, g = torch.randn(4, H), torch.randn(4, H)
-        nan = x.clone()
-        nan[1, 2] = float("nan")
-        inf = g.clone()
-        inf[0, 0] = float("inf")
-        try:
-            await _expect(client.forward("ffn.9", [x]), grpc.StatusCode.NOT_FOUND, "ffn.9")
-            await _expect(client.info("nope.1"), grpc.StatusCode.NOT_FOUND, "nope.1")
-            await _expect(client.backward("ffn.9", [x], [g]), grpc.StatusCode.NOT_FOUND)
-            await _expect(
-                client.forward("ffn.0", [torch.randn(4, H + 1)]),
-                INVALID,
-                "expected shape [batch, 16]",
-            )
-            await _expect(
-                client.forward("ffn.0", [x.double()]), INVALID, "expected dtype float32", "float64"
-            )
-            await _expect(client.forward("ffn.0", [x[0]]), INVALID, "expected rank 2")
-            await _expect(client.forward("ffn.0", [x.unsqueeze(0)]), INVALID, "expected rank 2")
-            await _expect(client.forward("ffn.0", [x, x]), INVALID, "takes 1 inputs", "got 2")
-            await _expect(client.forward("ffn.0", []), INVALID, "got 0")
-            await _expect(client.forward("ffn.0", [nan]), INVALID, "inputs[0]", "NaN")
-            await _expect(client.forward("ffn.0", [torch.empty(0, H)]), INVALID, "empty batch")
-            await _expect(
-                client.forward("ffn.0", [torch.randn(33, H)]), INVALID, "at most 32", "split"
-            )
-            await _expect(client.backward("ffn.0", [x], []), INVALID, "1 grad_outputs")
-            await _expect(
-                client.backward("ffn.0", [x], [torch.randn(4, 3)]), INVALID, "grad_outputs[0]"
-            )
-            await _expect(
-                client.backward("ffn.0", [x], [torch.randn(5, H)]), INVALID, "batch dimension"
-            )
-            await _expect(client.backward("ffn.0", [x], [inf]), INVALID, "grad_outputs[0]", "NaN")
-            await _expect(client.backward("ffn.0", [nan], [g]), INVALID, "inputs[0]", "NaN")
-            # malformed messages, sent raw
-            short = encode(x)
-            short.buffer = short.buffer[:-4]
-            await _expect(raw_forward(_request(short)), INVALID, "buffer has")
-            bad_dtype = encode(x)
-            bad_dtype.dtype = 0
-            await _expect(raw_forward(_request(bad_dtype)), INVALID, "dtype")
-            bad_comp = encode(x)
-            bad_comp.compression = 42
-            await _expect(raw_forward(_request(bad_comp)), INVALID, "compression")
-            await _expect(
-                raw_forward(_request(encode(x), reply_compression=9)), INVALID, "reply_compression"
-            )
-            await _expect(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
+@run_async
+async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
+    config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=5, max_batch_size=32,
+                          max_stream_bytes=1 << 20)  # fmt: skip
+    server = await ExpertServer(config).start()
+    client = ExpertClient(f"127.0.0.1:{server.port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    raw_forward = channel.unary_unary("/dmoe.Expert/Forward")
+    raw_stream = channel.stream_stream("/dmoe.Expert/ForwardStream")
+    backend = server.backends["ffn.0"]
+    before = copy.deepcopy(backend.module.state_dict())
+    x, g = torch.randn(4, H), torch.randn(4, H)
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    inf = g.clone()
+    inf[0, 0] = float("inf")
+    try:
+        await _expect(client.forward("ffn.9", [x]), grpc.StatusCode.NOT_FOUND, "ffn.9")
+        await _expect(client.info("nope.1"), grpc.StatusCode.NOT_FOUND, "nope.1")
+        await _expect(client.backward("ffn.9", [x], [g]), grpc.StatusCode.NOT_FOUND)
+        await _expect(
+            client.forward("ffn.0", [torch.randn(4, H + 1)]),
+            INVALID,
+            "expected shape [batch, 16]",
+        )
+        await _expect(
+            client.forward("ffn.0", [x.double()]), INVALID, "expected dtype float32", "float64"
+        )
+        await _expect(client.forward("ffn.0", [x[0]]), INVALID, "expected rank 2")
+        await _expect(client.forward("ffn.0", [x.unsqueeze(0)]), INVALID, "expected rank 2")
+        await _expect(client.forward("ffn.0", [x, x]), INVALID, "takes 1 inputs", "got 2")
+        await _expect(client.forward("ffn.0", []), INVALID, "got 0")
+        await _expect(client.forward("ffn.0", [nan]), INVALID, "inputs[0]", "NaN")
+        await _expect(client.forward("ffn.0", [torch.empty(0, H)]), INVALID, "empty batch")
+        await _expect(client.forward("ffn.0", [torch.randn(33, H)]), INVALID, "at most 32", "split")
+        await _expect(client.backward("ffn.0", [x], []), INVALID, "1 grad_outputs")
+        await _expect(
+            client.backward("ffn.0", [x], [torch.randn(4, 3)]), INVALID, "grad_outputs[0]"
+        )
+        await _expect(
+            client.backward("ffn.0", [x], [torch.randn(5, H)]), INVALID, "batch dimension"
+        )
+        await _expect(client.backward("ffn.0", [x], [inf]), INVALID, "grad_outputs[0]", "NaN")
+        await _expect(client.backward("ffn.0", [nan], [g]), INVALID, "inputs[0]", "NaN")
+        # malformed messages, sent raw
+        short = encode(x)
+        short.buffer = short.buffer[:-4]
+        await _expect(raw_forward(_request(short)), INVALID, "buffer has")
+        bad_dtype = encode(x)
+        bad_dtype.dtype = 0
+        await _expect(raw_forward(_request(bad_dtype)), INVALID, "dtype")
+        bad_comp = encode(x)
+        bad_comp.compression = 42
+        await _expect(raw_forward(_request(bad_comp)), INVALID, "compression")
+        await _expect(
+            raw_forward(_request(encode(x), reply_compression=9)), INVALID, "reply_compression"
+        )
+        await _expect(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
 
-            async def chunks(*items: expert_pb2.Chunk):
-                for item in items:
-                    yield item.SerializeToString()
+        async def chunks(*items: expert_pb2.Chunk):
+            for item in items:
+                yield item.SerializeToString()
 
-            async def drain(call) -> None:
-                async for _ in call:
-                    pass
+        async def drain(call) -> None:
+            async for _ in call:
+                pass
 
-            body = _request(encode(x))
-            truncated = expert_pb2.Chunk(data=body[:10], total_bytes=len(body))
-            await _expect(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
-            huge = expert_pb2.Chunk(data=b"x", total_bytes=1 << 30)
-            await _expect(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
-            garbage = expert_pb2.Chunk(data=b"\xff" * 8, total_bytes=8)
-            await _expect(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
+        body = _request(encode(x))
+        truncated = expert_pb2.Chunk(data=body[:10], total_bytes=len(body))
+        await _expect(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
+        huge = expert_pb2.Chunk(data=b"x", total_bytes=1 << 30)
+        await _expect(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
+        garbage = expert_pb2.Chunk(data=b"\xff" * 8, total_bytes=8)
+        await _expect(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
 
-            # nothing reached the weights or the optimizer
-            after = backend.module.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before)
-            assert backend.steps == 0
-            assert (await client.info("ffn.0")).optimizer_steps == 0
+        # nothing reached the weights or the optimizer
+        after = backend.module.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert backend.steps == 0
+        assert (await client.info("ffn.0")).optimizer_steps == 0
 
-            # and the server still answers correctly
-            local = copy.deepcopy(backend.module)
-            (out,) = await client.forward("ffn.0", [x])
+        # and the server still answers correctly
+        local = copy.deepcopy(backend.module)
+        (out,) = await client.forward("ffn.0", [x])
+        with torch.no_grad():
+            torch.testing.assert_close(out, local(x), atol=1e-5, rtol=0)
+        (grad,) = await client.backward("ffn.0", [x], [g])
+        leaf = x.clone().requires_grad_(True)
+        local(leaf).backward(g)
+        torch.testing.assert_close(grad, leaf.grad, atol=1e-5, rtol=0)
+        assert backend.steps == 1
+        invalid = server.registry.get_sample_value(
+            "dmoe_expert_requests_total",
+            {"expert": "ffn.0", "method": "forward", "code": "INVALID_ARGUMENT"},
+        )
+        assert invalid is not None and invalid >= 10
+    finally:
+        await channel.close()
+        await client.close()
+        await server.stop(0.5)
+
+
+@run_async
+async def test_overload_is_resource_exhausted_and_queued_requests_still_complete() -> None:
+    # batches wait 1.5 s to fill; the queue holds at most 64 samples
+    config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=0, max_batch_size=64,
+                          max_queue_samples=64, batch_timeout_ms=1500)  # fmt: skip
+    server = await ExpertServer(config).start()
+    client = ExpertClient(f"127.0.0.1:{server.port}")
+    try:
+        local = copy.deepcopy(server.backends["ffn.0"].module)
+        xs = [torch.randn(30, H), torch.randn(30, H)]
+        queued = [asyncio.create_task(client.forward("ffn.0", [x], timeout=30)) for x in xs]
+        labels = {"expert": "ffn.0", "method": "forward"}
+        await until(
+            lambda: server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 60,
+            60,
+            "both requests are queued",
+            every=0.005,
+        )
+        await _expect(
+            client.forward("ffn.0", [torch.randn(30, H)]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "queue is full",
+        )
+        for task, x in zip(queued, xs, strict=True):
+            (out,) = await task
             with torch.no_grad():
                 torch.testing.assert_close(out, local(x), atol=1e-5, rtol=0)
-            (grad,) = await client.backward("ffn.0", [x], [g])
-            leaf = x.clone().requires_grad_(True)
-            local(leaf).backward(g)
-            torch.testing.assert_close(grad, leaf.grad, atol=1e-5, rtol=0)
-            assert backend.steps == 1
-            invalid = server.registry.get_sample_value(
-                "dmoe_expert_requests_total",
-                {"expert": "ffn.0", "method": "forward", "code": "INVALID_ARGUMENT"},
-            )
-            assert invalid is not None and invalid >= 10
-        finally:
-            await channel.close()
-            await client.close()
-            await server.stop(0.5)
-
-    asyncio.run(scenario())
+    finally:
+        await client.close()
+        await server.stop(0.5)
 
 
-def test_overload_is_resource_exhausted_and_queued_requests_still_complete() -> None:
-    async def scenario() -> None:
-        # batches wait 1.5 s to fill; the queue holds at most 64 samples
-        config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=0, max_batch_size=64,
-                              max_queue_samples=64, batch_timeout_ms=1500)  # fmt: skip
-        server = await ExpertServer(config).start()
-        client = ExpertClient(f"127.0.0.1:{server.port}")
-        try:
-            local = copy.deepcopy(server.backends["ffn.0"].module)
-            xs = [torch.randn(30, H), torch.randn(30, H)]
-            queued = [asyncio.create_task(client.forward("ffn.0", [x], timeout=30)) for x in xs]
-            labels = {"expert": "ffn.0", "method": "forward"}
-            await until(
-                lambda: (
-                    server.registry.get_sample_value("dmoe_expert_queued_samples", labels) == 60
-                ),
-                60,
-                "both requests are queued",
-                every=0.005,
-            )
-            await _expect(
-                client.forward("ffn.0", [torch.randn(30, H)]),
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "queue is full",
-            )
-            for task, x in zip(queued, xs, strict=True):
-                (out,) = await task
-                with torch.no_grad():
-                    torch.testing.assert_close(out, local(x), atol=1e-5, rtol=0)
-        finally:
-            await client.close()
-            await server.stop(0.5)
-
-    asyncio.run(scenario())
-
-
-def test_simulated_failures_and_latency() -> None:
-    async def scenario() -> None:
-        failing = await ExpertServer(
-            ExpertConfig(experts=["ffn.0"], hidden_dim=H, simulate_failure_rate=1.0)
-        ).start()
-        slow = await ExpertServer(
-            ExpertConfig(experts=["ffn.0"], hidden_dim=H, simulate_latency_ms=300)
-        ).start()
-        a = ExpertClient(f"127.0.0.1:{failing.port}")
-        b = ExpertClient(f"127.0.0.1:{slow.port}")
-        x = torch.randn(2, H)
-        try:
-            await _expect(a.forward("ffn.0", [x]), grpc.StatusCode.UNAVAILABLE, "simulated")
-            await _expect(a.backward("ffn.0", [x], [x]), grpc.StatusCode.UNAVAILABLE, "simulated")
-            assert failing.backends["ffn.0"].steps == 0
-            started = time.perf_counter()
-            await b.forward("ffn.0", [x])
-            assert time.perf_counter() - started >= 0.3
-            await _expect(b.forward("ffn.0", [x], timeout=0.1), grpc.StatusCode.DEADLINE_EXCEEDED)
-        finally:
-            await a.close()
-            await b.close()
-            await failing.stop(0.5)
-            await slow.stop(0.5)
-
-    asyncio.run(scenario())
+@run_async
+async def test_simulated_failures_and_latency() -> None:
+    failing = await ExpertServer(
+        ExpertConfig(experts=["ffn.0"], hidden_dim=H, simulate_failure_rate=1.0)
+    ).start()
+    slow = await ExpertServer(
+        ExpertConfig(experts=["ffn.0"], hidden_dim=H, simulate_latency_ms=300)
+    ).start()
+    a = ExpertClient(f"127.0.0.1:{failing.port}")
+    b = ExpertClient(f"127.0.0.1:{slow.port}")
+    x = torch.randn(2, H)
+    try:
+        await _expect(a.forward("ffn.0", [x]), grpc.StatusCode.UNAVAILABLE, "simulated")
+        await _expect(a.backward("ffn.0", [x], [x]), grpc.StatusCode.UNAVAILABLE, "simulated")
+        assert failing.backends["ffn.0"].steps == 0
+        started = time.perf_counter()
+        await b.forward("ffn.0", [x])
+        assert time.perf_counter() - started >= 0.3
+        await _expect(b.forward("ffn.0", [x], timeout=0.1), grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        await a.close()
+        await b.close()
+        await failing.stop(0.5)
+        await slow.stop(0.5)
 
 
 def test_finite_check_refuses_every_bad_value_and_accepts_huge_finite_ones() -> None:

@@ -5,13 +5,12 @@ keeps serving. The allocations really fail (tests/oom_expert.py asks for a petab
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import grpc
 import pytest
 import torch
-from helpers import serve_expert
+from helpers import run_async, serve_expert
 from oom_expert import BACKWARD_ROWS, FORWARD_ROWS  # registers the expert class "oom"
 
 from services.expert.backend import ExpertBackend, OptimizerConfig
@@ -46,43 +45,41 @@ def test_a_backward_that_fails_half_way_leaves_no_gradient_behind() -> None:
         assert torch.equal(a, b)
 
 
-def test_out_of_memory_is_resource_exhausted_and_the_server_keeps_serving() -> None:
-    async def scenario() -> None:
-        async with serve_expert(experts=["oom.0"], expert_cls="oom", hidden_dim=H, seed=1) as (
-            server,
-            client,
+@run_async
+async def test_out_of_memory_is_resource_exhausted_and_the_server_keeps_serving() -> None:
+    async with serve_expert(experts=["oom.0"], expert_cls="oom", hidden_dim=H, seed=1) as (
+        server,
+        client,
+    ):
+        backend = server.backends["oom.0"]
+        before = copy.deepcopy(backend.module.state_dict())
+        local = copy.deepcopy(backend.module)
+        huge, big = torch.randn(FORWARD_ROWS + 1, H), torch.randn(BACKWARD_ROWS + 1, H)
+        for call in (
+            client.forward("oom.0", [huge]),
+            client.backward("oom.0", [huge], [huge]),
+            client.backward("oom.0", [big], [big]),
         ):
-            backend = server.backends["oom.0"]
-            before = copy.deepcopy(backend.module.state_dict())
-            local = copy.deepcopy(backend.module)
-            huge, big = torch.randn(FORWARD_ROWS + 1, H), torch.randn(BACKWARD_ROWS + 1, H)
-            for call in (
-                client.forward("oom.0", [huge]),
-                client.backward("oom.0", [huge], [huge]),
-                client.backward("oom.0", [big], [big]),
-            ):
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call
-                assert err.value.code() == EXHAUSTED, err.value.details()
-                assert "ran out of cpu memory" in err.value.details()
-                assert "--max-batch-size" in err.value.details()
-            after = backend.module.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before)
-            assert backend.steps == 0
-            assert all(p.grad is None for p in backend.module.parameters())
-            rejected = server.registry.get_sample_value(
-                "dmoe_expert_rejected_total", {"reason": "out_of_memory"}
-            )
-            assert rejected == 3
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == EXHAUSTED, err.value.details()
+            assert "ran out of cpu memory" in err.value.details()
+            assert "--max-batch-size" in err.value.details()
+        after = backend.module.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert backend.steps == 0
+        assert all(p.grad is None for p in backend.module.parameters())
+        rejected = server.registry.get_sample_value(
+            "dmoe_expert_rejected_total", {"reason": "out_of_memory"}
+        )
+        assert rejected == 3
 
-            x = torch.randn(4, H)
-            (out,) = await client.forward("oom.0", [x])
-            with torch.no_grad():
-                torch.testing.assert_close(out, local(x), atol=1e-6, rtol=0)
-            await client.backward("oom.0", [x], [x])
-            assert backend.steps == 1
-
-    asyncio.run(scenario())
+        x = torch.randn(4, H)
+        (out,) = await client.forward("oom.0", [x])
+        with torch.no_grad():
+            torch.testing.assert_close(out, local(x), atol=1e-6, rtol=0)
+        await client.backward("oom.0", [x], [x])
+        assert backend.steps == 1
 
 
 def test_any_other_failure_is_internal_with_a_message() -> None:

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from helpers import run_async
 
 from services.common.errors import StatusError
 from services.common.limits import ServerLimits
@@ -74,93 +75,89 @@ def pool() -> tuple[LinkPool, dict[str, grpc.aio.Channel]]:
     return LinkPool(open_call, forget, max_links=2), channels
 
 
-def test_many_requests_one_stream_any_order_own_status_and_deadline() -> None:
-    async def scenario() -> None:
-        cancelled: list[str] = []
-        server = await serve(echo_server(cancelled))
-        address = f"127.0.0.1:{server.port}"
-        links, _channels = pool()
-        try:
-            # answered in any order (the first asked is the last answered), matched by id
-            words = [b"a" + b"z" * (5 - i) for i in range(6)]
-            replies = await asyncio.gather(*(links.call(address, "Echo", w, 5) for w in words))
-            assert replies == [w.upper() for w in words]
-            # a request that fails, an unknown method and a bug each fail alone
-            results = await asyncio.gather(
-                links.call(address, "Fail", b"x", 5),
-                links.call(address, "Nope", b"x", 5),
-                links.call(address, "Broken", b"x", 5),
-                links.call(address, "Echo", b"ok", 5),
-                return_exceptions=True,
-            )
-            assert [getattr(r, "code", r) for r in results[:3]] == [
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.UNIMPLEMENTED,
-                grpc.StatusCode.INTERNAL,
-            ]
-            assert "bad: b'x'" in results[0].message and results[3] == b"OK"
-            # a deadline: the caller gets DEADLINE_EXCEEDED, the callee drops the request
-            with pytest.raises(LinkError) as err:
-                await links.call(address, "Slow", b"late", 0.2)
-            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(50):
-                if cancelled:
-                    break
-                await asyncio.sleep(0.05)
-            assert cancelled == ["late"]
-            assert await links.call(address, "Echo", b"still", 5) == b"STILL"
-            # per request metrics, by method and code
-            sample = server.registry.get_sample_value
-            assert sample("dmoe_test_rpc_requests_total", {"method": "Echo", "code": "OK"}) == 8
-            labels = {"method": "Fail", "code": "INVALID_ARGUMENT"}
-            assert sample("dmoe_test_rpc_requests_total", labels) == 1
-        finally:
-            await links.close()
-            await server.stop(0)
-
-    asyncio.run(scenario())
+@run_async
+async def test_many_requests_one_stream_any_order_own_status_and_deadline() -> None:
+    cancelled: list[str] = []
+    server = await serve(echo_server(cancelled))
+    address = f"127.0.0.1:{server.port}"
+    links, _channels = pool()
+    try:
+        # answered in any order (the first asked is the last answered), matched by id
+        words = [b"a" + b"z" * (5 - i) for i in range(6)]
+        replies = await asyncio.gather(*(links.call(address, "Echo", w, 5) for w in words))
+        assert replies == [w.upper() for w in words]
+        # a request that fails, an unknown method and a bug each fail alone
+        results = await asyncio.gather(
+            links.call(address, "Fail", b"x", 5),
+            links.call(address, "Nope", b"x", 5),
+            links.call(address, "Broken", b"x", 5),
+            links.call(address, "Echo", b"ok", 5),
+            return_exceptions=True,
+        )
+        assert [getattr(r, "code", r) for r in results[:3]] == [
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNIMPLEMENTED,
+            grpc.StatusCode.INTERNAL,
+        ]
+        assert "bad: b'x'" in results[0].message and results[3] == b"OK"
+        # a deadline: the caller gets DEADLINE_EXCEEDED, the callee drops the request
+        with pytest.raises(LinkError) as err:
+            await links.call(address, "Slow", b"late", 0.2)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(50):
+            if cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert cancelled == ["late"]
+        assert await links.call(address, "Echo", b"still", 5) == b"STILL"
+        # per request metrics, by method and code
+        sample = server.registry.get_sample_value
+        assert sample("dmoe_test_rpc_requests_total", {"method": "Echo", "code": "OK"}) == 8
+        labels = {"method": "Fail", "code": "INVALID_ARGUMENT"}
+        assert sample("dmoe_test_rpc_requests_total", labels) == 1
+    finally:
+        await links.close()
+        await server.stop(0)
 
 
-def test_requests_are_admitted_one_by_one_and_the_link_reopens() -> None:
-    async def scenario() -> None:
-        limits = ServerLimits(max_peer_rps=1, max_peer_burst=3)
-        server = await serve(echo_server([]), limits=limits)
-        port = server.port
-        address = f"127.0.0.1:{port}"
-        links, channels = pool()
-        try:
-            results = await asyncio.gather(
-                *(links.call(address, "Echo", b"x", 5) for _ in range(6)), return_exceptions=True
-            )
-            codes = [getattr(r, "code", "ok") for r in results]
-            # the stream is one call; its requests spend the caller's tokens one by one
-            assert codes.count("ok") >= 2
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-            assert server.rejections.count("peer_rate") >= 1
-            await server.stop(0)
-            with pytest.raises(LinkError) as err:
-                await links.call(address, "Echo", b"x", 2)
-            assert err.value.code in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-            server = await serve(echo_server([]), port=port)  # back on the same port
-            for _ in range(50):  # the next request reopens the stream on a fresh channel
-                try:
-                    assert await links.call(address, "Echo", b"back", 2) == b"BACK"
-                    break
-                except LinkError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the link did not reopen")
-            # at most max_links links stay open
-            for i in range(3):
-                links.get(f"127.0.0.1:{port + 1 + i}")
-            assert len(links._links) == 2
-        finally:
-            await links.close()
-            for channel in channels.values():
-                await channel.close()
-            await server.stop(0)
-
-    asyncio.run(scenario())
+@run_async
+async def test_requests_are_admitted_one_by_one_and_the_link_reopens() -> None:
+    limits = ServerLimits(max_peer_rps=1, max_peer_burst=3)
+    server = await serve(echo_server([]), limits=limits)
+    port = server.port
+    address = f"127.0.0.1:{port}"
+    links, channels = pool()
+    try:
+        results = await asyncio.gather(
+            *(links.call(address, "Echo", b"x", 5) for _ in range(6)), return_exceptions=True
+        )
+        codes = [getattr(r, "code", "ok") for r in results]
+        # the stream is one call; its requests spend the caller's tokens one by one
+        assert codes.count("ok") >= 2
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert server.rejections.count("peer_rate") >= 1
+        await server.stop(0)
+        with pytest.raises(LinkError) as err:
+            await links.call(address, "Echo", b"x", 2)
+        assert err.value.code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        server = await serve(echo_server([]), port=port)  # back on the same port
+        for _ in range(50):  # the next request reopens the stream on a fresh channel
+            try:
+                assert await links.call(address, "Echo", b"back", 2) == b"BACK"
+                break
+            except LinkError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the link did not reopen")
+        # at most max_links links stay open
+        for i in range(3):
+            links.get(f"127.0.0.1:{port + 1 + i}")
+        assert len(links._links) == 2
+    finally:
+        await links.close()
+        for channel in channels.values():
+            await channel.close()
+        await server.stop(0)

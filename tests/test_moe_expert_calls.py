@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, metric
 from prometheus_client import CollectorRegistry
 
 from services.expert.backend import OptimizerConfig
@@ -34,17 +34,18 @@ def start_server(swarm: Swarm, pattern: str, **extra) -> ExpertServer:
     return swarm.run(ExpertServer(config).start())
 
 
-@pytest.fixture(scope="module")
-def swarm_with_server():
-    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()))
-    server = start_server(swarm, "ffn.[0:4]")
-    yield swarm, server
-    swarm.run(server.stop(0))
-    swarm.close()
+def failed(swarm: Swarm, method: str, reason: str) -> float:
+    return metric(swarm.metrics, "dmoe_trainer_expert_failures_total", method=method, reason=reason)
 
 
-def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
-    swarm, server = swarm_with_server
+pytestmark = pytest.mark.expert_swarm(
+    {"experts": ["ffn.[0:4]"], "hidden_dim": H, "optimizer": OptimizerConfig(lr=0.0), "seed": 1},
+    dht=False,
+)
+
+
+def test_many_experts_with_one_unreachable(swarm) -> None:
+    server = swarm.servers[0]
     live = server.address
     dead = f"127.0.0.1:{free_port()}"
     torch.manual_seed(0)
@@ -59,7 +60,7 @@ def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
 
     assert mask[:, : k - 1].all() and not mask[:, k - 1].any()
     assert (outputs[:, k - 1] == 0).all()
-    failures = swarm.metrics.expert_failures.labels("forward", "error")._value.get()
+    failures = failed(swarm, "forward", "error")
     assert failures >= 1
 
     # outputs equal separate per-expert calls
@@ -84,8 +85,8 @@ def test_many_experts_with_one_unreachable(swarm_with_server) -> None:
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
 
 
-def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None:
-    swarm, server = swarm_with_server
+def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm) -> None:
+    server = swarm.servers[0]
     dead = f"127.0.0.1:{free_port()}"
     choices = [["ffn.0", "ffn.7"], ["ffn.7", "ffn.8"]]
     jobs = plan_jobs(choices, {"ffn.0": server.address, "ffn.7": dead, "ffn.8": dead})
@@ -100,22 +101,22 @@ def test_fewer_than_k_min_answers_raise_or_give_zeros(swarm_with_server) -> None
     assert (outputs[1] == 0).all() and not (outputs[0, 0] == 0).all()
 
 
-def test_stragglers_are_dropped_after_k_min(swarm_with_server) -> None:
-    swarm, fast = swarm_with_server
+def test_stragglers_are_dropped_after_k_min(swarm) -> None:
+    fast = swarm.servers[0]
     slow = start_server(swarm, "ffn.[4:6]", simulate_latency_ms=60_000)
     try:
         choices = [["ffn.0", "ffn.4"], ["ffn.1", "ffn.5"]]
         addresses = {"ffn.0": fast.address, "ffn.1": fast.address}
         addresses |= {"ffn.4": slow.address, "ffn.5": slow.address}
         jobs = plan_jobs(choices, addresses)
-        before = swarm.metrics.expert_failures.labels("forward", "timeout")._value.get()
+        before = failed(swarm, "forward", "timeout")
         policy = CallPolicy(k_min=1, forward_timeout=90.0, timeout_after_k_min=0.3)
         started = time.perf_counter()
         (_outputs,), mask = call_experts(swarm, jobs, [torch.randn(2, H)], 2, [(H,)], policy)
         elapsed = time.perf_counter() - started
         assert mask.tolist() == [[True, False], [True, False]]
         assert elapsed < 30.0  # did not wait for the 60 s stragglers
-        after = swarm.metrics.expert_failures.labels("forward", "timeout")._value.get()
+        after = failed(swarm, "forward", "timeout")
         assert after == before + 2
         # k_min = 2 waits for them, but never past forward_timeout
         policy = CallPolicy(k_min=2, forward_timeout=1.0, allow_zero_outputs=True)
@@ -127,8 +128,8 @@ def test_stragglers_are_dropped_after_k_min(swarm_with_server) -> None:
         swarm.run(slow.stop(0))
 
 
-def test_remote_expert_checks_schema_and_matches_backward(swarm_with_server) -> None:
-    swarm, server = swarm_with_server
+def test_remote_expert_checks_schema_and_matches_backward(swarm) -> None:
+    server = swarm.servers[0]
     expert = RemoteExpert("ffn.2", server.address, swarm=swarm)
     with pytest.raises(ValueError, match=r"expected \[batch, 16\]"):
         expert(torch.randn(3, H + 1))
@@ -178,22 +179,22 @@ class InfOut(nn.Module):
 """
 
 
-def test_non_finite_outputs_are_dropped_when_detecting_anomalies(swarm_with_server, tmp_path):
-    swarm, good = swarm_with_server
+def test_non_finite_outputs_are_dropped_when_detecting_anomalies(swarm, tmp_path):
+    good = swarm.servers[0]
     path = tmp_path / "inf_expert.py"
     path.write_text(CUSTOM)
     bad = start_server(swarm, "bad.[0:1]", expert_cls="inf_out", custom_module=str(path))
     try:
         choices = [["ffn.0", "bad.0"], ["bad.0", "ffn.1"]]
         addresses = {"ffn.0": good.address, "ffn.1": good.address, "bad.0": bad.address}
-        before = swarm.metrics.expert_failures.labels("forward", "anomaly")._value.get()
+        before = failed(swarm, "forward", "anomaly")
         policy = CallPolicy(forward_timeout=5.0, detect_anomalies=True)
         (outputs,), mask = call_experts(
             swarm, plan_jobs(choices, addresses), [torch.randn(2, H)], 2, [(H,)], policy
         )
         assert mask.tolist() == [[True, False], [False, True]]
         assert bool(torch.isfinite(outputs).all())
-        after = swarm.metrics.expert_failures.labels("forward", "anomaly")._value.get()
+        after = failed(swarm, "forward", "anomaly")
         assert after == before + 1
         trusting = CallPolicy(forward_timeout=5.0, detect_anomalies=False)
         (outputs,), mask = call_experts(
@@ -204,8 +205,7 @@ def test_non_finite_outputs_are_dropped_when_detecting_anomalies(swarm_with_serv
         swarm.run(bad.stop(0))
 
 
-def test_refused_forwards_are_sent_again(swarm_with_server) -> None:
-    swarm, _good = swarm_with_server
+def test_refused_forwards_are_sent_again(swarm) -> None:
     flaky = start_server(swarm, "flaky.[0:16]", simulate_failure_rate=0.3)
     try:
         choices = [[f"flaky.{i}"] for i in range(16)]
@@ -214,11 +214,11 @@ def test_refused_forwards_are_sent_again(swarm_with_server) -> None:
         once = CallPolicy(forward_timeout=5.0, allow_zero_outputs=True, transient_retries=0)
         (_outputs,), mask = call_experts(swarm, jobs, [x], 1, [(H,)], once)
         assert not bool(mask.all())  # about a third refused
-        retried = swarm.metrics.expert_failures.labels("forward", "retried")._value.get()
+        retried = failed(swarm, "forward", "retried")
         patient = CallPolicy(forward_timeout=5.0, transient_retries=20)
         (outputs,), mask = call_experts(swarm, jobs, [x], 1, [(H,)], patient)
         assert bool(mask.all())
-        assert swarm.metrics.expert_failures.labels("forward", "retried")._value.get() > retried
+        assert failed(swarm, "forward", "retried") > retried
         assert outputs.shape == (16, 1, H) and bool(torch.isfinite(outputs).all())
     finally:
         swarm.run(flaky.stop(0))

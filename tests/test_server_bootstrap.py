@@ -7,6 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import run_async
 
 from services.common.config import service_parser
 from services.common.server import start_server
@@ -141,8 +142,11 @@ async def _scenario() -> None:
     await running.stop(0.5)
 
 
-def test_bootstrap_health_reflection_metrics_and_guard(caplog: pytest.LogCaptureFixture) -> None:
-    asyncio.run(_scenario())
+@run_async
+async def test_bootstrap_health_reflection_metrics_and_guard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await _scenario()
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert [r.getMessage() for r in tracebacks] == ["unhandled error in Echo"]  # shape 13 only
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import Proc, free_port
+from helpers import Proc, free_port, run_async
 
 from services.common.limits import Admission, Peer, Refused, ServerLimits, peer_key
 from services.common.server import RunningServer, start_server
@@ -120,89 +120,81 @@ def _stubs(channel: grpc.aio.Channel) -> tuple:
     )
 
 
-def test_peer_rate_refuses_past_the_burst_then_serves_again() -> None:
-    async def scenario() -> None:
-        limits = ServerLimits(max_peer_rps=2.0, max_peer_burst=3)
-        async with _serving(limits) as (running, _held, channel):
-            echo, _, _ = _stubs(channel)
-            served = 0
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                for _ in range(50):  # 3 tokens, 2 more a second: one of these is refused
-                    await echo(b"x")
-                    served += 1
-            assert err.value.code() == EXHAUSTED
-            assert "--max-peer-rps" in err.value.details()
-            assert served >= 3  # the whole burst was served first
-            assert _rejected(running, "peer_rate") == 1
-            await _until_served(lambda: echo(b"x"))
-            assert running.admission.in_flight == 0
-
-    asyncio.run(scenario())
+@run_async
+async def test_peer_rate_refuses_past_the_burst_then_serves_again() -> None:
+    limits = ServerLimits(max_peer_rps=2.0, max_peer_burst=3)
+    async with _serving(limits) as (running, _held, channel):
+        echo, _, _ = _stubs(channel)
+        served = 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            for _ in range(50):  # 3 tokens, 2 more a second: one of these is refused
+                await echo(b"x")
+                served += 1
+        assert err.value.code() == EXHAUSTED
+        assert "--max-peer-rps" in err.value.details()
+        assert served >= 3  # the whole burst was served first
+        assert _rejected(running, "peer_rate") == 1
+        await _until_served(lambda: echo(b"x"))
+        assert running.admission.in_flight == 0
 
 
-def test_concurrency_limit_refuses_then_serves_when_calls_finish() -> None:
-    async def scenario() -> None:
-        async with _serving(ServerLimits(max_concurrent_rpcs=2)) as (running, held, channel):
-            echo, hold, _ = _stubs(channel)
-            calls = [asyncio.ensure_future(hold(b"h")) for _ in range(2)]
-            await held.wait_entered(2)
-            await _refused(echo(b"x"), "server busy", "--max-concurrent-rpcs")
-            assert _rejected(running, "concurrency") == 1
-            held.release.set()
-            assert await asyncio.gather(*calls) == [b"done", b"done"]
-            assert await echo(b"x") == b"x"
-
-    asyncio.run(scenario())
+@run_async
+async def test_concurrency_limit_refuses_then_serves_when_calls_finish() -> None:
+    async with _serving(ServerLimits(max_concurrent_rpcs=2)) as (running, held, channel):
+        echo, hold, _ = _stubs(channel)
+        calls = [asyncio.ensure_future(hold(b"h")) for _ in range(2)]
+        await held.wait_entered(2)
+        await _refused(echo(b"x"), "server busy", "--max-concurrent-rpcs")
+        assert _rejected(running, "concurrency") == 1
+        held.release.set()
+        assert await asyncio.gather(*calls) == [b"done", b"done"]
+        assert await echo(b"x") == b"x"
 
 
-def test_peer_streams_limit_refuses_a_second_stream_until_the_first_ends() -> None:
-    async def scenario() -> None:
-        async with _serving(ServerLimits(max_peer_streams=1)) as (running, _held, channel):
-            _, _, stream = _stubs(channel)
-            first = stream()
-            await first.write(b"one")
-            assert await first.read() == b"one"  # admitted and open
-            second = stream()
-            await _refused(second.read(), "--max-peer-streams")
-            assert _rejected(running, "peer_streams") == 1
-            await first.done_writing()
-            assert await first.read() == grpc.aio.EOF
+@run_async
+async def test_peer_streams_limit_refuses_a_second_stream_until_the_first_ends() -> None:
+    async with _serving(ServerLimits(max_peer_streams=1)) as (running, _held, channel):
+        _, _, stream = _stubs(channel)
+        first = stream()
+        await first.write(b"one")
+        assert await first.read() == b"one"  # admitted and open
+        second = stream()
+        await _refused(second.read(), "--max-peer-streams")
+        assert _rejected(running, "peer_streams") == 1
+        await first.done_writing()
+        assert await first.read() == grpc.aio.EOF
 
-            async def another() -> None:
-                call = stream()
-                await call.write(b"two")
-                await call.done_writing()
-                assert [r async for r in call] == [b"two"]
-
-            await _until_served(another)
-
-    asyncio.run(scenario())
-
-
-def test_peer_bytes_limit_counts_requests_in_flight_and_stream_chunks() -> None:
-    async def scenario() -> None:
-        limits = ServerLimits(max_peer_bytes_in_flight=1000)
-        async with _serving(limits) as (running, held, channel):
-            echo, hold, stream = _stubs(channel)
-            holding = asyncio.ensure_future(hold(b"h" * 600))
-            await held.wait_entered(1)
-            await _refused(echo(b"e" * 600), "--max-peer-bytes-in-flight")
-            assert await echo(b"e" * 300) == b"e" * 16  # 600 + 300 fit
-            assert _rejected(running, "peer_bytes") == 1
-            # a stream's chunks add up while it lives: 600 held + 3 x 150 > 1000
+        async def another() -> None:
             call = stream()
-            for _ in range(2):
-                await call.write(b"s" * 150)
-                assert await call.read() == b"s" * 16
-            await call.write(b"s" * 150)
-            await _refused(call.read(), "--max-peer-bytes-in-flight")
-            assert _rejected(running, "peer_bytes") == 2
-            held.release.set()
-            assert await holding == b"done"
-            assert await echo(b"e" * 900) == b"e" * 16
-            assert running.admission.in_flight == 0
+            await call.write(b"two")
+            await call.done_writing()
+            assert [r async for r in call] == [b"two"]
 
-    asyncio.run(scenario())
+        await _until_served(another)
+
+
+@run_async
+async def test_peer_bytes_limit_counts_requests_in_flight_and_stream_chunks() -> None:
+    limits = ServerLimits(max_peer_bytes_in_flight=1000)
+    async with _serving(limits) as (running, held, channel):
+        echo, hold, stream = _stubs(channel)
+        holding = asyncio.ensure_future(hold(b"h" * 600))
+        await held.wait_entered(1)
+        await _refused(echo(b"e" * 600), "--max-peer-bytes-in-flight")
+        assert await echo(b"e" * 300) == b"e" * 16  # 600 + 300 fit
+        assert _rejected(running, "peer_bytes") == 1
+        # a stream's chunks add up while it lives: 600 held + 3 x 150 > 1000
+        call = stream()
+        for _ in range(2):
+            await call.write(b"s" * 150)
+            assert await call.read() == b"s" * 16
+        await call.write(b"s" * 150)
+        await _refused(call.read(), "--max-peer-bytes-in-flight")
+        assert _rejected(running, "peer_bytes") == 2
+        held.release.set()
+        assert await holding == b"done"
+        assert await echo(b"e" * 900) == b"e" * 16
+        assert running.admission.in_flight == 0
 
 
 def _has_ipv6_loopback() -> bool:
@@ -215,18 +207,16 @@ def _has_ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
-def test_one_peers_limit_leaves_another_address_alone() -> None:
-    async def scenario() -> None:
-        limits = ServerLimits(max_peer_rps=0.01, max_peer_burst=2)
-        async with _serving(limits, host="::") as (running, _held, channel):
-            echo, _, _ = _stubs(channel)
-            for _ in range(2):
-                await echo(b"x")
-            await _refused(echo(b"x"), "127.0.0.1")
-            async with grpc.aio.insecure_channel(f"[::1]:{running.port}") as other:
-                assert await _stubs(other)[0](b"y") == b"y"
-
-    asyncio.run(scenario())
+@run_async
+async def test_one_peers_limit_leaves_another_address_alone() -> None:
+    limits = ServerLimits(max_peer_rps=0.01, max_peer_burst=2)
+    async with _serving(limits, host="::") as (running, _held, channel):
+        echo, _, _ = _stubs(channel)
+        for _ in range(2):
+            await echo(b"x")
+        await _refused(echo(b"x"), "127.0.0.1")
+        async with grpc.aio.insecure_channel(f"[::1]:{running.port}") as other:
+            assert await _stubs(other)[0](b"y") == b"y"
 
 
 def test_peer_key_is_the_ip_address() -> None:

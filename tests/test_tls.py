@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ENV, ROOT, Proc
+from helpers import ENV, ROOT, Proc, run_async
 
 from services.common.channels import sync_channel
 from services.common.server import start_server
@@ -189,24 +189,22 @@ def test_bad_tls_settings_fail_at_start(certs, tmp_path) -> None:
     assert from_env.returncode == 2 and "not a PEM private key" in from_env.stderr
 
 
-def test_server_only_tls_without_ca_accepts_clients_without_certificates(certs) -> None:
+@run_async
+async def test_server_only_tls_without_ca_accepts_clients_without_certificates(certs) -> None:
     folder, _rogue = certs
     tls = TLSConfig(str(folder / "dht0.crt"), str(folder / "dht0.key"))
     assert not tls.mutual
 
-    async def scenario() -> None:
-        running = await start_server("test", lambda server: [], metrics_port=None, tls=tls)
-        await running.set_serving(True)
-        address = f"127.0.0.1:{running.port}"
-        try:
-            anonymous = TLSConfig(ca=str(folder / "ca.crt"))
-            status = await asyncio.to_thread(health, address, anonymous)
-            assert status == health_pb2.HealthCheckResponse.SERVING
-            assert await asyncio.to_thread(refused, address, None)
-        finally:
-            await running.stop(0)
-
-    asyncio.run(scenario())
+    running = await start_server("test", lambda server: [], metrics_port=None, tls=tls)
+    await running.set_serving(True)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        anonymous = TLSConfig(ca=str(folder / "ca.crt"))
+        status = await asyncio.to_thread(health, address, anonymous)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert await asyncio.to_thread(refused, address, None)
+    finally:
+        await running.stop(0)
 
 
 # ---- the mTLS swarm ----------------------------------------------------------------------------
@@ -239,7 +237,8 @@ def test_every_port_refuses_clients_without_a_swarm_certificate(swarm, certs) ->
             assert "Handshake failed" not in proc.log.read_text(), proc.name
 
 
-def test_dht_nodes_joined_each_other_and_serve_members_over_mtls(swarm) -> None:
+@run_async
+async def test_dht_nodes_joined_each_other_and_serve_members_over_mtls(swarm) -> None:
     procs, client = swarm
     dht0, dht1 = procs["dht0"].address, procs["dht1"].address
     for address, other in ((dht0, dht1), (dht1, dht0)):
@@ -250,19 +249,16 @@ def test_dht_nodes_joined_each_other_and_serve_members_over_mtls(swarm) -> None:
         assert status.joined and status.routing_table_size >= 1
         assert other in {peer.address for peer in status.peers}
 
-    async def round_trip() -> None:
-        async with DHTClient([dht1], tls=client) as one, DHTClient([dht0], tls=client) as zero:
-            assert await one.put([("tls-key", None, b"secret value", time.time() + 60)]) == [True]
-            found = await zero.get(["tls-key"])
-            assert found["tls-key"] is not None and found["tls-key"].value == b"secret value"
-            # the expert declared itself through its own mTLS DHT client
-            declared = await zero.get(["ffn."])
-            assert set(declared["ffn."]) == {b"0", b"1"}
-        async with DHTClient([dht0], timeout=2.0) as plaintext:
-            with pytest.raises(ConnectionError):
-                await plaintext.get(["tls-key"])
-
-    asyncio.run(round_trip())
+    async with DHTClient([dht1], tls=client) as one, DHTClient([dht0], tls=client) as zero:
+        assert await one.put([("tls-key", None, b"secret value", time.time() + 60)]) == [True]
+        found = await zero.get(["tls-key"])
+        assert found["tls-key"] is not None and found["tls-key"].value == b"secret value"
+        # the expert declared itself through its own mTLS DHT client
+        declared = await zero.get(["ffn."])
+        assert set(declared["ffn."]) == {b"0", b"1"}
+    async with DHTClient([dht0], timeout=2.0) as plaintext:
+        with pytest.raises(ConnectionError):
+            await plaintext.get(["tls-key"])
 
 
 def test_expert_forward_over_mtls_and_the_trainer_swarm(swarm) -> None:

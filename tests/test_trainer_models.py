@@ -2,51 +2,29 @@
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
-from services.dht.server import start_node
-from services.expert.server import ExpertConfig, ExpertServer
 from services.trainer import checkpoint
 from services.trainer.data import load_digits, load_text
-from services.trainer.metrics import TrainerMetrics
+from services.trainer.dispatch import CallPolicy
 from services.trainer.models import MoEOptions, build_model
 from services.trainer.moe import RemoteMixtureOfExperts
 from services.trainer.remote_expert import RemoteExpert
-from services.trainer.swarm import Swarm
 from services.trainer.train import Trainer
 
 H = 16
+# every chosen expert answers on a loaded CI machine too (the default 5 s / 0.5 s are a swarm's)
+PATIENT = CallPolicy(forward_timeout=60.0, timeout_after_k_min=60.0, backward_timeout=60.0)
 
 
-@pytest.fixture(scope="module")
-def swarm():
-    swarm = Swarm(None, metrics=TrainerMetrics(CollectorRegistry()))
-    node = swarm.run(start_node())
-    swarm.initial_peers = [node.address]
-    servers = [
-        ExpertServer(
-            ExpertConfig(
-                experts=[pattern],
-                expert_cls=cls,
-                hidden_dim=H,
-                seed=0,
-                dht_peers=[node.address],
-                update_period=30,
-            )
-        )
+pytestmark = pytest.mark.expert_swarm(
+    *(
+        {"experts": [pattern], "expert_cls": cls, "hidden_dim": H, "seed": 0}
         for pattern, cls in (
             ("ffn.[0:2].[0:2],ffn1.[0:2].[0:2]", "ffn"),
             ("seq.[0:2]", "transformer"),
         )
-    ]
-    for server in servers:
-        swarm.run(server.start())
-        swarm.run(server.declarer.first_success.wait(), timeout=20)
-    yield swarm
-    for server in servers:
-        swarm.run(server.stop(0))
-    swarm.run(node.stop())
-    swarm.close()
+    )
+)
 
 
 def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
@@ -54,7 +32,7 @@ def test_transformer_lm_with_dmoe_feedforward_learns(swarm, tmp_path) -> None:
     path.write_text("abcdefgh" * 200)
     data = load_text(path, seq_len=8)
     torch.manual_seed(0)
-    options = MoEOptions(grid_size=(2, 2), k_best=2)
+    options = MoEOptions(grid_size=(2, 2), k_best=2, policy=PATIENT)
     model = build_model("transformer", swarm, data, options, hidden=H, layers=2, heads=2)
     prefixes = [m.uid_prefix for m in model.modules() if isinstance(m, RemoteMixtureOfExperts)]
     assert prefixes == ["ffn.", "ffn1."]
@@ -108,7 +86,7 @@ def test_sequence_experts_get_whole_samples_and_their_attention_mask(swarm) -> N
 
 def test_trainer_checkpoint_restores_state(swarm, tmp_path) -> None:
     data = load_digits(0)
-    options = MoEOptions(grid_size=(2, 2), k_best=2)
+    options = MoEOptions(grid_size=(2, 2), k_best=2, policy=PATIENT)
 
     def make() -> Trainer:
         torch.manual_seed(0)

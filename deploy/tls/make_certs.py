@@ -32,6 +32,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# run as a script from a checkout (``python deploy/tls/make_certs.py``): the repository's
+# standard-library helpers are importable without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from services.common.files import atomic_write
+
 DEFAULT_NAMES = ["dht-bootstrap", "dht", "expert", "trainer", "client"]
 ALWAYS = ["localhost", "127.0.0.1", "::1"]
 SKEW = dt.timedelta(minutes=5)  # clocks of the swarm's machines may disagree a little
@@ -42,14 +47,9 @@ def _now() -> dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temporary file created with ``mode`` (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.chmod(tmp, mode)  # the umask may have narrowed it
-    os.replace(tmp, path)
+    """Write atomically, the file created with ``mode`` (never briefly world-readable)."""
+    atomic_write(path, data, mode=mode)
+    os.chmod(path, mode)  # the umask may have narrowed it
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:

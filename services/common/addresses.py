@@ -5,12 +5,15 @@ from the DHT), and gRPC would happily dial ``unix:/var/run/docker.sock``, ``dns:
 an ``ipv4:`` list. So every such address is checked here first: a DNS name, a dotted IPv4
 address or a bracketed IPv6 address, then a port in 1-65535. The unspecified addresses
 (0.0.0.0, [::]) are refused too: nothing answers there.
+
+The other direction, who is calling: :func:`peer_host` reads gRPC's ``context.peer()``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import unquote
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MAX_ADDRESS_CHARS = 300
@@ -47,3 +50,25 @@ def is_peer_address(address: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def peer_host(peer: str) -> str | None:
+    """The caller's IP address from gRPC's ``context.peer()`` string, or None when the caller
+    is not on TCP/IP (``unix:...``) or the string is not one gRPC writes.
+
+    ``ipv4:10.1.2.3:5000`` -> ``10.1.2.3``; ``ipv6:[::1]:5000`` (or URL-quoted,
+    ``ipv6:%5B::1%5D:5000``) -> ``::1``; an IPv4-mapped IPv6 address -> its IPv4 address, and a
+    zone (``%eth0``) is dropped, so one host has one spelling: rate limits and rejection logs
+    are keyed by it, and the DHT rewrites a loopback announce with it.
+    """
+    scheme, _, rest = unquote(peer).partition(":")
+    host = rest.rpartition(":")[0]
+    try:
+        if scheme == "ipv4":
+            return str(ipaddress.IPv4Address(host))
+        if scheme == "ipv6" and host.startswith("[") and host.endswith("]"):
+            address = ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+            return str(address.ipv4_mapped or address)
+    except ValueError:
+        pass
+    return None

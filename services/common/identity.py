@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from services.common.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 PUBLIC_KEY_BYTES = 32
@@ -79,20 +81,10 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(pem)
-                file.flush()
-                os.fsync(file.fileno())
-            try:
-                os.link(tmp, path)  # never replaces a key another process just created
-            except FileExistsError:
-                return cls.load_or_create(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        try:  # never replaces a key another process just created
+            atomic_write(path, pem, mode=0o600, replace=False)
+        except FileExistsError:
+            return cls.load_or_create(path)
         identity = cls(key, path)
         log.info("created identity", extra={"path": str(path), "public_key": identity.hex})
         return identity

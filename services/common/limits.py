@@ -26,12 +26,12 @@ bounded by ``max_concurrent_rpcs``. A limit of 0 disables it.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import math
 import time
 from dataclasses import dataclass, fields
 from typing import NamedTuple
-from urllib.parse import unquote
+
+from services.common.addresses import peer_host
 
 _KEY_CACHE = 8192  # peer strings (ip:port) remembered -> key; cleared when full
 
@@ -79,18 +79,7 @@ class ServerLimits:
 def peer_key(peer: str) -> str:
     """The caller's IP from ``context.peer()``: ``ipv4:10.1.2.3:5000`` -> ``10.1.2.3``,
     ``ipv6:%5B::1%5D:5000`` -> ``::1``; other transports (``unix:...``) keep the whole string."""
-    scheme, _, rest = peer.partition(":")
-    if scheme == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    if scheme == "ipv6":
-        rest = unquote(rest)
-        host = rest[1 : rest.find("]")] if rest.startswith("[") else rest
-        try:
-            address = ipaddress.IPv6Address(host.partition("%")[0])
-        except ValueError:
-            return host
-        return str(address.ipv4_mapped or address)
-    return peer
+    return peer_host(peer) or peer
 
 
 class Refused(NamedTuple):

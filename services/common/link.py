@@ -27,6 +27,7 @@ ones behind it (head-of-line blocking): callers send large payloads over their o
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 # (request payload, caller's context.peer() string) -> reply payload; raise StatusError to fail
 LinkMethod = Callable[[bytes, str], Awaitable[bytes]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _forget(tasks: dict[int, asyncio.Task[None]], frame_id: int, _done: object) -> None:
+    tasks.pop(frame_id, None)
 
 
 class LinkError(StatusError):
@@ -148,7 +153,7 @@ class LinkServer:
                         continue
                     task = asyncio.ensure_future(self._run(frame, peer, replies))
                     tasks[frame.id] = task
-                    task.add_done_callback(lambda _t, i=frame.id: tasks.pop(i, None))
+                    task.add_done_callback(functools.partial(_forget, tasks, frame.id))
             if tasks:  # the caller closed its side: finish what it asked for
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
         finally:

@@ -27,7 +27,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -181,10 +181,11 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             handler.response_streaming,
         )
 
-        async def refuse(refused: Refused, context: grpc.aio.ServicerContext) -> None:
+        async def refuse(refused: Refused, context: grpc.aio.ServicerContext) -> NoReturn:
             source = peer_key(context.peer())
             rejections.reject(refused.reason, refused.message, source, method=method)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
+            raise AssertionError("context.abort returned")  # it raises; for the type checker
 
         async def malformed(request: _Unparsable, context: grpc.aio.ServicerContext) -> None:
             message = clip(f"malformed request: {request.error}")
@@ -210,7 +211,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             held: list[Any] = [None, size]
             try:
                 admitted = admit(context.peer(), size, True)
-                if type(admitted) is Refused:
+                if isinstance(admitted, Refused):
                     await refuse(admitted, context)
                 peer = held[0] = admitted
                 yield held
@@ -246,7 +247,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             started, error, peer = time.perf_counter(), False, None
             try:
                 admitted = admit(context.peer(), size, False)
-                if type(admitted) is Refused:
+                if isinstance(admitted, Refused):
                     await refuse(admitted, context)
                 peer = admitted
                 if type(request) is _Unparsable:

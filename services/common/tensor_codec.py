@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 Compression = tensor_pb2.Compression
 
-TORCH_TO_WIRE: dict[torch.dtype, int] = {
+TORCH_TO_WIRE: dict[torch.dtype, tensor_pb2.DType] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
     torch.float16: tensor_pb2.DTYPE_FLOAT16,
     torch.bfloat16: tensor_pb2.DTYPE_BFLOAT16,
@@ -43,7 +43,7 @@ TORCH_TO_WIRE: dict[torch.dtype, int] = {
 }
 WIRE_TO_TORCH: dict[int, torch.dtype] = {v: k for k, v in TORCH_TO_WIRE.items()}
 
-_LOSSY_WIRE_DTYPE = {
+_LOSSY_WIRE_DTYPE: dict[int, torch.dtype] = {
     tensor_pb2.COMPRESSION_FLOAT16: torch.float16,
     tensor_pb2.COMPRESSION_BFLOAT16: torch.bfloat16,
     tensor_pb2.COMPRESSION_UINT8: torch.uint8,
@@ -67,7 +67,7 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 
 def encode(
     tensor: torch.Tensor,
-    compression: int = tensor_pb2.COMPRESSION_NONE,
+    compression: tensor_pb2.Compression = tensor_pb2.COMPRESSION_NONE,
 ) -> tensor_pb2.Tensor:
     """Serialize ``tensor`` (any device) into a message, optionally compressed."""
     if tensor.dtype not in TORCH_TO_WIRE:

@@ -1,9 +1,13 @@
 """``DHTClient``: what the expert runtime and the trainer use to talk to the DHT.
 
-One ``put`` or ``get`` is one RPC (``dmoe.DHT/Put`` or ``/Get``) to the first node that
-answers; nodes are tried in the order given. A channel is cached per node and dropped
-after a connection failure, so the next attempt dials again and re-resolves DNS (a
-restarted container with a new IP is found). Invalid input is a ``ValueError`` carrying
+One ``put`` or ``get`` is one request (``Put`` or ``Get``) to the first node that answers;
+nodes are tried in the order given. Requests travel over the node's peer link
+(``dmoe.DHT/Link``: one long-lived stream per node carrying every request, see
+``services.common.link`` and docs/links.md), not as separate unary calls; the unary
+``dmoe.DHT/Put`` and ``/Get`` stay for other clients (grpcurl, other languages). A channel is
+cached per node and dropped after a connection failure (closed once calls still on it had
+their deadline), so the next attempt dials again and re-resolves DNS (a restarted container
+with a new IP is found). Invalid input is a ``ValueError`` carrying
 the server's message; no node answering is :class:`DHTUnavailable`.
 
 Owned entries (:mod:`services.dht.records`): ``put(..., owned=True)`` signs every item with
@@ -59,7 +63,7 @@ class DHTUnavailable(ConnectionError):
     """No DHT node answered."""
 
 
-_REPLIES = {
+_REPLIES: dict[str, Any] = {  # method -> its reply message class
     "Put": dht_pb2.PutResponse,
     "Get": dht_pb2.GetResponse,
     "NodeStatus": dht_pb2.NodeStatusResponse,
@@ -191,7 +195,7 @@ class DHTClient:
     async def put(
         self, items: Iterable[tuple[Key, Key | None, bytes, float]], *, owned: bool = False
     ) -> list[bool]:
-        """Store (key, subkey or None, value, absolute expiration) items in one RPC.
+        """Store (key, subkey or None, value, absolute expiration) items in one request.
 
         ``owned``: sign every item with this client's identity, into its own slot (every
         item needs a subkey); nobody else can then overwrite or remove it.
@@ -231,7 +235,7 @@ class DHTClient:
         return list(reply.stored)
 
     async def get(self, keys: Sequence[Key], latest: bool = False) -> dict[Key, Found]:
-        """Look up many keys in one RPC; the result is keyed by each key exactly as given
+        """Look up many keys in one request; the result is keyed by each key exactly as given
         (see :data:`Found`). Entries whose ownership does not hold are dropped here."""
         keys = list(keys)
         if not keys:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.common.addresses import is_peer_address
+from services.common.files import atomic_write
 from services.dht.replication import republish
 from services.dht.routing import random_id
 
@@ -101,17 +100,7 @@ def save_state(node: DHTNode, path: Path) -> None:
     """Write the routing table's contacts (atomically: a crash leaves the old file)."""
     contacts = [address for _, address in list(node.table.contacts().items())]
     data = json.dumps({"address": node.address, "contacts": contacts[:MAX_STATE_CONTACTS]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o600)
     log.info("saved routing state", extra={"path": str(path), "contacts": len(contacts)})
 
 

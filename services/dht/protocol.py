@@ -21,11 +21,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import grpc
 
-from services.common.addresses import check_peer_address
+from services.common.addresses import check_peer_address, peer_host
 from services.common.errors import StatusError
 from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
 from services.common.link import LinkServer, protobuf_method
@@ -127,10 +126,7 @@ def check_batch(count: int, config: NodeConfig, what: str) -> None:
 
 def caller_host(peer: str) -> str:
     """``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``; ``ipv6:%5B::1%5D:5678`` -> ``::1``; else ''."""
-    kind, _, rest = unquote(peer).partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return ""
-    return rest.rsplit(":", 1)[0].strip("[]")
+    return peer_host(peer) or ""
 
 
 def _is_loopback(host: str) -> bool:

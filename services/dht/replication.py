@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 async def republish(node: DHTNode, force: bool = False) -> int:
     """Store held records again on the current nearest nodes; returns items sent."""
     now, wall = time.monotonic(), node.clock.now()
-    items = []
+    items: list[tuple[int, Entry]] = []
     for key_id, entries in node.storage.items():
         last = node.storage.last_stored.get(key_id, 0.0)
         if not force and now - last < node.config.republish_interval:
@@ -50,7 +50,7 @@ def hand_off_items(node: DHTNode, newcomer: int) -> list[tuple[int, Entry]]:
     """The records ``newcomer`` should get from this node (see the module docstring)."""
     me = node.node_id
     replicas = node.config.num_replicas
-    items = []
+    items: list[tuple[int, Entry]] = []
     for key_id, entries in node.storage.items():
         distance = newcomer ^ key_id
         mine = me ^ key_id

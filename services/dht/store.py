@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 Items = Sequence[tuple[int, Entry]]
 
 
-def store_items(items: Items, indices: Sequence[int], **flags: bool) -> list[dht_pb2.StoreItem]:
+def store_items(
+    items: Items, indices: Sequence[int], *, demote: bool = False
+) -> list[dht_pb2.StoreItem]:
     return [
         dht_pb2.StoreItem(
-            key_id=id_to_bytes(items[i][0]), entry=entry_to_proto(items[i][1]), **flags
+            key_id=id_to_bytes(items[i][0]), entry=entry_to_proto(items[i][1]), demote=demote
         )
         for i in indices
     ]

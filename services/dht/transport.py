@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("Ping", "Store", "Find")
-REPLIES = {
+REPLIES: dict[str, Any] = {  # method -> its reply message class
     "Ping": dht_pb2.PingResponse,
     "Store": dht_pb2.StoreResponse,
     "Find": dht_pb2.FindResponse,
@@ -62,9 +62,10 @@ class Transport(ABC):
 class GrpcTransport(Transport):
     """Real gRPC with one channel per peer (LRU-capped).
 
-    By default every call travels over the peer's link (one long-lived ``DHTPeer/Link`` stream
-    per peer, :mod:`services.common.link`), which costs a fraction of a unary call's CPU;
-    ``links=False`` makes plain unary calls (peers that do not serve ``Link``)."""
+    Every call travels over the peer's link (one long-lived ``DHTPeer/Link`` stream per peer,
+    :mod:`services.common.link`), which costs a fraction of a unary call's CPU; every node
+    serves ``Link``, so there is no unary path here (the unary methods stay for other
+    clients)."""
 
     name = "grpc"
 
@@ -73,7 +74,6 @@ class GrpcTransport(Transport):
         max_message_bytes: int = 64 * 1024 * 1024,
         max_channels: int = 512,
         tls: TLSConfig | None = None,
-        links: bool = True,
     ) -> None:
         self._options = channel_options(max_message_bytes)
         self._tls = tls  # a node serving TLS dials its peers with TLS (same swarm CA)
@@ -83,10 +83,8 @@ class GrpcTransport(Transport):
         self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTPeerStub]] = (
             OrderedDict()
         )
-        self._links = (
-            LinkPool(lambda address: self._stub(address).Link(), self.forget, max_channels)
-            if links
-            else None
+        self._links = LinkPool(
+            lambda address: self._stub(address).Link(), self.forget, max_channels
         )
 
     def _stub(self, address: str) -> dht_pb2_grpc.DHTPeerStub:
@@ -105,35 +103,14 @@ class GrpcTransport(Transport):
     async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
         if method not in METHODS:
             raise ValueError(f"unknown peer method {method}")
-        if self._links is not None:
-            return await self._linked(address, method, request, timeout)
-        stub = self._stub(address)
-        try:
-            return await getattr(stub, method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                self.forget(address)  # a slow peer (DEADLINE_EXCEEDED) keeps its channel
-            raise TransportError(code.name, exc.details() or "") from None
-        except asyncio.CancelledError:
-            # grpc.aio raises CancelledError for a call cancelled under us (peer going away,
-            # channel closed); only our own task's cancellation may propagate as such
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise TransportError("CANCELLED", "call cancelled") from None
-        except ValueError as exc:  # e.g. an address gRPC cannot parse
-            self.forget(address)
-            raise TransportError("INVALID_ARGUMENT", str(exc)) from None
-
-    async def _linked(self, address: str, method: str, request: Any, timeout: float) -> Any:
-        assert self._links is not None
         try:
             payload = await self._links.call(address, method, request.SerializeToString(), timeout)
             return REPLIES[method].FromString(payload)
         except LinkError as exc:
             raise TransportError(exc.code.name, exc.message) from None
         except asyncio.CancelledError:
+            # grpc.aio raises CancelledError for a call cancelled under us (peer going away,
+            # channel closed); only our own task's cancellation may propagate as such
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
@@ -155,8 +132,7 @@ class GrpcTransport(Transport):
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        if self._links is not None:
-            await self._links.close()
+        await self._links.close()
         channels = [channel for channel, _ in self._stubs.values()]
         self._stubs.clear()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

@@ -28,6 +28,8 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # every default is the dataclass's: one place to change one, for flags and in-process servers
+    defaults, optimizer_defaults = ExpertConfig(), OptimizerConfig()
     parser = service_parser(
         "expert",
         "Hosts experts: batched remote forward/backward over gRPC, one optimizer per expert, "
@@ -38,41 +40,63 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("experts")
     g.add_argument(
         "--experts",
-        default="ffn.[0:4]",
+        default=",".join(defaults.experts),
         help="uids or grid patterns, comma/space separated, e.g. 'ffn.[0:4].[0:8]' or 'ffn.0.3'",
     )
     g.add_argument(
         "--num-experts",
         type=int,
-        default=0,
+        default=defaults.num_experts,
         help="host this many uids sampled at random from --experts, skipping declared ones",
     )
     g.add_argument(
         "--expert-cls",
-        default="ffn",
+        default=defaults.expert_cls,
         help="expert class: ffn, transformer, nop, det_dropout, custom",
     )
-    g.add_argument("--hidden-dim", type=int, default=1024, help="expert hidden size")
-    g.add_argument("--custom-module", default=None, help="python file registering expert classes")
+    g.add_argument("--hidden-dim", type=int, default=defaults.hidden_dim, help="expert hidden size")
+    g.add_argument(
+        "--custom-module",
+        default=defaults.custom_module,
+        help="python file registering expert classes",
+    )
     g.add_argument(
         "--device",
         type=device_name,
-        default="cpu",
+        default=defaults.device,
         help="cpu, cuda[:n], or auto: CUDA when torch sees a GPU, else the CPU "
         "(an explicit cuda without one stops the server at start)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seed for weight init (expert i: seed+i)")
+    g.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed for weight init (expert i: seed+i)"
+    )
     o = parser.add_argument_group("optimizer")
-    o.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimizer")
-    o.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    o.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    o.add_argument("--total-steps", type=int, default=0, help="> 0: linear decay to 0 at this step")
+    o.add_argument(
+        "--optimizer", default=optimizer_defaults.name, choices=["adam", "sgd"], help="optimizer"
+    )
+    o.add_argument("--lr", type=float, default=optimizer_defaults.lr, help="learning rate")
+    o.add_argument(
+        "--momentum", type=float, default=optimizer_defaults.momentum, help="SGD momentum"
+    )
+    o.add_argument(
+        "--weight-decay", type=float, default=optimizer_defaults.weight_decay, help="weight decay"
+    )
+    o.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=optimizer_defaults.warmup_steps,
+        help="linear warm-up steps",
+    )
+    o.add_argument(
+        "--total-steps",
+        type=int,
+        default=optimizer_defaults.total_steps,
+        help="> 0: linear decay to 0 at this step",
+    )
     o.add_argument(
         "--clip-grad-norm",
         type=float,
-        default=1.0,
+        default=optimizer_defaults.clip_grad_norm,
         help="clip each step's global gradient norm to this; a step whose norm overflows is "
         "refused and its culprit request isolated. 1.0 is the usual choice for Adam (which is "
         "insensitive to the gradient's scale, so honest steps change little) and bounds what "
@@ -81,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--max-grad-norm-ratio",
         type=float,
-        default=20.0,
+        default=defaults.max_grad_norm_ratio,
         help="refuse a backward whose grad_outputs RMS exceeds this many times the 90th "
         "percentile of the expert's last 256 backward requests (checked from the 65th on), "
         "so that no single request steers the expert (0: off)",
@@ -101,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="backward requests per expert over which --max-caller-share is counted",
     )
     b = parser.add_argument_group("batching")
-    b.add_argument("--max-batch-size", type=int, default=2048, help="samples per batch at most")
+    b.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help="samples per batch at most",
+    )
     b.add_argument(
         "--min-batch-size",
         type=int,
-        default=0,
+        default=defaults.min_batch_size,
         help="an expert's queue holding this many samples runs at once; with fewer it waits "
         "for more until its oldest request has waited --batch-timeout-ms, then runs anyway "
         "(0: --max-batch-size, i.e. wait up to the timeout for a full batch)",
@@ -113,49 +142,59 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--batch-timeout-ms",
         type=float,
-        default=1.0,
+        default=defaults.batch_timeout_ms,
         help="the longest a request waits for others to batch with (see --min-batch-size)",
     )
     b.add_argument(
         "--max-queue-samples",
         type=int,
-        default=0,
+        default=defaults.max_queue_samples,
         help="samples queued per expert and method before RESOURCE_EXHAUSTED (0: 8 x max batch)",
     )
     b.add_argument(
         "--max-queue-bytes",
         type=int,
-        default=128 * 1024 * 1024,
+        default=defaults.max_queue_bytes,
         help="bytes of tensor data queued per expert and method before RESOURCE_EXHAUSTED "
         "(two of the largest requests; an empty queue takes any request)",
     )
     b.add_argument(
         "--max-free-dim",
         type=int,
-        default=1024,
+        default=defaults.max_free_dim,
         help="largest size of a free schema dimension, e.g. a transformer expert's sequence "
         "length (INVALID_ARGUMENT past it)",
     )
-    b.add_argument("--compute-threads", type=int, default=0, help="batches run at once (0: auto)")
-    b.add_argument("--torch-threads", type=int, default=0, help="intra-op threads each (0: auto)")
+    b.add_argument(
+        "--compute-threads",
+        type=int,
+        default=defaults.compute_threads,
+        help="batches run at once (0: auto)",
+    )
+    b.add_argument(
+        "--torch-threads",
+        type=int,
+        default=defaults.torch_threads,
+        help="intra-op threads each (0: auto)",
+    )
     b.add_argument(
         "--switch-interval-ms",
         type=float,
-        default=0.5,
+        default=defaults.switch_interval_ms,
         help="Python thread switch interval: how long a compute thread may wait for the GIL "
         "after each torch call (CPython's default is 5; 0 keeps it)",
     )
     b.add_argument(
         "--max-stream-bytes",
         type=int,
-        default=64 * 1024 * 1024,
+        default=defaults.max_stream_bytes,
         help="largest request accepted over the streaming RPCs, refused on its first chunk "
         "(unary requests are bounded by --max-message-bytes)",
     )
     b.add_argument(
         "--max-receive-bytes",
         type=int,
-        default=256 * 1024 * 1024,
+        default=defaults.max_receive_bytes,
         help="bytes all streamed requests being received may hold together before "
         "RESOURCE_EXHAUSTED (at least --max-stream-bytes)",
     )
@@ -169,28 +208,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="DHT nodes host:port, ... (--dht-peers is an alias)",
     )
     d.add_argument("--no-dht", action="store_true", help="do not declare experts in a DHT")
-    d.add_argument("--update-period", type=float, default=15.0, help="seconds between declarations")
+    d.add_argument(
+        "--update-period",
+        type=float,
+        default=defaults.update_period,
+        help="seconds between declarations",
+    )
     c = parser.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint-dir", default=None, help="where checkpoints live (unset: none)")
-    c.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between saves")
-    c.add_argument("--checkpoint-keep", type=int, default=3, help="checkpoints kept per expert")
+    c.add_argument(
+        "--checkpoint-dir",
+        default=defaults.checkpoint_dir,
+        help="where checkpoints live (unset: none)",
+    )
+    c.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=defaults.checkpoint_every,
+        help="seconds between saves",
+    )
+    c.add_argument(
+        "--checkpoint-keep",
+        type=int,
+        default=defaults.checkpoint_keep,
+        help="checkpoints kept per expert",
+    )
     s = parser.add_argument_group("failure injection (simulated swarms)")
     s.add_argument(
         "--simulate-failure-rate",
         type=_probability,
-        default=0.0,
+        default=defaults.simulate_failure_rate,
         help="probability that a forward/backward fails with UNAVAILABLE",
     )
     s.add_argument(
         "--simulate-latency-ms",
         type=float,
-        default=0.0,
+        default=defaults.simulate_latency_ms,
         help="delay added to each forward/backward reply (its mean with 'exp')",
     )
     s.add_argument(
         "--simulate-latency-distribution",
         choices=LATENCY_DISTRIBUTIONS,
-        default="fixed",
+        default=defaults.simulate_latency_distribution,
         help="fixed: every reply --simulate-latency-ms late; exp: an exponential draw per call "
         "with that mean (the Learning@home paper's delays)",
     )

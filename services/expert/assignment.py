@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 
+from services.common.files import atomic_write
 from services.expert import uid as uids
 
 log = logging.getLogger(__name__)
@@ -68,15 +67,5 @@ def load(path: Path, patterns: list[str], count: int) -> list[str] | None:
 
 
 def save(path: Path, chosen: list[str]) -> None:
-    """Write atomically (temporary file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump({"uids": chosen}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (``services.common.files``: a crash leaves the old file)."""
+    atomic_write(path, json.dumps({"uids": chosen}), mode=0o600)

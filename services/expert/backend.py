@@ -24,7 +24,7 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ def make_optimizer(params: list[nn.Parameter], config: OptimizerConfig) -> torch
     """
     if config.name == "adam":
         kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
-        cls: type[torch.optim.Optimizer] = torch.optim.Adam
+        cls: Callable[..., torch.optim.Optimizer] = torch.optim.Adam
     elif config.name == "sgd":
         kwargs = {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay}
         cls = torch.optim.SGD

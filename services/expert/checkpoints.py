@@ -1,8 +1,8 @@
 """Checkpoints: each expert's weights, optimizer state and step count, written atomically.
 
 Layout: ``<dir>/<uid>/<steps:012d>-<unix_ms>.pt``. A write goes to a temporary file in the same
-directory, is fsynced, then renamed over (rename is atomic on POSIX), so a crash mid-write
-leaves the previous checkpoint intact. The newest ``keep`` files per expert survive. On start
+directory, is fsynced, then renamed (``services.common.files``), so a crash mid-write leaves the
+previous checkpoint intact. The newest ``keep`` files per expert survive. On start
 the newest readable file is restored (an unreadable one is skipped with a warning, so one
 damaged file does not lose all progress).
 
@@ -15,8 +15,6 @@ CPU tensors, so a GPU server's checkpoint loads anywhere without ``map_location`
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import torch
 
+from services.common.files import atomic_write
 from services.expert.backend import ExpertBackend
 
 log = logging.getLogger(__name__)
@@ -44,25 +43,10 @@ def list_checkpoints(root: Path, uid: str) -> list[Path]:
 def save(state: dict[str, Any], root: Path, keep: int) -> Path:
     """Write ``state`` (an expert's :meth:`~ExpertBackend.snapshot_state`) and prune old files."""
     uid, steps = state["uid"], int(state["steps"])
-    folder = expert_dir(root, uid)
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"{steps:012d}-{int(time.time() * 1000):013d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        target = folder / name
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    target = atomic_write(
+        expert_dir(root, uid) / name, lambda file: torch.save(state, file), mode=0o600
+    )
     for old in list_checkpoints(root, uid)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return target

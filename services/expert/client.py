@@ -1,15 +1,19 @@
 """``ExpertClient``: remote forward/backward of experts hosted by one expert server.
 
 Light by design: one channel per server, reused; a request is serialized once and sent as raw
-bytes (unary when it fits the message limit, otherwise as chunks over the streaming RPC); the
-reply tensors are zero-copy, read-only views of the received message (``clone()`` one before
-writing into it in place). Errors surface as ``grpc.aio.AioRpcError`` carrying the server's
-status code.
+bytes by one of three paths, chosen by size: up to ``link_max_bytes`` (1 MiB by default;
+``Info`` whenever the link is on) over the server's peer link (``dmoe.Expert/Link``: one
+long-lived stream carrying every small request, ``services.common.link``, docs/links.md);
+larger ones as their own unary ``Forward``/``Backward`` call while they fit the message limit,
+so they do not hold up the small ones behind them; beyond it as chunks over
+``ForwardStream``/``BackwardStream``. The reply tensors are zero-copy, read-only views of the
+received message (``clone()`` one before writing into it in place). Errors surface as
+``grpc.aio.AioRpcError`` carrying the server's status code, whichever path was taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -19,6 +23,7 @@ from services.common.tensor_codec import decode, encode
 from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
 from services.proto.link_pb2 import LinkBatch
+from services.proto.tensor_pb2 import Compression
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HEADROOM = 64 * 1024  # message framing and metadata
@@ -97,8 +102,8 @@ class ExpertClient:
         inputs: Sequence[torch.Tensor],
         *,
         timeout: float | None = None,
-        compression: int | Sequence[int] = tensor_pb2.COMPRESSION_NONE,
-        reply_compression: int | None = None,
+        compression: Compression | Sequence[Compression] = tensor_pb2.COMPRESSION_NONE,
+        reply_compression: Compression | None = None,
     ) -> list[torch.Tensor]:
         """The expert's outputs for ``inputs`` (each with a leading batch dimension)."""
         return await self._call(
@@ -112,8 +117,8 @@ class ExpertClient:
         grad_outputs: Sequence[torch.Tensor],
         *,
         timeout: float | None = None,
-        compression: int | Sequence[int] = tensor_pb2.COMPRESSION_NONE,
-        reply_compression: int | None = None,
+        compression: Compression | Sequence[Compression] = tensor_pb2.COMPRESSION_NONE,
+        reply_compression: Compression | None = None,
     ) -> list[torch.Tensor]:
         """Gradients of the inputs; the server also applies one optimizer step to the expert."""
         tensors = [*inputs, *grad_outputs]
@@ -125,8 +130,8 @@ class ExpertClient:
         uid: str,
         tensors: list[torch.Tensor],
         timeout: float | None,
-        compression: int | Sequence[int],
-        reply_compression: int | None,
+        compression: Compression | Sequence[Compression],
+        reply_compression: Compression | None,
     ) -> list[torch.Tensor]:
         per_tensor = (
             [compression] * len(tensors) if isinstance(compression, int) else list(compression)
@@ -159,7 +164,8 @@ class ExpertClient:
     ) -> expert_pb2.ExpertResponse:
         view, size = memoryview(data), self.chunk_bytes
 
-        def chunks():  # a plain generator: grpc pulls from it as flow control allows
+        # a plain generator: grpc pulls from it as flow control allows
+        def chunks() -> Iterator[expert_pb2.Chunk]:
             for i in range(0, max(len(data), 1), size):
                 chunk = expert_pb2.Chunk(data=bytes(view[i : i + size]))
                 if i == 0:

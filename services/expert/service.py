@@ -31,6 +31,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.addresses import peer_host
 from services.common.errors import echo
 from services.common.limits import peer_key
 from services.common.link import LinkServer, protobuf_method
@@ -53,7 +54,7 @@ STREAM_CHUNK_CAP = 4 * 1024 * 1024  # smaller chunks pipeline; larger ones save 
 _COMPRESSIONS = set(tensor_pb2.Compression.values())
 
 
-def encode_reply(outputs: list[torch.Tensor], compression: int) -> bytes:
+def encode_reply(outputs: list[torch.Tensor], compression: tensor_pb2.Compression) -> bytes:
     """Serialized ``ExpertResponse``; lossy compression applies to floating tensors only."""
     response = expert_pb2.ExpertResponse()
     for out in outputs:
@@ -288,7 +289,7 @@ class ExpertServicer:
 
     def _refused(self, peer: str, method: str, exc: ExpertError) -> None:
         if exc.reason is not None:
-            host = peer.rpartition(":")[0] or peer  # not the port: one key per host
+            host = peer_host(peer) or peer  # not the port: one key per host, as limits key it
             message = f"refused {method}: {exc}"
             self.rejections.reject(exc.reason, message, source=host, code=exc.code.name)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,14 +49,14 @@ BOUND = 1e10
 _RANGE_OF_FLOAT32 = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _in_range(group: dict[str, object], optimizer: torch.optim.Optimizer) -> bool:
+def _in_range(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> bool:
     """The group's hyper-parameters are inside the certified ranges (module docstring)."""
     numbers = {k: v for k, v in group.items() if isinstance(v, int | float)}
     lr, wd = numbers.get("lr", math.inf), numbers.get("weight_decay", 0.0)
     if not (0 <= lr <= 1e3 and 0 <= wd <= 1e3):
         return False
     if type(optimizer) is torch.optim.Adam:  # not its subclasses (AdamW decays differently)
-        beta1, beta2 = group["betas"]  # type: ignore[misc]
+        beta1, beta2 = group["betas"]
         return 0 <= beta1 <= 0.999 and 0 <= beta2 <= 0.9999 and numbers.get("eps", 0) >= 1e-12
     if type(optimizer) is torch.optim.SGD:
         dampening = numbers.get("dampening", 0.0)
@@ -67,7 +68,7 @@ class StepGuard:
     """``step(grad_norm)`` runs ``optimizer.step()``; False: it was undone, state as before."""
 
     def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        self.params = params
+        self.params: list[torch.Tensor] = list(params)
         self.optimizer = optimizer
         self.copies = 0  # steps that took the copy (tests, docs)
         self._params_norm = math.inf  # largest norm of a parameter; inf: unknown

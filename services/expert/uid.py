@@ -23,15 +23,6 @@ def is_valid_uid(uid: str) -> bool:
     return bool(UID_RE.match(uid))
 
 
-def check_uid(uid: str) -> str:
-    if not is_valid_uid(uid):
-        raise ValueError(
-            f"bad expert uid {uid!r}: expected name.int[.int...] without leading zeros, "
-            "e.g. ffn.3.14"
-        )
-    return uid
-
-
 def _ranges(pattern: str) -> tuple[str, list[range]]:
     match = _PATTERN_RE.match(pattern)
     if not match:

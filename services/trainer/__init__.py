@@ -21,7 +21,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "CallPolicy":
-        from services.trainer.dispatch import CallPolicy
+        from services.trainer.options import CallPolicy
 
         return CallPolicy
     if name == "Swarm":

@@ -13,10 +13,17 @@ from typing import Any
 from services.common.config import parse_bool, peer_list, service_parser
 from services.common.logs import setup_logging
 from services.common.tls import tls_from_args
+from services.proto import tensor_pb2
+from services.trainer.options import CallPolicy, MoEOptions
 
 log = logging.getLogger("services.trainer")
 
-_COMPRESSIONS = {"none": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
+_COMPRESSIONS = {
+    "none": tensor_pb2.COMPRESSION_NONE,
+    "float16": tensor_pb2.COMPRESSION_FLOAT16,
+    "bfloat16": tensor_pb2.COMPRESSION_BFLOAT16,
+    "uint8": tensor_pb2.COMPRESSION_UINT8,
+}
 
 
 def grid(text: str) -> tuple[int, ...]:
@@ -41,6 +48,8 @@ def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the flags' defaults are the dataclasses' (what in-process layers use)
+    layer, policy = MoEOptions(), CallPolicy()
     parser = service_parser(
         "trainer",
         "Train a model whose hidden layers are Decentralized Mixture-of-Experts layers: "
@@ -53,44 +62,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-peers", "--dht-peers", type=peer_list, default=[], help="DHT nodes, host:port"
     )
     swarm.add_argument(
-        "--uid-prefix", default="ffn", help="expert grid of layer 0 (layer i: <prefix><i>)"
+        "--uid-prefix",
+        default=layer.uid_prefix,
+        help="expert grid of layer 0 (layer i: <prefix><i>)",
     )
     swarm.add_argument(
-        "--grid", type=grid, default=(4, 4), help="grid size per dimension, e.g. 4x4"
+        "--grid", type=grid, default=layer.grid_size, help="grid size per dimension, e.g. 4x4"
     )
     swarm.add_argument(
-        "--moe-kind", choices=["mixture", "switch"], default="mixture", help="layer type"
+        "--moe-kind", choices=["mixture", "switch"], default=layer.kind, help="layer type"
     )
-    swarm.add_argument("--k-best", type=int, default=4, help="experts chosen per sample")
-    swarm.add_argument("--k-min", type=int, default=1, help="answers each sample needs")
-    swarm.add_argument("--forward-timeout", type=float, default=5.0, help="seconds per forward")
+    swarm.add_argument("--k-best", type=int, default=layer.k_best, help="experts chosen per sample")
+    swarm.add_argument("--k-min", type=int, default=policy.k_min, help="answers each sample needs")
     swarm.add_argument(
-        "--timeout-after-k-min", type=float, default=0.5, help="extra wait for stragglers, seconds"
+        "--forward-timeout", type=float, default=policy.forward_timeout, help="seconds per forward"
     )
     swarm.add_argument(
-        "--transient-retries", type=int, default=1,
+        "--timeout-after-k-min",
+        type=float,
+        default=policy.timeout_after_k_min,
+        help="extra wait for stragglers, seconds",
+    )
+    swarm.add_argument(
+        "--transient-retries", type=int, default=policy.transient_retries,
         help="re-sends of a forward refused with UNAVAILABLE/RESOURCE_EXHAUSTED",
     )  # fmt: skip
     swarm.add_argument(
-        "--forward-retries", type=int, default=1,
+        "--forward-retries", type=int, default=policy.forward_retries,
         help="rounds with replacement experts for samples short of k-min",
     )  # fmt: skip
-    swarm.add_argument("--backward-k-min", type=int, default=1, help="backward answers per sample")
-    swarm.add_argument("--backward-timeout", type=float, default=5.0, help="seconds per backward")
     swarm.add_argument(
-        "--allow-zero-outputs", type=parse_bool, default=False,
+        "--backward-k-min",
+        type=int,
+        default=policy.backward_k_min,
+        help="backward answers per sample",
+    )
+    swarm.add_argument(
+        "--backward-timeout",
+        type=float,
+        default=policy.backward_timeout,
+        help="seconds per backward",
+    )
+    swarm.add_argument(
+        "--allow-zero-outputs", type=parse_bool, default=policy.allow_zero_outputs,
         help="zeros instead of an error when fewer than k-min experts answer",
     )  # fmt: skip
     swarm.add_argument(
-        "--detect-anomalies", type=parse_bool, default=True,
+        "--detect-anomalies", type=parse_bool, default=policy.detect_anomalies,
         help="treat a non-finite or absurd expert answer (outputs, gradients) as a failed call",
     )  # fmt: skip
     swarm.add_argument(
-        "--max-expert-value", type=float, default=1e5,
+        "--max-expert-value", type=float, default=policy.max_expert_value,
         help="an expert answer holding a larger |value| is absurd (0: no cap)",
     )  # fmt: skip
     swarm.add_argument(
-        "--max-expert-rms-ratio", type=float, default=100.0,
+        "--max-expert-rms-ratio", type=float, default=policy.max_expert_rms_ratio,
         help="an expert answer whose RMS exceeds this x the 90th percentile of recent answers "
         "(grid and method) is absurd (0: no relative check)",
     )  # fmt: skip

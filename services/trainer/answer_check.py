@@ -33,9 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from services.expert.grad_monitor import GradNormMonitor
-
-MAX_VALUE = 1e5
-RMS_RATIO = 100.0
+from services.trainer.options import MAX_VALUE, RMS_RATIO
 
 
 class AnswerCheck:

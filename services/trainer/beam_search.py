@@ -132,11 +132,11 @@ async def beam_search(
         keep = min(k_best if last else width, candidates.shape[1])
         top_scores, top_index = candidates.topk(keep, dim=1)
         parent = top_index // grid
-        coord = top_index % grid
+        chosen = top_index % grid
         parent_coords = torch.gather(
             beam_coords, 1, parent.unsqueeze(-1).expand(-1, -1, beam_coords.shape[2])
         )
-        beam_coords = torch.cat([parent_coords, coord.unsqueeze(-1)], dim=-1)
+        beam_coords = torch.cat([parent_coords, chosen.unsqueeze(-1)], dim=-1)
         beam_scores = top_scores
 
     valid = torch.isfinite(beam_scores)

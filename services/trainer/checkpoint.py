@@ -3,18 +3,19 @@
 The experts' weights live on their servers, which checkpoint them themselves; a trainer saves
 the gating functions and the other local layers, its optimizer, its step and sample counters
 and its evaluation history. Written to a temporary file in the same directory, flushed to
-disk, then renamed over the previous one, so a crash at any point leaves either the old or
-the new checkpoint, never a torn one.
+disk, then renamed over the previous one (``services.common.files``), so a crash at any point
+leaves either the old or the new checkpoint, never a torn one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from services.common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +23,7 @@ FILENAME = "trainer.pt"
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / FILENAME
-    tmp = root / f".{FILENAME}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    try:
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # not every filesystem lets a directory be fsynced
-        pass
-    return final
+    return atomic_write(Path(directory) / FILENAME, lambda file: torch.save(state, file))
 
 
 def finite(state: Any) -> bool:

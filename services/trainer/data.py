@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, type | str] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 @dataclass
@@ -168,12 +175,13 @@ def load_dataset(
     ``train_samples > 0`` the first that many training samples (less memory per trainer)."""
     if name == "digits":
         data = load_digits(seed)
-    elif name in ("mnist", "text") and not path:
-        raise ValueError(f"dataset {name!r} needs --data-path")
-    elif name == "mnist":
-        data = load_mnist(path, seed)  # type: ignore[arg-type]
-    elif name == "text":
-        data = load_text(path, seq_len=seq_len, seed=seed)  # type: ignore[arg-type]
+    elif name in ("mnist", "text"):
+        if not path:
+            raise ValueError(f"dataset {name!r} needs --data-path")
+        if name == "mnist":
+            data = load_mnist(path, seed)
+        else:
+            data = load_text(path, seq_len=seq_len, seed=seed)
     else:
         raise ValueError(f"unknown dataset {name!r} (digits, mnist, text)")
     data.order_seed = order_seed

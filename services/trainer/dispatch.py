@@ -18,13 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
-from services.trainer.answer_check import MAX_VALUE, RMS_RATIO, AnswerCheck
-from services.trainer.expert_calls import OK, CallOutcome, Judge, call_many, remaining_timeout
+from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
+from services.trainer.options import CallPolicy
 from services.trainer.swarm import Swarm
 
 # A leaf that requires grad, so the node's backward runs even when the inputs do not need one
@@ -48,36 +49,6 @@ class ExpertJob:
     address: str
     rows: torch.Tensor  # sample indices, int64
     slots: torch.Tensor  # which of the sample's k choices this expert is
-
-
-@dataclass
-class CallPolicy:
-    """How a mixture layer waits for its experts (see ``RemoteMixtureOfExperts``)."""
-
-    k_min: int = 1
-    forward_timeout: float = 10.0
-    timeout_after_k_min: float = 1.0
-    backward_k_min: int = 1
-    backward_timeout: float = 10.0
-    forward_retries: int = 1
-    transient_retries: int = 1
-    allow_zero_outputs: bool = False
-    detect_anomalies: bool = True
-    max_expert_value: float = MAX_VALUE
-    max_expert_rms_ratio: float = RMS_RATIO
-    # the running figures of honest answers (answer_check.py), shared by the layers using it
-    answers: AnswerCheck = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.answers = AnswerCheck(self.max_expert_value, self.max_expert_rms_ratio)
-
-    def judge(self, method: str, jobs: Sequence[ExpertJob]) -> Judge | None:
-        """How the answers of ``jobs`` are judged: keyed by grid (a uid up to its first dot)
-        and method; None when anomalies are not detected."""
-        if not self.detect_anomalies:
-            return None
-        answers = self.answers
-        return lambda i, tensors: answers.judge((jobs[i].uid.split(".", 1)[0], method), tensors)
 
 
 # (sample, slot, uid, address): the sample's slot-th choice is that expert
@@ -311,8 +282,8 @@ class RemoteMoECall(torch.autograd.Function):
     use :func:`call_experts`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,  # torch's FunctionCtx; this call's fields are set on it
         _dummy: torch.Tensor,
         swarm: Swarm,
         jobs: list[ExpertJob],
@@ -337,9 +308,7 @@ class RemoteMoECall(torch.autograd.Function):
         return (*gathered.outputs, gathered.mask)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         inputs = ctx.saved_tensors
         grad_outputs = [  # the mask (last) has no gradient; an unused output gets zeros
             g if g is not None else torch.zeros(shape)

@@ -15,31 +15,16 @@ otherwise (``ffn``, ``ffn1``, ...), so each layer has its own experts.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from services.trainer.data import Dataset
-from services.trainer.dispatch import CallPolicy
 from services.trainer.moe import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
+from services.trainer.options import MoEOptions
 from services.trainer.swarm import Swarm
-
-
-@dataclass
-class MoEOptions:
-    """Everything a DMoE layer needs besides its width (from the trainer's flags)."""
-
-    grid_size: tuple[int, ...] = (4, 4)
-    uid_prefix: str = "ffn"
-    kind: str = "mixture"  # mixture | switch
-    k_best: int = 4
-    policy: CallPolicy = field(default_factory=CallPolicy)  # k_min, timeouts, retries
-
-    def layer_prefix(self, index: int) -> str:
-        base = self.uid_prefix.rstrip(".")
-        return f"{base}." if index == 0 else f"{base}{index}."
 
 
 def make_moe(options: MoEOptions, swarm: Swarm, hidden: int, index: int) -> RemoteMixtureOfExperts:

@@ -10,6 +10,7 @@ expected schema rather than a round trip.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +43,8 @@ def check_schema(
 
 class _RemoteCall(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,  # torch's FunctionCtx; this call's fields are set on it
         _dummy: torch.Tensor,
         expert: RemoteExpert,
         *inputs: torch.Tensor,
@@ -57,9 +58,7 @@ class _RemoteCall(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, *grad_outputs: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         expert: RemoteExpert = ctx.expert
         inputs = list(ctx.saved_tensors)
         grads = expert.swarm.run(

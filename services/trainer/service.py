@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -39,7 +40,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         )
 
 
-def registrar(servicer: TrainerServicer):  # type: ignore[no-untyped-def]
+def registrar(servicer: TrainerServicer) -> Callable[[grpc.aio.Server], list[str]]:
     def register(server: grpc.aio.Server) -> list[str]:
         trainer_pb2_grpc.add_TrainerServicer_to_server(servicer, server)
         return [trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name]

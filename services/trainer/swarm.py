@@ -73,7 +73,7 @@ class Swarm:
         backoff: Backoff | None = None,
         metrics: TrainerMetrics | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
-        compression: int = tensor_pb2.COMPRESSION_NONE,
+        compression: tensor_pb2.Compression = tensor_pb2.COMPRESSION_NONE,
         client_factory: Callable[[str], Any] | None = None,
         trusted: frozenset[bytes] | None = None,
         identity: Identity | None = None,
@@ -201,8 +201,8 @@ class Swarm:
                         subkey=subkey[:40].decode("utf-8", "replace"),
                     )  # fmt: skip
                     continue
-                if entry.expiration > now:
-                    children.setdefault(coord, []).append((address, entry.expiration))  # type: ignore[arg-type]
+                if entry.expiration > now and coord is not None:  # (no reason: coord is set)
+                    children.setdefault(coord, []).append((address, entry.expiration))
         return children
 
     # ---- experts -----------------------------------------------------------------------------

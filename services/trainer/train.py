@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.files import atomic_write
 from services.expert.step_guard import StepGuard
 from services.trainer import checkpoint
 from services.trainer.data import Dataset
@@ -82,7 +81,7 @@ class NonFiniteStep(RuntimeError):
 
 
 # What skips a step without stopping the trainer.
-SKIPPED = (*SWARM_ERRORS, NonFiniteStep)
+SKIPPED: tuple[type[BaseException], ...] = (*SWARM_ERRORS, NonFiniteStep)
 
 
 class Trainer:
@@ -339,10 +338,7 @@ class Trainer:
     def _write_history(self) -> None:
         if not self.history_file:
             return
-        path = Path(self.history_file)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"history": self.state.history}))
-        os.replace(tmp, path)
+        atomic_write(self.history_file, json.dumps({"history": self.state.history}))
 
     def snapshot(self) -> TrainerState:
         with self._lock:
