@@ -34,6 +34,7 @@ class NodeConfig:
     max_records: int = 100_000
     max_cache_records: int = 10_000
     max_keys_per_request: int = 4096
+    max_reply_bytes: int = 16 << 20  # entries in one Get/Find reply; past it RESOURCE_EXHAUSTED
     blacklist_base: float = 1.0
     blacklist_max: float = 60.0
     refresh_interval: float = 600.0

@@ -301,9 +301,10 @@ class DHTNode:
 
     async def _find_rpc(self, dest: tuple[int, str, bool, int], targets: list[int]) -> list[Answer]:
         peer_id, address, nodes_only, beam = dest
+        asked = list(dict.fromkeys(targets))  # lookups batched together may share a key
         request = dht_pb2.FindRequest(
             sender=self.info,
-            key_ids=[id_to_bytes(t) for t in targets],
+            key_ids=[id_to_bytes(t) for t in asked],
             nodes_only=nodes_only,
             max_nearest=beam,
         )
@@ -312,14 +313,15 @@ class DHTNode:
         except TransportError:
             self.on_failure(peer_id, address)
             raise
-        if len(reply.results) != len(targets):
+        if len(reply.results) != len(asked):
             self.on_failure(peer_id, address)
             raise TransportError("INTERNAL", "peer answered the wrong number of results")
         self._answered(reply.peer, address)
-        return [
-            (self._believable(target, result.entries, address), _peers(result.nearest))
-            for target, result in zip(targets, reply.results, strict=True)
-        ]
+        answers = {
+            target: (self._believable(target, result.entries, address), _peers(result.nearest))
+            for target, result in zip(asked, reply.results, strict=True)
+        }
+        return [answers[t] for t in targets]
 
     def _believable(
         self, key_id: int, entries: Iterable[dht_pb2.ValueEntry], source: str

@@ -18,7 +18,7 @@ import hmac
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -123,6 +123,40 @@ def proven_id(peer: dht_pb2.NodeInfo, nonce: bytes, signature: bytes) -> int | N
 def check_batch(count: int, config: NodeConfig, what: str) -> None:
     if count > config.max_keys_per_request:
         raise invalid(f"{count} {what} in one request, limit {config.max_keys_per_request}")
+
+
+def check_unique(keys: Sequence[Any], what: str) -> None:
+    """A key named twice in one Get/Find would be answered twice: one request could make
+    the node copy a large record thousands of times (honest callers ask each key once)."""
+    if len(set(keys)) != len(keys):
+        first: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            if key in first:
+                raise invalid(f"{what}[{i}] repeats {what}[{first[key]}]; ask each key once")
+            first[key] = i
+
+
+def entry_bytes(entry: Entry) -> int:
+    """About what an entry costs in a reply (for ``max_reply_bytes``)."""
+    subkey = entry.subkey or b""
+    return len(entry.value) + len(subkey) + len(entry.owner) + len(entry.signature) + 24
+
+
+class ReplyBudget:
+    """Counts the bytes of entries put in one reply; RESOURCE_EXHAUSTED past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def spend(self, entries: Sequence[Entry]) -> None:
+        self.used += sum(entry_bytes(e) for e in entries)
+        if self.limit and self.used > self.limit:
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reply would hold over {self.limit} bytes of entries (--max-reply-bytes); "
+                "ask for fewer keys at once",
+            )
 
 
 def caller_host(peer: str) -> str:
@@ -297,12 +331,15 @@ class PeerProtocol:
             else:
                 target = state.cache if item.in_cache else state.storage
                 keep = entry.expiration - skew if skew > 0 else None
+                # a token only for a copy this store created: re-storing an entry the node
+                # already held (read through Find) must not buy the right to demote it
+                fresh = replicas and not item.in_cache and not target.holds(key_id, entry)
                 try:
                     stored.append(target.store(key_id, entry, keep))
                 except StorageFull:
                     stored.append(False)
                     full += 1
-                if stored[-1] and replicas and not item.in_cache:
+                if stored[-1] and fresh:
                     token = state.demote_token(key_id, entry)
             tokens.append(token)
         if full and not any(stored):
@@ -344,15 +381,18 @@ class PeerProtocol:
         sender = self._sender(request.sender, caller_host)
         check_batch(len(request.key_ids), state.config, "key_ids")
         key_ids = [parse_id(k, f"key_ids[{i}]") for i, k in enumerate(request.key_ids)]
+        check_unique(key_ids, "key_ids")
         if sender is not None:
             state.on_contact(*sender)
         sender_id = sender[0] if sender is not None else None
         count = min(request.max_nearest or state.config.k, state.config.k)
+        budget = ReplyBudget(state.config.max_reply_bytes)
         results = []
         for key_id in key_ids:
             result = self._nearest(key_id, count, sender_id)
             if not request.nodes_only:
                 held = state.local_entries(key_id)
+                budget.spend(held)
                 result.entries.extend(entry_to_proto(e) for e in held)
             results.append(result)
         return dht_pb2.FindResponse(results=results, peer=state.info)

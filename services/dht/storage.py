@@ -136,6 +136,12 @@ class Storage:
         record = self._live(key_id, self.clock())
         return [entry for entry, _ in record.values()] if record else []
 
+    def holds(self, key_id: int, entry: Entry) -> bool:
+        """Whether ``entry`` (same slot, expiration and value) is already held."""
+        held = self._records.get(key_id, {}).get(entry.slot)
+        return held is not None and held[0].expiration == entry.expiration \
+            and held[0].value == entry.value  # fmt: skip
+
     def take(self, key_id: int, slot: Slot, expiration: float) -> tuple[Entry, float] | None:
         """Remove and return (entry, deadline) in ``slot`` of ``key_id`` if it has
         ``expiration``."""

@@ -1,0 +1,190 @@
+"""Hostile peers, round two (issue 19): attacks on DHT nodes and peer links, over the wire.
+
+Each test plays what a black-box tester did and judges the outcome by what honest parties see:
+an honest client's put/get, an expert server's declarations, a trainer's view of the experts.
+Attackers that must come from another address use distinct loopback IPs (127.0.0.2, ...): Linux
+routes all of 127.0.0.0/8 to loopback, so a node bound to 127.0.0.9 or a connection relayed
+from 127.0.0.2 (:func:`helpers.relay_from`) is another IP to the defences keyed on addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from helpers import Proc, free_port, peak_rss_bytes, relay_from
+from test_attacks_dht import assert_honest_experts_found, stubs, swarm  # noqa: F401
+
+from services.common.channels import channel_options
+from services.common.healthcheck import wait_serving
+from services.common.identity import Identity
+from services.dht.client import DHTClient
+from services.dht.routing import id_to_bytes, key_to_id
+from services.proto import dht_pb2
+from services.proto.link_pb2 import LinkBatch, LinkFrame
+
+MIB = 1 << 20
+
+
+def _dht_proc(tmp_path: Path, *flags: str) -> Proc:
+    node = Proc(
+        "dht",
+        ["services.dht", "--metrics-port", "-1", "--identity-file", str(tmp_path / "dht.key"),
+         *flags],
+        tmp_path,
+        free_port(),
+    )  # fmt: skip
+    node.wait_healthy()
+    return node
+
+
+def _raw_link(channel: grpc.aio.Channel, service: str) -> grpc.aio.StreamStreamCall:
+    """A ``Link`` stream that sends bytes as they are (so a test can send any message)."""
+    method = channel.stream_stream(
+        f"/dmoe.{service}/Link",
+        request_serializer=lambda data: data,
+        response_deserializer=LinkBatch.FromString,
+    )
+    return method()
+
+
+async def _honest_round_trip(address: str) -> None:
+    """What an honest client must still be able to do: an owned put and a latest get."""
+    async with DHTClient([address], identity=Identity.generate(), timeout=30) as client:
+        key = f"honest.{os.urandom(4).hex()}"
+        assert await client.put([(key, "0", b"127.0.0.1:1", client.now() + 600)], owned=True) == [
+            True
+        ]
+        found = await client.get([key], latest=True)
+        assert [v.value for v in found[key][b"0"]] == [b"127.0.0.1:1"]
+
+
+def test_link_flood_is_cut_and_paid_for(tmp_path: Path) -> None:
+    """Item 1: one ``LinkBatch`` of 1.5 million tiny frames naming no method froze a node's
+    health check for seconds and grew its RSS by up to 1.1 GiB. Now a message with more
+    frames than any honest caller sends closes the link and costs its sender one rate token
+    per frame (its IP is then refused for a while); honest callers are served throughout."""
+    node = _dht_proc(tmp_path)
+    try:
+        before = peak_rss_bytes(node.popen.pid)
+        frame = LinkFrame(id=1).SerializeToString()
+        flood = (b"\x0a" + bytes([len(frame)]) + frame) * 1_500_000  # LinkBatch, 1.5M frames
+
+        async def scenario() -> None:
+            async with relay_from(node.address, "127.0.0.2") as relay:
+                options = channel_options(64 * MIB)
+                async with grpc.aio.insecure_channel(relay, options=options) as channel:
+                    call = _raw_link(channel, "DHTPeer")
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                        for _ in range(3):
+                            await call.write(flood)
+                    await _honest_round_trip(node.address)  # never reads its replies
+                    assert await asyncio.to_thread(wait_serving, node.address, 30)
+                    growth = peak_rss_bytes(node.popen.pid) - before
+                    assert growth < 300 * MIB, f"RSS grew by {growth / MIB:.0f} MiB"
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await call.read()
+                    assert call.done() and await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    # the frames were paid for: the flooding IP is refused for now
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await channel.unary_unary(
+                            "/dmoe.DHTPeer/Ping",
+                            request_serializer=dht_pb2.PingRequest.SerializeToString,
+                            response_deserializer=dht_pb2.PingResponse.FromString,
+                        )(dht_pb2.PingRequest(), timeout=30)
+                    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        asyncio.run(scenario())
+        growth = peak_rss_bytes(node.popen.pid) - before
+        assert growth < 300 * MIB, f"RSS grew by {growth / MIB:.0f} MiB"
+        assert "Traceback" not in node.log.read_text()
+    finally:
+        node.stop()
+
+
+def test_get_amplification_is_refused(tmp_path: Path) -> None:
+    """Item 2: a Get naming one key (holding a large value) a thousand times, replies never
+    read, grew a node by gigabytes. Now a key named twice is INVALID_ARGUMENT, a reply is
+    capped (``--max-reply-bytes``), and a link whose caller does not read its replies is not
+    read either (backpressure)."""
+    node = _dht_proc(tmp_path)
+    try:
+        before = peak_rss_bytes(node.popen.pid)
+
+        async def scenario() -> None:
+            async with DHTClient([node.address], timeout=30) as client:
+                assert await client.put([("big", None, os.urandom(60_000), time.time() + 600)])
+            request = dht_pb2.GetRequest(keys=[b"big"] * 1000).SerializeToString()
+            frames = [LinkFrame(id=i, method="Get", payload=request) for i in range(1, 21)]
+            async with relay_from(node.address, "127.0.0.2") as relay:
+                options = channel_options(64 * MIB)
+                async with grpc.aio.insecure_channel(relay, options=options) as channel:
+                    call = _raw_link(channel, "DHT")
+                    await call.write(LinkBatch(frames=frames).SerializeToString())
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await channel.unary_unary(
+                            "/dmoe.DHT/Get",
+                            request_serializer=lambda data: data,
+                            response_deserializer=dht_pb2.GetResponse.FromString,
+                        )(request, timeout=60)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "repeats" in err.value.details()
+                    await _honest_round_trip(node.address)  # the attacker's link: never read
+                    call.cancel()
+
+        asyncio.run(scenario())
+        growth = peak_rss_bytes(node.popen.pid) - before
+        assert growth < 300 * MIB, f"RSS grew by {growth / MIB:.0f} MiB"
+    finally:
+        node.stop()
+
+
+def test_replayed_store_buys_no_demote_token(swarm) -> None:  # noqa: F811
+    """Item 4: re-storing (with ``replicas`` set) an honest entry read through Find returned
+    a demote token for it; a demote and a cache flood then hid the honest experts. A token now
+    comes only with a copy the store created."""
+    keys = [key_to_id(k) for k in (b"ffn.", b"ffn.0.", b"ffn.1.")]
+    held = {
+        (i, key_id): node.node.storage.get(key_id)
+        for i, node in enumerate(swarm.nodes)
+        for key_id in keys
+    }
+
+    async def attack() -> None:
+        far = time.time() + 86_000
+        for node in swarm.nodes:
+            channel, _, peer = stubs(node.address)
+            async with channel:
+                for key_id in keys:
+                    raw = id_to_bytes(key_id)
+                    found = await peer.Find(dht_pb2.FindRequest(key_ids=[raw]))
+                    entries = list(found.results[0].entries)
+                    if not entries:
+                        continue
+                    items = [dht_pb2.StoreItem(key_id=raw, entry=e) for e in entries]
+                    reply = await peer.Store(dht_pb2.StoreRequest(items=items, replicas=5))
+                    demote = [
+                        dht_pb2.StoreItem(key_id=raw, entry=e, demote=True, demote_token=t)
+                        for e, t in zip(entries, reply.demote_tokens, strict=False)
+                    ]
+                    if demote:
+                        await peer.Store(dht_pb2.StoreRequest(items=demote))
+                for start in range(0, 10_240, 4096):  # evict what sits in the cache
+                    junk = [
+                        dht_pb2.StoreItem(
+                            key_id=os.urandom(20), in_cache=True,
+                            entry=dht_pb2.ValueEntry(value=b"x", expiration=far),
+                        )
+                        for _ in range(start, min(start + 4096, 10_240))
+                    ]  # fmt: skip
+                    await peer.Store(dht_pb2.StoreRequest(items=junk))
+
+    swarm.run(attack())
+    for (i, key_id), entries in held.items():
+        assert swarm.nodes[i].node.storage.get(key_id) == entries  # still replicas
+    assert_honest_experts_found(swarm)
