@@ -17,14 +17,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import Proc, free_port, peak_rss_bytes, relay_from
+from helpers import Proc, free_port, peak_rss_bytes, relay_from, until
 from test_attacks_dht import assert_honest_experts_found, stubs, swarm  # noqa: F401
 
 from services.common.channels import channel_options
 from services.common.healthcheck import wait_serving
 from services.common.identity import Identity
 from services.dht.client import DHTClient
+from services.dht.config import NodeConfig
 from services.dht.routing import id_to_bytes, key_to_id
+from services.dht.server import start_node
 from services.proto import dht_pb2
 from services.proto.link_pb2 import LinkBatch, LinkFrame
 
@@ -188,3 +190,52 @@ def test_replayed_store_buys_no_demote_token(swarm) -> None:  # noqa: F811
     for (i, key_id), entries in held.items():
         assert swarm.nodes[i].node.storage.get(key_id) == entries  # still replicas
     assert_honest_experts_found(swarm)
+
+
+def test_clock_sybil_on_one_address_cannot_shift_a_node() -> None:
+    """Item 10: seven fake peers (seven keys and ports, one IP) answering pings 400 s ahead
+    moved a node's clock correction to +300 s, and lookups through it lost every declaration.
+    Offsets now count once per host; the fakes are one vote against three honest hosts."""
+
+    async def scenario() -> None:
+        honest = [await start_node(host="127.0.0.2", announce_host="127.0.0.2")]
+        for ip in ("127.0.0.3", "127.0.0.4"):
+            honest.append(
+                await start_node(host=ip, announce_host=ip, initial_peers=[honest[0].address])
+            )
+        victim = await start_node(initial_peers=[n.address for n in honest])
+        fakes = []
+        try:
+            await asyncio.wait_for(victim.node.joined.wait(), 30)
+            ahead = NodeConfig(simulate_clock_offset=400.0, max_clock_correction=0.0)
+            for _ in range(7):
+                fakes.append(
+                    await start_node(
+                        ahead, host="127.0.0.9", announce_host="127.0.0.9",
+                        initial_peers=[victim.address],
+                    )
+                )  # fmt: skip
+            await until(
+                lambda: all(f.address in victim.node.verified for f in fakes),
+                60, "the victim to ping every fake",
+            )  # fmt: skip
+            for fake in fakes:
+                await fake.stop()
+            # an honest declaration made elsewhere is seen through the victim
+            owner = Identity.generate()
+            async with DHTClient([honest[0].address], identity=owner, timeout=30) as client:
+                expiration = time.time() + 120
+                assert await client.put(
+                    [("clock.", "0", b"127.0.0.1:1", expiration)], owned=True
+                ) == [True]
+            async with DHTClient([victim.address], timeout=30) as client:
+                found = await client.get(["clock."], latest=True)
+                assert found["clock."] is not None
+                assert [v.value for v in found["clock."][b"0"]] == [b"127.0.0.1:1"]
+                assert abs(client.now() - time.time()) < 10
+            assert abs(victim.node.clock.correction) < 10
+        finally:
+            for node in (*fakes, victim, *honest):
+                await node.stop()
+
+    asyncio.run(scenario())

@@ -249,6 +249,7 @@ class DHTNode:
         if node_id is not None:
             self.table.remove(node_id)
         self.blacklist.fail(address)
+        self.clock.forget(address)
 
     async def _ping_or_evict(self, node_id: int, address: str) -> None:
         try:
