@@ -239,3 +239,63 @@ def test_clock_sybil_on_one_address_cannot_shift_a_node() -> None:
                 await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_lookup_loop_through_a_fake_peer_ends() -> None:
+    """Item 3: a peer that proves its own id but answers every Find with 20 ever-closer fake
+    ids at its own address kept lookups asking it forever (puts and gets hit their timeout),
+    and taught the fake ids to the other nodes. Now a lookup takes one id per address, skips
+    ids an address did not prove, and has a budget of RPCs and rounds."""
+
+    async def scenario() -> None:
+        honest = [await start_node()]
+        for _ in range(3):
+            honest.append(await start_node(initial_peers=[honest[0].address]))
+        fake = await start_node(initial_peers=[honest[0].address])
+        asked = [0]
+        answers: dict[tuple[int, bytes], int] = {}  # (target, asking node) -> answers given
+
+        async def fake_find(request: dht_pb2.FindRequest, caller_host: str) -> object:
+            asked[0] += 1
+            await asyncio.sleep(1.0)  # slow, but within the RPC deadline (1.5 s)
+            results = []
+            for raw in request.key_ids:
+                target = int.from_bytes(raw, "big")
+                asker = (target, request.sender.node_id)
+                answers[asker] = answers.get(asker, 0) + 1
+                n = answers[asker]  # each answer about nearer than every earlier one
+                ball = max(256, (1 << 150) * 2**n // 3**n)
+                nearest = [
+                    dht_pb2.NodeInfo(
+                        node_id=id_to_bytes(target ^ int.from_bytes(os.urandom(20), "big") % ball),
+                        address=fake.address,
+                    )
+                    for _ in range(20)
+                ]
+                results.append(dht_pb2.FindResult(nearest=nearest))
+            return dht_pb2.FindResponse(results=results, peer=fake.node.info)
+
+        fake.node.protocol.find = fake_find  # type: ignore[method-assign]
+        try:
+            await asyncio.wait_for(fake.node.joined.wait(), 30)
+            await until(
+                lambda: fake.node.node_id in honest[0].node.table,
+                60, "the node put through to know the fake",
+            )  # fmt: skip
+            owner = Identity.generate()
+            keys = [f"loop.{i}." for i in range(4)]
+            async with DHTClient([honest[0].address], identity=owner, timeout=30) as client:
+                items = [(key, str(j), b"127.0.0.1:1", client.now() + 600)
+                         for key in keys for j in range(2)]  # fmt: skip
+                assert await client.put(items, owned=True) == [True] * len(items)
+            for node in honest:
+                async with DHTClient([node.address], timeout=30) as client:
+                    found = await client.get(keys, latest=True)
+                    for key in keys:
+                        assert found[key] is not None and set(found[key]) == {b"0", b"1"}, key
+            assert asked[0] > 0  # the fake was asked, and lookups still ended
+        finally:
+            for node in (fake, *honest):
+                await node.stop()
+
+    asyncio.run(scenario())

@@ -34,6 +34,8 @@ class NodeConfig:
     max_records: int = 100_000
     max_cache_records: int = 10_000
     max_keys_per_request: int = 4096
+    lookup_rpcs_per_beam: int = 6  # a key's lookup asks at most this x its beam peers
+    max_lookup_rounds: int = 16  # ... in at most this many rounds
     max_reply_bytes: int = 16 << 20  # entries in one Get/Find reply; past it RESOURCE_EXHAUSTED
     blacklist_base: float = 1.0
     blacklist_max: float = 60.0

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+WINDOW = 4  # a diverse choice of n ids is made among the n * WINDOW nearest
+
 
 def host_of(address: str) -> str:
     """``10.0.0.7:31330`` -> ``10.0.0.7``; ``[::1]:5`` -> ``[::1]``; no port: as it is."""
@@ -46,3 +48,15 @@ def diverse(ordered: Iterable[int], count: int, address_of: Callable[[int], str]
                 if len(picked) == count:
                     break
     return [i for i in ordered if i in picked]
+
+
+def is_replica(me: str, nearer: list[str], count: int) -> bool:
+    """Whether a node at address ``me`` belongs to the ``count`` ids :func:`diverse` picks
+    from those nearer a key (``nearer``: their addresses, nearest first) and itself, last.
+
+    It does when fewer than ``count`` are nearer, or when its host is none of theirs and they
+    span fewer than ``count`` hosts (the first pass reaches it)."""
+    if len(nearer) < count:
+        return True
+    hosts = {host_of(a) for a in nearer}
+    return host_of(me) not in hosts and len(hosts) < count

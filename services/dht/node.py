@@ -392,7 +392,16 @@ class DHTNode:
             is_blocked=self.blacklist.blocked,
             k=width,
             stop_on_value=values and not latest,
+            max_rpcs=self.config.lookup_rpcs_per_beam * width,
+            max_rounds=self.config.max_lookup_rounds,
+            claim_ok=self._claim_ok,
         )
+
+    def _claim_ok(self, node_id: int, address: str) -> bool:
+        """False when ``address`` proved another id (by a signed ping): a lookup does not ask
+        a peer under an id it is known not to hold."""
+        proved = self.verified.get(address)
+        return proved is None or proved == node_id
 
     async def find(
         self, peer_id: int, address: str, targets: list[int], nodes_only: bool, beam: int = 0

@@ -31,6 +31,7 @@ from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
 from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.dht.clock import DHTClock
+from services.dht.diversity import WINDOW, is_replica
 from services.dht.records import PROBLEMS, Entry, ownership_problem
 from services.dht.routing import RoutingTable, id_from_bytes, id_to_bytes
 from services.dht.storage import Storage, StorageFull, merge_entries
@@ -320,8 +321,11 @@ class PeerProtocol:
             token = b""
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
-                closer = state.table.count_nearer(key_id, state.node_id, replicas)
-                declined.append(closer >= replicas and not item.demote)
+                nearer = state.table.nearer(key_id, state.node_id, replicas * WINDOW)
+                mine = len(nearer) < replicas * WINDOW and is_replica(
+                    state.info.address, nearer, replicas
+                )
+                declined.append(not mine and not item.demote)
                 if declined[-1]:
                     stored.append(False)
                     tokens.append(token)

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from services.dht.diversity import WINDOW, diverse
+
 ID_BYTES = 20
 ID_BITS = ID_BYTES * 8
 ID_SPACE = 1 << ID_BITS
@@ -169,9 +171,24 @@ class RoutingTable:
         return True
 
     def nearest(self, target: int, count: int, exclude: int | None = None) -> list[tuple[int, str]]:
-        """The ``count`` contacts closest to ``target``, nearest first."""
-        ids = nearest_of(target, (i for i in self._nodes if i != exclude), count)
-        return [(i, self._nodes[i]) for i in ids]
+        """The ``count`` contacts closest to ``target``, nearest first, one per host first
+        (:func:`services.dht.diversity.diverse`)."""
+        nodes = self._nodes
+        ids = nearest_of(target, (i for i in nodes if i != exclude), count * WINDOW)
+        if len(ids) > count:
+            ids = diverse(ids, count, nodes.__getitem__)
+        return [(i, nodes[i]) for i in ids]
+
+    def nearer(self, target: int, than: int, limit: int) -> list[str]:
+        """Addresses of the contacts nearer ``target`` than ``than``, nearest first (at most
+        ``limit``: collecting stops there)."""
+        bound, found = than ^ target, []
+        for node_id, address in self._nodes.items():
+            if node_id ^ target < bound:
+                found.append((node_id ^ target, address))
+                if len(found) >= limit:
+                    break
+        return [address for _, address in sorted(found)]
 
     def count_nearer(self, target: int, than: int, limit: int) -> int:
         """How many contacts are nearer ``target`` than ``than`` (counting stops at ``limit``)."""
