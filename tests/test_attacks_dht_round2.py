@@ -299,3 +299,72 @@ def test_lookup_loop_through_a_fake_peer_ends() -> None:
                 await node.stop()
 
     asyncio.run(scenario())
+
+
+def _ground_identities(key: bytes, beat: list[int], count: int) -> list[Identity]:
+    """Identities whose ids are nearer ``key``'s id than every id in ``beat`` (key grinding)."""
+    target = key_to_id(key)
+    bound = min(i ^ target for i in beat)
+    found = []
+    while len(found) < count:
+        identity = Identity.generate()
+        if key_to_id(identity.public_key) ^ target < bound:
+            found.append(identity)
+    return found
+
+
+def test_eclipse_by_key_grinding_fails() -> None:
+    """Item 7: five peers with ids ground near a prefix's key (77-8,974 keys) took every
+    replica of ``ecl.``: they accepted the stores, dropped them, and the grid vanished. Replica
+    sets and lookup beams now take one id per host first: five ids on one address hold one of
+    the five places, and the honest hosts hold the others."""
+
+    async def scenario() -> None:
+        honest = [await start_node(host="127.0.0.2", announce_host="127.0.0.2")]
+        for ip in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            honest.append(
+                await start_node(host=ip, announce_host=ip, initial_peers=[honest[0].address])
+            )
+        await asyncio.wait_for(asyncio.gather(*(n.node.joined.wait() for n in honest)), 30)
+        attackers = []
+        try:
+            for identity in _ground_identities(b"ecl.", [n.node.node_id for n in honest], 5):
+                bad = await start_node(
+                    host="127.0.0.9", announce_host="127.0.0.9", identity=identity,
+                    initial_peers=[n.address for n in honest],
+                )  # fmt: skip
+                swallow = lambda *_args, **_kwargs: True  # noqa: E731 - accept, keep nothing
+                bad.node.storage.store = swallow  # type: ignore[method-assign]
+                bad.node.cache.store = swallow  # type: ignore[method-assign]
+                real_find = bad.node.protocol.find
+
+                async def find(request, caller_host, real_find=real_find):  # type: ignore[no-untyped-def]
+                    reply = await real_find(request, caller_host)
+                    for result in reply.results:  # name only the attackers
+                        keep = [p for p in result.nearest if p.address.startswith("127.0.0.9:")]
+                        del result.nearest[:]
+                        result.nearest.extend(keep)
+                    return reply
+
+                bad.node.protocol.find = find  # type: ignore[method-assign]
+                attackers.append(bad)
+            await until(
+                lambda: all(a.node.node_id in n.node.table for a in attackers for n in honest),
+                60, "the honest nodes to know the attackers",
+            )  # fmt: skip
+            owner = Identity.generate()
+            async with DHTClient([honest[0].address], identity=owner, timeout=30) as client:
+                items = [("ecl.", str(i), b"127.0.0.1:1", client.now() + 600) for i in range(4)]
+                assert await client.put(items, owned=True) == [True] * 4
+            for node in honest:
+                async with DHTClient([node.address], timeout=30) as client:
+                    found = await client.get(["ecl."], latest=True)
+                    assert found["ecl."] is not None, node.address
+                    assert set(found["ecl."]) == {b"0", b"1", b"2", b"3"}
+            key_id = key_to_id(b"ecl.")
+            assert sum(bool(n.node.storage.get(key_id)) for n in honest) >= 3
+        finally:
+            for node in (*attackers, *honest):
+                await node.stop()
+
+    asyncio.run(scenario())

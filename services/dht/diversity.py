@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-WINDOW = 4  # a diverse choice of n ids is made among the n * WINDOW nearest
+WINDOW = 8  # a routing table's diverse choice of n ids is made among its n * WINDOW nearest
 
 
 def host_of(address: str) -> str:

@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from services.dht.diversity import WINDOW, diverse
+from services.dht.diversity import diverse, host_of
 from services.dht.storage import Entry
 
 # find(peer_id, address, targets) -> per target: (entries, [(node_id, address), ...])
@@ -78,11 +78,17 @@ class KeyLookup:
         return self._nearest(self.candidates, self.k)
 
     def _nearest(self, ids: dict[int, str], count: int) -> list[int]:
+        """The ``count`` nearest ``ids``, one per host first among *all* of them (a lookup
+        holds tens of candidates), so ids ground near the key on one host never push the
+        other hosts out."""
         target = self.target
         if len(ids) <= count:
             return sorted(ids, key=lambda i: i ^ target)
-        window = heapq.nsmallest(count * WINDOW, ids, key=lambda i: i ^ target)
-        return diverse(window, count, ids.__getitem__)
+        nearest = heapq.nsmallest(count, ids, key=lambda i: i ^ target)
+        hosts = {host_of(ids[i]) for i in nearest}
+        if len(hosts) == count or len(hosts) == len({host_of(a) for a in ids.values()}):
+            return nearest  # already one per host, or no other host to prefer
+        return diverse(sorted(ids, key=lambda i: i ^ target), count, ids.__getitem__)
 
     def exhausted(self) -> bool:
         """The lookup spent its budget of RPCs or rounds."""
