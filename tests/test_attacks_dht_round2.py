@@ -25,6 +25,7 @@ from services.common.healthcheck import wait_serving
 from services.common.identity import Identity
 from services.dht.client import DHTClient
 from services.dht.config import NodeConfig
+from services.dht.records import sign_entry
 from services.dht.routing import id_to_bytes, key_to_id
 from services.dht.server import start_node
 from services.proto import dht_pb2
@@ -365,6 +366,74 @@ def test_eclipse_by_key_grinding_fails() -> None:
             assert sum(bool(n.node.storage.get(key_id)) for n in honest) >= 3
         finally:
             for node in (*attackers, *honest):
+                await node.stop()
+
+    asyncio.run(scenario())
+
+
+def test_storage_fill_from_one_address_cannot_lock_out_declarations() -> None:
+    """Item 8: one IP filled ``--max-records`` on every node with tiny unowned entries in
+    seconds, and a new expert server could never declare. Now one source IP holds at most a
+    quarter of a node's records (and bytes), unowned entries at most half, and a signed entry
+    evicts unowned ones when the node is full."""
+    config = NodeConfig(max_records=400)
+
+    async def scenario() -> None:
+        honest = [await start_node(config)]
+        for _ in range(2):
+            honest.append(await start_node(config, initial_peers=[honest[0].address]))
+        await asyncio.wait_for(asyncio.gather(*(n.node.joined.wait() for n in honest)), 30)
+        far = time.time() + 3600
+        try:
+            for node in honest:
+                async with relay_from(node.address, "127.0.0.2") as relay:
+                    channel, dht, peer = stubs(relay)
+                    async with channel:
+                        unowned = [
+                            dht_pb2.StoreItem(
+                                key_id=os.urandom(20),
+                                entry=dht_pb2.ValueEntry(subkey=b"s", value=b"x", expiration=far),
+                            )
+                            for _ in range(500)
+                        ]
+                        owned = []
+                        for _ in range(500):
+                            key_id = os.urandom(20)
+                            signed = sign_entry(Identity.generate(), key_id, b"s", b"x", far)
+                            entry = dht_pb2.ValueEntry(
+                                subkey=b"s", value=b"x", expiration=far,
+                                owner=signed.owner, signature=signed.signature,
+                            )  # fmt: skip
+                            owned.append(dht_pb2.StoreItem(key_id=key_id, entry=entry))
+                        puts = [
+                            dht_pb2.PutItem(key=os.urandom(8).hex().encode(),
+                                            entry=dht_pb2.ValueEntry(value=b"x", expiration=far))
+                            for _ in range(500)
+                        ]  # fmt: skip
+                        for call in (
+                            peer.Store(dht_pb2.StoreRequest(items=unowned)),
+                            peer.Store(dht_pb2.StoreRequest(items=owned)),
+                            dht.Put(dht_pb2.PutRequest(items=puts)),
+                        ):
+                            with contextlib.suppress(grpc.aio.AioRpcError):
+                                await call
+            # a new expert server declares its grid through an honest node
+            owner = Identity.generate()
+            keys = ["fill.", "fill.0.", "fill.1."]
+            async with DHTClient([honest[1].address], identity=owner, timeout=30) as client:
+                items = [(key, str(j), b"127.0.0.1:1", client.now() + 600)
+                         for key in keys for j in range(2)]  # fmt: skip
+                assert await client.put(items, owned=True) == [True] * len(items)
+            for node in honest:
+                async with DHTClient([node.address], timeout=30) as client:
+                    found = await client.get(keys, latest=True)
+                    for key in keys:
+                        assert found[key] is not None and set(found[key]) == {b"0", b"1"}, key
+            for node in honest:
+                entries, _ = node.node.storage.held_by("127.0.0.2")
+                assert entries <= 100  # a quarter of --max-records
+        finally:
+            for node in honest:
                 await node.stop()
 
     asyncio.run(scenario())

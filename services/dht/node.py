@@ -452,11 +452,13 @@ class DHTNode:
         return states
 
     # ------------------------------------------------------------------ put and get
-    async def store_many(self, items: Sequence[tuple[int, Entry]]) -> tuple[list[int], bool]:
+    async def store_many(
+        self, items: Sequence[tuple[int, Entry]], source: str = ""
+    ) -> tuple[list[int], bool]:
         """Store each (key id, entry) on the ``num_replicas`` nearest nodes
-        (:mod:`services.dht.store`). Returns the replica count per item and whether storage
-        was full somewhere."""
-        return await ReplicatedStore(self, items).run()
+        (:mod:`services.dht.store`; ``source``: the client's IP, charged for this node's
+        copy). Returns the replica count per item and whether storage was full somewhere."""
+        return await ReplicatedStore(self, items, source).run()
 
     async def get_many(self, key_ids: Sequence[int], latest: bool = False) -> list[list[Entry]]:
         """The merged live entries per key (empty list: not found); entries whose ownership

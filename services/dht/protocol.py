@@ -210,8 +210,20 @@ class PeerState:
             identity=identity,
             node_id=node_id,
             table=RoutingTable(node_id, config.k, config.depth_modulo),
-            storage=Storage(config.max_records, clock=clock.now),
-            cache=Storage(config.max_cache_records, evict_when_full=True, clock=clock.now),
+            storage=Storage(
+                config.max_records,
+                clock=clock.now,
+                max_bytes=config.max_storage_bytes,
+                max_per_source=max(1, int(config.max_records * config.source_share)),
+                max_bytes_per_source=int(config.max_storage_bytes * config.source_share),
+                max_unowned=max(1, int(config.max_records * config.unowned_share)),
+            ),
+            cache=Storage(
+                config.max_cache_records,
+                evict_when_full=True,
+                clock=clock.now,
+                max_bytes=config.max_cache_bytes,
+            ),
             clock=clock,
             rejections=rejections,
             trusted=trusted,
@@ -339,7 +351,7 @@ class PeerProtocol:
                 # already held (read through Find) must not buy the right to demote it
                 fresh = replicas and not item.in_cache and not target.holds(key_id, entry)
                 try:
-                    stored.append(target.store(key_id, entry, keep))
+                    stored.append(target.store(key_id, entry, keep, caller_host))
                 except StorageFull:
                     stored.append(False)
                     full += 1
@@ -349,7 +361,8 @@ class PeerProtocol:
         if full and not any(stored):
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"storage full ({config.max_records} entries); {full} items refused",
+                f"storage full ({config.max_records} entries, or this caller's quota: "
+                f"{config.source_share:g} of them); {full} items refused",
             )
         return dht_pb2.StoreResponse(
             stored=stored,

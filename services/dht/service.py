@@ -71,7 +71,7 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
                 raise invalid(f"items[{i}]: {PROBLEMS[problem]}")
             items.append((key_id, entry))
         live = [i for i, (_, entry) in enumerate(items) if entry.expiration > now]
-        counts, full = await node.store_many([items[i] for i in live])
+        counts, full = await node.store_many([items[i] for i in live], peer_key(peer))
         replicas = [0] * len(items)
         for index, count in zip(live, counts, strict=True):
             replicas[index] = count
