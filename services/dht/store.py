@@ -143,9 +143,7 @@ class ReplicatedStore:
             for node_id, address in self.states[key_id].nearest_answered(self.replicas):
                 if node_id == node.node_id:
                     try:
-                        self.counts[index] += node.storage.store(
-                            key_id, entry, source=self.source
-                        )
+                        self.counts[index] += node.storage.store(key_id, entry, source=self.source)
                     except StorageFull:
                         self.full = True
                 elif (node_id, index) not in self.done:
