@@ -181,7 +181,7 @@ class LinkServer:
                 # backpressure: read the next message only once the replies are on their way
                 # (a caller that never reads its replies stops being read), and let the event
                 # loop serve others between messages
-                await replies.drained(self.max_outbox_bytes)
+                await replies.drained(self.max_outbox_bytes, pause=count > 64)
             if tasks:  # the caller closed its side: finish what it asked for
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
         finally:
@@ -242,8 +242,9 @@ class LinkServer:
             if admitted is not None:
                 self._admission.release(admitted, size, False)  # type: ignore[union-attr,arg-type]
             self._count(method, code, started)
-        if replies.size > self.max_outbox_bytes and len(reply.payload) > 4096:
-            # the caller does not read its replies: do not pile up more large ones
+        if replies.size > 4 * self.max_outbox_bytes and len(reply.payload) > 4096:
+            # the caller does not read its replies (reading stopped at max_outbox_bytes; only
+            # requests already running add more): do not pile up more large ones
             reply = _error(
                 frame.id,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -289,9 +290,11 @@ class _Outbox:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    async def drained(self, limit: int) -> None:
-        """Return once at most ``limit`` bytes wait (or the outbox closed); always yields."""
-        await asyncio.sleep(0)
+    async def drained(self, limit: int, pause: bool = False) -> None:
+        """Return once at most ``limit`` bytes wait (or the outbox closed); ``pause``: yield
+        to the event loop even then."""
+        if pause:
+            await asyncio.sleep(0)
         while self.size > limit and not self._closed:
             self._room = asyncio.get_running_loop().create_future()
             await self._room

@@ -53,6 +53,7 @@ class KeyLookup:
     claim_ok: Callable[[int, str], bool] = lambda _id, _address: True
     candidates: dict[int, str] = field(default_factory=dict)
     addresses: set[str] = field(default_factory=set)
+    hosts: set[str] = field(default_factory=set)  # of every id ever offered
     queried: set[int] = field(default_factory=set)
     answered: dict[int, str] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
@@ -73,6 +74,7 @@ class KeyLookup:
             return
         self.candidates[node_id] = address
         self.addresses.add(address)
+        self.hosts.add(host_of(address))
 
     def beam(self) -> list[int]:
         return self._nearest(self.candidates, self.k)
@@ -85,9 +87,11 @@ class KeyLookup:
         if len(ids) <= count:
             return sorted(ids, key=lambda i: i ^ target)
         nearest = heapq.nsmallest(count, ids, key=lambda i: i ^ target)
+        if len(self.hosts) <= 1:
+            return nearest  # one host (a test swarm, the benchmarks): nothing to prefer
         hosts = {host_of(ids[i]) for i in nearest}
-        if len(hosts) == count or len(hosts) == len({host_of(a) for a in ids.values()}):
-            return nearest  # already one per host, or no other host to prefer
+        if len(hosts) == count:
+            return nearest  # already one per host
         return diverse(sorted(ids, key=lambda i: i ^ target), count, ids.__getitem__)
 
     def exhausted(self) -> bool:
@@ -167,6 +171,7 @@ def start_lookups(
             state.claim_ok = claim_ok
         state.candidates[self_id] = self_address
         state.addresses.add(self_address)
+        state.hosts.add(host_of(self_address))
         state.queried.add(self_id)
         state.answered[self_id] = self_address
         if local is not None:

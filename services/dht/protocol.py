@@ -333,10 +333,13 @@ class PeerProtocol:
             token = b""
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
-                nearer = state.table.nearer(key_id, state.node_id, replicas * WINDOW)
-                mine = len(nearer) < replicas * WINDOW and is_replica(
-                    state.info.address, nearer, replicas
-                )
+                if state.table.host_count() <= 1:  # one host: nothing to prefer
+                    mine = state.table.count_nearer(key_id, state.node_id, replicas) < replicas
+                else:
+                    nearer = state.table.nearer(key_id, state.node_id, replicas * WINDOW)
+                    mine = len(nearer) < replicas * WINDOW and is_replica(
+                        state.info.address, nearer, replicas
+                    )
                 declined.append(not mine and not item.demote)
                 if declined[-1]:
                     stored.append(False)
