@@ -333,8 +333,9 @@ class PeerProtocol:
             token = b""
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
-                if state.table.host_count() <= 1:  # one host: nothing to prefer
-                    mine = state.table.count_nearer(key_id, state.node_id, replicas) < replicas
+                closer = state.table.count_nearer(key_id, state.node_id, replicas)
+                if closer < replicas or state.table.host_count() <= 1:
+                    mine = closer < replicas  # (one host: nothing to prefer)
                 else:
                     nearer = state.table.nearer(key_id, state.node_id, replicas * WINDOW)
                     mine = len(nearer) < replicas * WINDOW and is_replica(

@@ -180,10 +180,10 @@ class RoutingTable:
         (:func:`services.dht.diversity.diverse`)."""
         nodes = self._nodes
         candidates = (i for i in nodes if i != exclude)
-        if len(self._hosts) <= 1:  # one host (a test swarm, the benchmarks): nothing to prefer
-            ids = nearest_of(target, candidates, count)
-        else:
-            ids = nearest_of(target, candidates, count * WINDOW)
+        ids = nearest_of(target, candidates, count)
+        if len(self._hosts) > 1 and len({host_of(nodes[i]) for i in ids}) < len(ids):
+            # a host holds two of the nearest: prefer other hosts, among a wider window
+            ids = nearest_of(target, (i for i in nodes if i != exclude), count * WINDOW)
             if len(ids) > count:
                 ids = diverse(ids, count, nodes.__getitem__)
         return [(i, nodes[i]) for i in ids]
