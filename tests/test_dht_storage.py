@@ -164,3 +164,15 @@ def test_quotas_per_source_unowned_share_and_bytes() -> None:
     assert small.store(1, Entry(b"s", b"v" * 4000, now + 10))
     with pytest.raises(StorageFull, match="bytes"):
         small.store(2, Entry(b"s", b"v" * 1000, now + 10))
+
+
+def test_the_same_entry_stored_again_keeps_its_source() -> None:
+    """A republish (this node's own write) of an entry a peer stored must not move the charge
+    off that peer's quota."""
+    s, now = Storage(max_per_source=2), time.time()
+    entry = Entry(b"s", b"x", now + 10)
+    assert s.store(1, entry, source="10.0.0.2")
+    assert s.store(1, entry)
+    assert s.held_by("10.0.0.2")[0] == 1 and s.held_by("")[0] == 0
+    assert s.store(1, Entry(b"s", b"y", now + 20), source="10.0.0.3")  # a renewal: its writer
+    assert s.held_by("10.0.0.2")[0] == 0 and s.held_by("10.0.0.3")[0] == 1

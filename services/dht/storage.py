@@ -146,6 +146,9 @@ class Storage:
         replaced = self._replaced(key_id, entry, now)
         if replaced is None:
             return False
+        if replaced == [entry.slot] and self.holds(key_id, entry):
+            # the same entry again (a republish, a hand-off): whoever stored it first pays
+            source = self._records[key_id][entry.slot].source
         held = Held(entry, deadline, source, entry_size(entry))
         self._make_room(key_id, held, replaced, now)
         record = self._records.get(key_id)
