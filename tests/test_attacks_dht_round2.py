@@ -437,3 +437,33 @@ def test_storage_fill_from_one_address_cannot_lock_out_declarations() -> None:
                 await node.stop()
 
     asyncio.run(scenario())
+
+
+def test_reply_cap_and_repeated_ids() -> None:
+    """Item 2, the other half: a reply holds at most ``--max-reply-bytes`` of entries (the
+    caller is told to ask for fewer keys), and a ``Find`` naming an id twice is refused."""
+
+    async def scenario() -> None:
+        node = await start_node(NodeConfig(max_reply_bytes=100_000))
+        try:
+            async with DHTClient([node.address], timeout=30) as client:
+                items = [("wide", str(i), os.urandom(60_000), time.time() + 600) for i in range(3)]
+                assert await client.put(items) == [True] * 3
+                with pytest.raises(grpc.aio.AioRpcError, match="max-reply-bytes") as err:
+                    await client.get(["wide"])
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert await client.put([("narrow", "0", b"v", time.time() + 600)]) == [True]
+                assert (await client.get(["narrow", "narrow"]))["narrow"] is not None  # sent once
+            channel, _, peer = stubs(node.address)
+            async with channel:
+                key = id_to_bytes(key_to_id(b"wide"))
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await peer.Find(dht_pb2.FindRequest(key_ids=[key]))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await peer.Find(dht_pb2.FindRequest(key_ids=[key, key], nodes_only=True))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await node.stop()
+
+    asyncio.run(scenario())

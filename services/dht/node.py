@@ -311,8 +311,9 @@ class DHTNode:
         )
         try:
             reply = await self._call(address, "Find", request)
-        except TransportError:
-            self.on_failure(peer_id, address)
+        except TransportError as exc:
+            if exc.code != "RESOURCE_EXHAUSTED":  # busy, or a reply too large: not dead
+                self.on_failure(peer_id, address)
             raise
         if len(reply.results) != len(asked):
             self.on_failure(peer_id, address)
