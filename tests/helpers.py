@@ -164,35 +164,40 @@ async def serve_expert(
 
 
 @contextlib.asynccontextmanager
-async def from_source_ip(target: str, source_ip: str) -> AsyncIterator[str]:
-    """A TCP relay on 127.0.0.1 to ``target`` whose outgoing connections come from
-    ``source_ip``: Linux routes all of 127.0.0.0/8 to loopback, so a test can play callers
-    on distinct addresses (127.0.0.2, ...) that a server keys per IP. Yields the relay's
-    ``host:port``, to dial instead of ``target``."""
+async def relay_from(target: str, source_ip: str) -> AsyncIterator[str]:
+    """A TCP relay on 127.0.0.1 whose connections reach ``target`` from ``source_ip``.
+
+    Linux routes all of 127.0.0.0/8 to loopback, so one host can play callers at several IPs:
+    a server sees the relayed connections come from ``source_ip`` (e.g. ``127.0.0.2``), which is
+    how tests exercise defences keyed on the caller's address. Yields the relay's address."""
     host, _, port = target.rpartition(":")
+    tasks: set[asyncio.Task[None]] = set()
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(1 << 16):
                 writer.write(data)
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
 
-    tasks: set[asyncio.Task[None]] = set()
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                host, int(port), local_addr=(source_ip, 0)
+            )
+        except OSError:
+            writer.close()
+            return
+        both = asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        tasks.add(both)  # type: ignore[arg-type]
+        both.add_done_callback(tasks.discard)  # type: ignore[arg-type]
+        with contextlib.suppress(asyncio.CancelledError):
+            await both
 
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            host, int(port), local_addr=(source_ip, 0)
-        )
-        for a, b in ((reader, upstream_writer), (upstream_reader, writer)):
-            task = asyncio.ensure_future(pipe(a, b))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
         yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
@@ -234,3 +239,11 @@ def expert_swarm(*servers: dict[str, Any], dht: bool = True, **swarm_options: An
         if node is not None:
             swarm.run(node.stop())
         swarm.close()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set size of process ``pid`` so far (``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 import torch
-from helpers import run_async
+from helpers import run_async, until
 from prometheus_client import CollectorRegistry
 
 from services.common.identity import Identity
@@ -302,14 +302,18 @@ async def test_expiration_cap_and_a_skewed_clock() -> None:
     corrects its DHT time from its peers' median; a peer whose clock is off gets its entries
     kept only as long as its own clock says; expirations are capped."""
 
-    honest = [await start_node()]
-    for _ in range(2):
-        honest.append(await start_node(initial_peers=[honest[0].address]))
+    # the clock counts each host once: the honest peers live on three loopback IPs
+    honest = [await start_node(host="127.0.0.2", announce_host="127.0.0.2")]
+    for ip in ("127.0.0.3", "127.0.0.4"):
+        honest.append(
+            await start_node(host=ip, announce_host=ip, initial_peers=[honest[0].address])
+        )
     skewed = await start_node(
         NodeConfig(simulate_clock_offset=30.0), initial_peers=[n.address for n in honest]
     )
     try:
         await asyncio.wait_for(skewed.node.joined.wait(), 30)
+        await until(lambda: skewed.node.clock.correction, 30, "a clock correction")
         assert -31 < skewed.node.clock.correction < -29  # it noticed and corrected
         async with DHTClient([skewed.address], identity=Identity.generate()) as client:
             await client.get(["probe"])

@@ -14,7 +14,10 @@ from services.dht.routing import id_to_bytes, key_to_id
 from services.dht.server import start_node
 from services.proto import dht_pb2, dht_pb2_grpc
 
-CONFIG = NodeConfig(max_value_bytes=1024, max_key_bytes=64, max_records=3, max_keys_per_request=50)
+CONFIG = NodeConfig(
+    max_value_bytes=1024, max_key_bytes=64, max_records=3, max_keys_per_request=50,
+    source_share=1.0, unowned_share=1.0,  # a full store, not the quotas (test_attacks_dht_round2)
+)  # fmt: skip
 
 
 async def expect(code: grpc.StatusCode, call, *words: str) -> None:

@@ -86,7 +86,7 @@ async def test_inprocess_swarm_store_get_after_churn() -> None:
     for i in range(64):
         node = make_node(transport, i, config)
         await node.start([n.address for n in rng.sample(nodes, min(4, len(nodes)))])
-        await asyncio.wait_for(node.joined.wait(), 5)
+        await asyncio.wait_for(node.joined.wait(), 60)  # bounds a hang only
         nodes.append(node)
     keys = [key_to_id(f"k{i}".encode()) for i in range(40)]
     expiration = time.time() + 60
@@ -179,7 +179,7 @@ async def test_maintenance_republishes_and_refreshes() -> None:
     for i in range(20):
         node = make_node(transport, i, config, metrics=recorder)
         await node.start([n.address for n in rng.sample(nodes, min(3, len(nodes)))])
-        await asyncio.wait_for(node.joined.wait(), 5)
+        await asyncio.wait_for(node.joined.wait(), 60)  # bounds a hang only
         nodes.append(node)
     key = key_to_id(b"kept alive")
     counts, _ = await nodes[0].store_many([(key, Entry(None, b"v", time.time() + 60))])
@@ -311,7 +311,7 @@ async def _hand_off(enabled: bool) -> tuple[bool, int]:
     for i in range(20):
         node = make_node(transport, i, config)
         await node.start([n.address for n in rng.sample(nodes, min(3, len(nodes)))])
-        await asyncio.wait_for(node.joined.wait(), 5)
+        await asyncio.wait_for(node.joined.wait(), 60)  # bounds a hang only
         nodes.append(node)
     # ids are hashes of keys: draw keys, and pick a key whose 10 nearest drawn ids are all
     # nearer it than every node of the swarm
@@ -332,7 +332,7 @@ async def _hand_off(enabled: bool) -> tuple[bool, int]:
         for j, identity in enumerate(identities):
             node = make_node(transport, 100 + j, config, identity=identity)
             await node.start([nodes[j].address])
-            await asyncio.wait_for(node.joined.wait(), 5)
+            await asyncio.wait_for(node.joined.wait(), 60)  # bounds a hang only
             newcomers.append(node)
         assert max(key ^ n.node_id for n in newcomers) < min(key ^ n.node_id for n in nodes)
         await settle([*nodes, *newcomers])

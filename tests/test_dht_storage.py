@@ -125,3 +125,54 @@ def test_keep_until_shortens_an_entry_from_a_skewed_peer() -> None:
     assert s.get(1)
     time.sleep(0.15)
     assert s.get(1) == []
+
+
+def test_quotas_per_source_unowned_share_and_bytes() -> None:
+    """One source holds at most its quota; unowned entries at most their share; a signed entry
+    evicts unowned ones (the soonest-expiring first, the same source's first when that source
+    is over its quota); the byte cap counts values; charges follow replacements."""
+    owner = b"o" * 32  # ownership is checked by the protocol, not here
+    s, now = (
+        Storage(max_entries=10, max_per_source=4, max_unowned=6, max_bytes=1 << 20),
+        time.time(),
+    )
+    for i in range(4):
+        assert s.store(i, Entry(b"s", b"x", now + 10 + i), source="10.0.0.2")
+    with pytest.raises(StorageFull, match="quota"):
+        s.store(9, Entry(b"s", b"x", now + 10), source="10.0.0.2")
+    assert s.store(0, Entry(b"s", b"y", now + 30), source="10.0.0.2")  # a renewal needs no room
+    assert s.held_by("10.0.0.2")[0] == 4
+    # the same source's signed entry evicts its own soonest-expiring unowned one (key 1)
+    assert s.store(20, Entry(b"s", b"v", now + 10, owner), source="10.0.0.2")
+    assert s.get(1) == [] and s.held_by("10.0.0.2")[0] == 4
+    for i in range(2):
+        assert s.store(30 + i, Entry(b"s", b"x", now + 5), source=f"10.0.1.{i}")
+    assert s._unowned == 5
+    assert s.store(40, Entry(b"s", b"x", now + 50), source="10.0.2.1")
+    with pytest.raises(StorageFull, match="unowned"):
+        s.store(41, Entry(b"s", b"x", now + 50), source="10.0.2.2")
+    # full: signed entries evict the soonest-expiring unowned ones, never each other
+    for i in range(3):
+        assert s.store(50 + i, Entry(b"s", b"v", now + 60, owner), source=f"10.0.3.{i}")
+    assert len(s) == 10 and s.get(30) and s.get(31)
+    assert s.store(60, Entry(b"s", b"v", now + 60, owner))  # this node's own: no quota
+    assert s.store(61, Entry(b"s", b"v", now + 60, owner), source="10.0.3.9")
+    assert len(s) == 10 and s.get(30) == [] and s.get(31) == [] and s.get(40)
+    assert s.store(62, Entry(b"s", b"v", now + 60, owner), source="10.0.3.8")
+    assert s.get(2) == [] and s.get(40) and s._unowned == 3  # the soonest to expire went
+    small = Storage(max_entries=100, max_bytes=5000)
+    assert small.store(1, Entry(b"s", b"v" * 4000, now + 10))
+    with pytest.raises(StorageFull, match="bytes"):
+        small.store(2, Entry(b"s", b"v" * 1000, now + 10))
+
+
+def test_the_same_entry_stored_again_keeps_its_source() -> None:
+    """A republish (this node's own write) of an entry a peer stored must not move the charge
+    off that peer's quota."""
+    s, now = Storage(max_per_source=2), time.time()
+    entry = Entry(b"s", b"x", now + 10)
+    assert s.store(1, entry, source="10.0.0.2")
+    assert s.store(1, entry)
+    assert s.held_by("10.0.0.2")[0] == 1 and s.held_by("")[0] == 0
+    assert s.store(1, Entry(b"s", b"y", now + 20), source="10.0.0.3")  # a renewal: its writer
+    assert s.held_by("10.0.0.2")[0] == 0 and s.held_by("10.0.0.3")[0] == 1

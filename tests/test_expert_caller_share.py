@@ -2,7 +2,7 @@
 risk), and the opt-in ``--max-caller-share`` that bounds one caller's part of it.
 
 Callers on distinct addresses are real: each non-default caller reaches the server through a
-relay whose connections come from its own 127.0.0.x address (``helpers.from_source_ip``).
+relay whose connections come from its own 127.0.0.x address (``helpers.relay_from``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 
 import grpc
 import torch
-from helpers import from_source_ip, serve_expert
+from helpers import relay_from, serve_expert
 
 from services.expert.client import ExpertClient
 
@@ -43,7 +43,7 @@ async def _drift_run(max_caller_share: float) -> tuple[float, int, int, list[str
         contextlib.AsyncExitStack() as stack,
     ):
         addresses = [
-            await stack.enter_async_context(from_source_ip(server.address, f"127.0.0.{i}"))
+            await stack.enter_async_context(relay_from(server.address, f"127.0.0.{i}"))
             for i in (2, 3, 4)
         ]
         hostile, *others = [ExpertClient(a) for a in addresses]

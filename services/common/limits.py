@@ -165,6 +165,31 @@ class Admission:
         self.in_flight += 1
         return state
 
+    def charge(self, peer: str, count: int) -> Refused | None:
+        """Take ``count`` rate tokens from ``peer`` for work that was refused, not admitted (a
+        link's junk frames): the bucket may go into debt, up to a minute of the rate, so a
+        flood is paid for by the calls its sender cannot make next. Refused when in debt."""
+        rate = self.limits.max_peer_rps
+        if not rate:
+            return None
+        key = self._keys.get(peer)
+        if key is None:
+            key = self._key(peer)
+        now = time.monotonic()
+        state = self._peers.get(key)
+        if state is None:
+            state = self._add(key, now)
+        tokens = min(self._burst, state.tokens + (now - state.stamp) * rate)
+        state.tokens = max(-60.0 * rate, tokens - count)
+        state.stamp = now
+        if state.tokens >= 0:
+            return None
+        return Refused(
+            "peer_rate",
+            f"too many calls from {key}: over {rate:g}/s after a burst of "
+            f"{self._burst:g} (--max-peer-rps, --max-peer-burst); retry later",
+        )
+
     def grow(self, state: Peer, size: int) -> Refused | None:
         """Count ``size`` more request bytes held by a call of ``state`` (a stream's chunk)."""
         refused = self._bytes_over(state, size)
@@ -207,8 +232,10 @@ class Admission:
         """Forget idle peers: first those whose bucket is full again, then the oldest."""
         peers, cap = self._peers, self.limits.max_peers
         idle = [p for p in peers.values() if p.calls == 0]
-        for state in idle:
-            if now - state.stamp >= self._refill_s:
+        rate = self.limits.max_peer_rps
+        for state in idle:  # a bucket in debt (charge) refills for longer
+            debt = max(0.0, -state.tokens) / rate if rate else 0.0
+            if now - state.stamp >= self._refill_s + debt:
                 del peers[state.key]
         target = cap * 3 // 4
         if len(peers) > target:

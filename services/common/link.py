@@ -31,7 +31,7 @@ import functools
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # (request payload, caller's context.peer() string) -> reply payload; raise StatusError to fail
 LinkMethod = Callable[[bytes, str], Awaitable[bytes]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+MAX_BATCH_FRAMES = 256  # frames a caller puts in one stream message (a server takes 4x)
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], frame_id: int, _done: object) -> None:
@@ -87,9 +88,17 @@ class LinkServer:
     requests on a link are admitted, counted and timed like unary calls of the same name.
     """
 
-    def __init__(self, methods: dict[str, LinkMethod], max_pending: int = 256) -> None:
+    def __init__(
+        self,
+        methods: dict[str, LinkMethod],
+        max_pending: int = 256,
+        max_batch_frames: int = MAX_BATCH_FRAMES * 4,
+        max_outbox_bytes: int = 8 << 20,
+    ) -> None:
         self.methods = methods
         self.max_pending = max_pending
+        self.max_batch_frames = max_batch_frames
+        self.max_outbox_bytes = max_outbox_bytes
         self._metrics: Any = None
         self._admission: Admission | None = None
         self._rejections: Rejections | None = None
@@ -125,6 +134,8 @@ class LinkServer:
             while True:
                 frames = await replies.take()
                 if frames is None:
+                    if replies.error is not None:
+                        await context.abort(replies.error.code, replies.error.message)
                     return
                 yield LinkBatch(frames=frames)
         finally:
@@ -141,6 +152,18 @@ class LinkServer:
     ) -> None:
         try:
             async for batch in batches:
+                count = len(batch.frames)  # known before a Python object per frame exists
+                if count > self.max_batch_frames:
+                    # no honest caller sends this many (LinkClient: MAX_BATCH_FRAMES): cut the
+                    # stream, and make every frame cost its caller a rate token
+                    self._charge(peer, count)
+                    replies.error = self._refuse(
+                        peer,
+                        "link_flood",
+                        f"{count} frames in one link message, limit {self.max_batch_frames}",
+                    )
+                    return
+                refused = 0
                 for frame in batch.frames:
                     if frame.cancel:
                         task = tasks.pop(frame.id, None)
@@ -149,15 +172,36 @@ class LinkServer:
                         continue
                     problem = self._problem(frame, tasks)
                     if problem is not None:
+                        refused += 1  # not admitted, so charged here: junk is not free
                         replies.put(problem)
                         continue
                     task = asyncio.ensure_future(self._run(frame, peer, replies))
                     tasks[frame.id] = task
                     task.add_done_callback(functools.partial(_forget, tasks, frame.id))
+                if refused and self._charge(peer, refused) is not None:
+                    replies.error = self._refuse(
+                        peer, "peer_rate", f"{refused} refused requests and over the rate limit"
+                    )
+                    return
+                # backpressure: read the next message only once the replies are on their way
+                # (a caller that never reads its replies stops being read), and let the event
+                # loop serve others between messages
+                await replies.drained(self.max_outbox_bytes, pause=count > 64)
             if tasks:  # the caller closed its side: finish what it asked for
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
         finally:
             replies.close()
+
+    def _charge(self, peer: str, count: int) -> Refused | None:
+        """Take ``count`` rate tokens from ``peer`` (its bucket may go into debt)."""
+        if self._admission is None:
+            return None
+        return self._admission.charge(peer, count)
+
+    def _refuse(self, peer: str, reason: str, message: str) -> StatusError:
+        if self._rejections is not None:
+            self._rejections.reject(reason, "closed a peer link", peer_key(peer), detail=message)
+        return StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"link closed: {message}")
 
     def _problem(self, frame: LinkFrame, tasks: dict[int, Any]) -> LinkFrame | None:
         if frame.id in tasks:
@@ -203,6 +247,15 @@ class LinkServer:
             if admitted is not None:
                 self._admission.release(admitted, size, False)  # type: ignore[union-attr,arg-type]
             self._count(method, code, started)
+        if replies.size > 4 * self.max_outbox_bytes and len(reply.payload) > 4096:
+            # the caller does not read its replies (reading stopped at max_outbox_bytes; only
+            # requests already running add more): do not pile up more large ones
+            reply = _error(
+                frame.id,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reply of {len(reply.payload)} bytes refused: {replies.size} bytes of replies "
+                "wait on this link unread",
+            )
         replies.put(reply)
 
 
@@ -210,25 +263,46 @@ def _error(request_id: int, code: grpc.StatusCode, details: str) -> LinkFrame:
     return LinkFrame(id=request_id, code=code.value[0], details=details)
 
 
-class _Outbox:
-    """Frames waiting to leave; :meth:`take` waits for at least one and returns those that
-    fit ``max_bytes`` of payload (at least one; None once closed and empty): a batch."""
+def _frame_bytes(frame: LinkFrame) -> int:
+    return len(frame.payload) + len(frame.details) + 16
 
-    def __init__(self, max_bytes: int = 4 << 20) -> None:
+
+class _Outbox:
+    """Frames waiting to leave; :meth:`take` waits for at least one and returns a batch: those
+    that fit ``max_bytes`` of payload and ``max_frames`` (at least one; None once closed and
+    empty). ``size`` counts the bytes waiting; :meth:`drained` waits until it is under a
+    bound (backpressure). ``error``: why the link is being closed, if it is."""
+
+    def __init__(self, max_bytes: int = 4 << 20, max_frames: int = MAX_BATCH_FRAMES) -> None:
         self.max_bytes = max_bytes
-        self._frames: list[LinkFrame] = []
+        self.max_frames = max_frames
+        self.size = 0
+        self.error: StatusError | None = None
+        self._frames: deque[LinkFrame] = deque()
         self._ready: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
         self._closed = False
 
     def put(self, frame: LinkFrame) -> None:
         self._frames.append(frame)
+        self.size += _frame_bytes(frame)
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
     def close(self) -> None:
         self._closed = True
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
+        for waiter in (self._ready, self._room):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def drained(self, limit: int, pause: bool = False) -> None:
+        """Return once at most ``limit`` bytes wait (or the outbox closed); ``pause``: yield
+        to the event loop even then."""
+        if pause:
+            await asyncio.sleep(0)
+        while self.size > limit and not self._closed:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     async def take(self) -> list[LinkFrame] | None:
         while not self._frames:
@@ -236,15 +310,19 @@ class _Outbox:
                 return None
             self._ready = asyncio.get_running_loop().create_future()
             await self._ready
-        frames, size, cut = self._frames, 0, 0
-        for cut, frame in enumerate(frames):
-            size += len(frame.payload)
-            if size > self.max_bytes and cut:
+        frames, size = self._frames, 0
+        taken: list[LinkFrame] = []
+        while frames and len(taken) < self.max_frames:
+            frame = frames[0]
+            cost = _frame_bytes(frame)
+            if taken and size + len(frame.payload) > self.max_bytes:
                 break
-        else:
-            cut = len(frames)
-        self._frames = frames[cut:]
-        return frames[:cut]
+            taken.append(frames.popleft())
+            size += len(frame.payload)
+            self.size -= cost
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        return taken
 
 
 class LinkClient:

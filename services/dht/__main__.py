@@ -80,6 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     limits.add_argument("--max-keys-per-request", type=int, default=defaults.max_keys_per_request)
     limits.add_argument(
+        "--max-storage-bytes", type=int, default=defaults.max_storage_bytes,
+        help="bytes of replica entries held (values and overhead)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-cache-bytes", type=int, default=defaults.max_cache_bytes,
+        help="bytes of cached copies held (soonest-expiring evicted)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--source-share", type=float, default=defaults.source_share,
+        help="share of --max-records and --max-storage-bytes one source IP may hold",
+    )  # fmt: skip
+    limits.add_argument(
+        "--unowned-share", type=float, default=defaults.unowned_share,
+        help="share of --max-records unowned (unsigned) entries may hold; signed entries "
+        "evict them when full",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-reply-bytes", type=int, default=defaults.max_reply_bytes,
+        help="bytes of entries in one Get/Find reply (past it RESOURCE_EXHAUSTED)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--lookup-rpcs-per-beam", type=int, default=defaults.lookup_rpcs_per_beam,
+        help="a key's lookup asks at most this many times its beam of peers",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-lookup-rounds", type=int, default=defaults.max_lookup_rounds,
+        help="a key's lookup runs at most this many rounds",
+    )  # fmt: skip
+    limits.add_argument(
         "--max-ttl",
         type=float,
         default=defaults.max_ttl,
@@ -121,6 +150,13 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
         max_records=args.max_records,
         max_cache_records=args.max_cache_records,
         max_keys_per_request=args.max_keys_per_request,
+        max_storage_bytes=args.max_storage_bytes,
+        max_cache_bytes=args.max_cache_bytes,
+        source_share=args.source_share,
+        unowned_share=args.unowned_share,
+        max_reply_bytes=args.max_reply_bytes,
+        lookup_rpcs_per_beam=args.lookup_rpcs_per_beam,
+        max_lookup_rounds=args.max_lookup_rounds,
         refresh_interval=args.refresh_interval,
         republish_interval=args.republish_interval,
         blacklist_base=args.blacklist_base,

@@ -241,16 +241,18 @@ class DHTClient:
         if not keys:
             return {}
         raw = [_as_bytes(k, "key") for k in keys]
-        request = dht_pb2.GetRequest(keys=raw, latest=latest)
+        unique = list(dict.fromkeys(raw))  # nodes refuse a key named twice
+        request = dht_pb2.GetRequest(keys=unique, latest=latest)
         sent = self.clock.source()
         reply = await self._call("Get", request)
-        if len(reply.results) != len(keys):
+        if len(reply.results) != len(unique):
             raise DHTUnavailable("DHT node answered the wrong number of results")
         self._clock(reply.dht_time, sent)
-        return {
-            key: self._found(key_bytes, result)
-            for key, key_bytes, result in zip(keys, raw, reply.results, strict=True)
+        found = {
+            key_bytes: self._found(key_bytes, result)
+            for key_bytes, result in zip(unique, reply.results, strict=True)
         }
+        return {key: found[key_bytes] for key, key_bytes in zip(keys, raw, strict=True)}
 
     def _found(self, key: bytes, result: dht_pb2.GetResult) -> Found:
         if not result.found or not result.entries:

@@ -9,10 +9,15 @@ every answer, silently. So
   ``max_skew`` is logged once an hour and counted, and the entries it stores here are kept
   only as long as its own clock says (``keep_until``: expiration minus its offset), so a
   peer running ahead cannot make records outlive their owners' intent;
-- when the median offset of at least three pinged peers exceeds ``max_skew``, *this* node is the
-  one that is off: it warns once and adds the median (capped at ``max_correction``) to its
-  clock. A few hostile peers cannot move the median; a hostile majority of the peers this
-  node pinged could move it by at most ``max_correction``.
+- when the median offset of at least three pinged *hosts* exceeds ``max_skew``, *this* node is
+  the one that is off: it warns once and adds the median (capped at ``max_correction``) to its
+  clock. Offsets are kept per host (the address without its port: the latest sample of any
+  port there), so peers sharing one address count once: seven fake peers on seven ports of one
+  IP are one vote (:mod:`services.dht.diversity`). A host whose peer fails a call is forgotten,
+  samples older than ``max_age`` too, and below three hosts there is no correction, so a shift
+  does not outlive the peers that caused it. A few hostile hosts cannot move the median; a
+  hostile majority of the hosts this node pinged could move it by at most ``max_correction``.
+  The price: a swarm on one host (all peers on 127.0.0.1) never corrects its clock.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from services.common.rejections import RateLimitedLog
+from services.dht.diversity import host_of
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +42,17 @@ class DHTClock:
         max_correction: float = 300.0,
         max_peers: int = 256,
         source: Callable[[], float] = time.time,
+        max_age: float = 3600.0,
     ) -> None:
         self.source = source  # the host clock (tests replace it to play a skewed host)
         self.max_skew = max_skew
         self.max_correction = max_correction
         self.max_peers = max_peers
+        self.max_age = max_age
         self.correction = 0.0
         self.on_skewed: Callable[[], None] = lambda: None  # a peer found beyond max_skew
-        self._offsets: OrderedDict[str, float] = OrderedDict()  # raw offsets vs this host
+        # peer host -> (raw offset vs this host's clock, time.monotonic() of the sample)
+        self._offsets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._warn = RateLimitedLog(log, interval=3600.0)
 
     def now(self) -> float:
@@ -54,16 +63,26 @@ class DHTClock:
         clock, :attr:`source`) carrying the peer's ``peer_time``."""
         if not math.isfinite(peer_time):
             return
-        self._offsets[address] = peer_time - (sent + received) / 2
-        self._offsets.move_to_end(address)
+        host = host_of(address)
+        self._offsets[host] = (peer_time - (sent + received) / 2, time.monotonic())
+        self._offsets.move_to_end(host)
         while len(self._offsets) > self.max_peers:
             self._offsets.popitem(last=False)
         self._recompute()
 
+    def forget(self, address: str) -> None:
+        """The peer at ``address`` failed: its host's sample no longer counts."""
+        if self._offsets.pop(host_of(address), None) is not None:
+            self._recompute()
+
     def _recompute(self) -> None:
+        oldest = time.monotonic() - self.max_age
+        while self._offsets and next(iter(self._offsets.values()))[1] < oldest:
+            self._offsets.popitem(last=False)  # ordered by sample time
         if len(self._offsets) < 3:
+            self.correction = 0.0  # too few hosts to tell who is off
             return
-        median = statistics.median(self._offsets.values())
+        median = statistics.median(offset for offset, _ in self._offsets.values())
         correction = 0.0
         if abs(median) > self.max_skew:
             correction = max(-self.max_correction, min(self.max_correction, median))

@@ -33,7 +33,14 @@ class NodeConfig:
     max_value_bytes: int = 64 * 1024
     max_records: int = 100_000
     max_cache_records: int = 10_000
+    max_storage_bytes: int = 256 << 20  # replica entries, values and overhead (entry_size)
+    max_cache_bytes: int = 64 << 20
+    source_share: float = 0.25  # one source IP holds at most this share of records and bytes
+    unowned_share: float = 0.5  # unowned entries hold at most this share of the records
     max_keys_per_request: int = 4096
+    lookup_rpcs_per_beam: int = 6  # a key's lookup asks at most this x its beam peers
+    max_lookup_rounds: int = 16  # ... in at most this many rounds
+    max_reply_bytes: int = 16 << 20  # entries in one Get/Find reply; past it RESOURCE_EXHAUSTED
     blacklist_base: float = 1.0
     blacklist_max: float = 60.0
     refresh_interval: float = 600.0
@@ -54,6 +61,8 @@ class NodeConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.value_beam and self.value_beam < self.num_replicas:
             raise ValueError("value_beam must be 0 or >= num_replicas")
+        if not (0 < self.source_share <= 1 and 0 < self.unowned_share <= 1):
+            raise ValueError("source_share and unowned_share must be in (0, 1]")
         if self.rpc_timeout <= 0:
             raise ValueError("rpc_timeout must be > 0")
         if self.max_ttl <= 0 or self.max_clock_skew <= 0:

@@ -12,6 +12,16 @@ Rounds are synchronous (a round waits for all its calls, each bounded by the sho
 per-RPC deadline) so "hops" are exact: one round is one wave of parallel RPCs on the
 critical path. A peer that fails is dropped from every beam and reported to
 ``on_failure`` (blacklist, routing table).
+
+Hostile answers (a peer may name any ids at any addresses, e.g. ever-closer fake ids at
+its own address, so that a lookup never ends):
+- each address is one candidate: a second id claimed for an address already in the lookup
+  is ignored, and so is an id the node knows to be false (``claim_ok``: the address proved
+  another id by a signed ping);
+- a key's lookup asks at most ``max_rpcs`` peers in at most ``max_rounds`` rounds, then ends
+  with what it has (honest lookups need far fewer: docs/dht.md);
+- the beam and the replica set take one id per host first (:mod:`services.dht.diversity`), so
+  ids ground near a key from one address cannot fill either.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from services.dht.diversity import diverse, host_of
 from services.dht.storage import Entry
 
 # find(peer_id, address, targets) -> per target: (entries, [(node_id, address), ...])
@@ -37,7 +48,12 @@ class KeyLookup:
     target: int
     k: int
     stop_on_value: bool
+    max_rpcs: int = 0  # 0: no bound
+    max_rounds: int = 0
+    claim_ok: Callable[[int, str], bool] = lambda _id, _address: True
     candidates: dict[int, str] = field(default_factory=dict)
+    addresses: set[str] = field(default_factory=set)
+    hosts: set[str] = field(default_factory=set)  # of every id ever offered
     queried: set[int] = field(default_factory=set)
     answered: dict[int, str] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
@@ -49,18 +65,50 @@ class KeyLookup:
     best: int | None = None
 
     def offer(self, node_id: int, address: str) -> None:
-        if node_id not in self.failed and node_id not in self.candidates:
-            self.candidates[node_id] = address
+        if (
+            node_id in self.failed
+            or node_id in self.candidates
+            or address in self.addresses  # one id per address
+            or not self.claim_ok(node_id, address)
+        ):
+            return
+        self.candidates[node_id] = address
+        self.addresses.add(address)
+        self.hosts.add(host_of(address))
 
     def beam(self) -> list[int]:
+        return self._nearest(self.candidates, self.k)
+
+    def _nearest(self, ids: dict[int, str], count: int) -> list[int]:
+        """The ``count`` nearest ``ids``, one per host first among *all* of them (a lookup
+        holds tens of candidates), so ids ground near the key on one host never push the
+        other hosts out."""
         target = self.target
-        return heapq.nsmallest(self.k, self.candidates, key=lambda i: i ^ target)
+        if len(ids) <= count:
+            return sorted(ids, key=lambda i: i ^ target)
+        nearest = heapq.nsmallest(count, ids, key=lambda i: i ^ target)
+        if len(self.hosts) <= 1:
+            return nearest  # one host (a test swarm, the benchmarks): nothing to prefer
+        hosts = {host_of(ids[i]) for i in nearest}
+        if len(hosts) == count:
+            return nearest  # already one per host
+        return diverse(sorted(ids, key=lambda i: i ^ target), count, ids.__getitem__)
+
+    def exhausted(self) -> bool:
+        """The lookup spent its budget of RPCs or rounds."""
+        return bool(
+            (self.max_rpcs and self.rpcs >= self.max_rpcs)
+            or (self.max_rounds and self.rounds >= self.max_rounds)
+        )
 
     def next_peers(self, alpha: int) -> list[int]:
-        if self.stop_on_value and self.entries:
+        if (self.stop_on_value and self.entries) or self.exhausted():
             return []
         unasked = [i for i in self.beam() if i not in self.queried]
-        return unasked[:alpha] if self.improved else unasked
+        picks = unasked[:alpha] if self.improved else unasked
+        if self.max_rpcs:
+            picks = picks[: self.max_rpcs - self.rpcs]
+        return picks
 
     def end_round(self) -> None:
         best = min((i ^ self.target for i in self.candidates), default=None)
@@ -90,12 +138,14 @@ class KeyLookup:
         """``peer`` failed: never ask or offer it again."""
         self.queried.add(peer)
         self.failed.add(peer)
-        self.candidates.pop(peer, None)
+        address = self.candidates.pop(peer, None)
+        if address is not None:
+            self.addresses.discard(address)  # another id may live there now (a restart)
 
     def nearest_answered(self, count: int) -> list[tuple[int, str]]:
-        """The ``count`` answered nodes nearest the target (the replica set)."""
-        ids = heapq.nsmallest(count, self.answered, key=lambda i: i ^ self.target)
-        return [(i, self.answered[i]) for i in ids]
+        """The ``count`` answered nodes nearest the target, one per host first (the replica
+        set)."""
+        return [(i, self.answered[i]) for i in self._nearest(self.answered, count)]
 
 
 def start_lookups(
@@ -108,13 +158,20 @@ def start_lookups(
     is_blocked: Callable[[str], bool],
     k: int,
     stop_on_value: bool,
+    max_rpcs: int = 0,
+    max_rounds: int = 0,
+    claim_ok: Callable[[int, str], bool] | None = None,
 ) -> list[KeyLookup]:
     """The lookup states before the first round: this node (answered from ``local``, its
     own entries; None: no values wanted) and the ``initial`` candidates of each target."""
     states = []
     for target in targets:
-        state = KeyLookup(target, k, stop_on_value)
+        state = KeyLookup(target, k, stop_on_value, max_rpcs, max_rounds)
+        if claim_ok is not None:
+            state.claim_ok = claim_ok
         state.candidates[self_id] = self_address
+        state.addresses.add(self_address)
+        state.hosts.add(host_of(self_address))
         state.queried.add(self_id)
         state.answered[self_id] = self_address
         if local is not None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 METRIC_NAMES = (
     "dmoe_dht_routing_table_peers",
     "dmoe_dht_stored_records",
+    "dmoe_dht_stored_bytes",
     "dmoe_dht_cached_records",
     "dmoe_dht_blacklisted_peers",
     "dmoe_dht_joined",
@@ -121,6 +122,11 @@ class NodeMetrics(NullMetrics):
         Gauge(
             "dmoe_dht_stored_records", "Entries held as a replica", registry=registry
         ).set_function(lambda: len(node.storage))
+        Gauge(
+            "dmoe_dht_stored_bytes",
+            "Bytes charged for replica entries (values and overhead; --max-storage-bytes)",
+            registry=registry,
+        ).set_function(lambda: node.storage.bytes)
         Gauge(
             "dmoe_dht_cached_records", "Entries held as a cached copy", registry=registry
         ).set_function(lambda: len(node.cache))

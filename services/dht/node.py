@@ -249,6 +249,7 @@ class DHTNode:
         if node_id is not None:
             self.table.remove(node_id)
         self.blacklist.fail(address)
+        self.clock.forget(address)
 
     async def _ping_or_evict(self, node_id: int, address: str) -> None:
         try:
@@ -301,25 +302,28 @@ class DHTNode:
 
     async def _find_rpc(self, dest: tuple[int, str, bool, int], targets: list[int]) -> list[Answer]:
         peer_id, address, nodes_only, beam = dest
+        asked = list(dict.fromkeys(targets))  # lookups batched together may share a key
         request = dht_pb2.FindRequest(
             sender=self.info,
-            key_ids=[id_to_bytes(t) for t in targets],
+            key_ids=[id_to_bytes(t) for t in asked],
             nodes_only=nodes_only,
             max_nearest=beam,
         )
         try:
             reply = await self._call(address, "Find", request)
-        except TransportError:
-            self.on_failure(peer_id, address)
+        except TransportError as exc:
+            if exc.code != "RESOURCE_EXHAUSTED":  # busy, or a reply too large: not dead
+                self.on_failure(peer_id, address)
             raise
-        if len(reply.results) != len(targets):
+        if len(reply.results) != len(asked):
             self.on_failure(peer_id, address)
             raise TransportError("INTERNAL", "peer answered the wrong number of results")
         self._answered(reply.peer, address)
-        return [
-            (self._believable(target, result.entries, address), _peers(result.nearest))
-            for target, result in zip(targets, reply.results, strict=True)
-        ]
+        answers = {
+            target: (self._believable(target, result.entries, address), _peers(result.nearest))
+            for target, result in zip(asked, reply.results, strict=True)
+        }
+        return [answers[t] for t in targets]
 
     def _believable(
         self, key_id: int, entries: Iterable[dht_pb2.ValueEntry], source: str
@@ -389,7 +393,16 @@ class DHTNode:
             is_blocked=self.blacklist.blocked,
             k=width,
             stop_on_value=values and not latest,
+            max_rpcs=self.config.lookup_rpcs_per_beam * width,
+            max_rounds=self.config.max_lookup_rounds,
+            claim_ok=self._claim_ok,
         )
+
+    def _claim_ok(self, node_id: int, address: str) -> bool:
+        """False when ``address`` proved another id (by a signed ping): a lookup does not ask
+        a peer under an id it is known not to hold."""
+        proved = self.verified.get(address)
+        return proved is None or proved == node_id
 
     async def find(
         self, peer_id: int, address: str, targets: list[int], nodes_only: bool, beam: int = 0
@@ -440,11 +453,13 @@ class DHTNode:
         return states
 
     # ------------------------------------------------------------------ put and get
-    async def store_many(self, items: Sequence[tuple[int, Entry]]) -> tuple[list[int], bool]:
+    async def store_many(
+        self, items: Sequence[tuple[int, Entry]], source: str = ""
+    ) -> tuple[list[int], bool]:
         """Store each (key id, entry) on the ``num_replicas`` nearest nodes
-        (:mod:`services.dht.store`). Returns the replica count per item and whether storage
-        was full somewhere."""
-        return await ReplicatedStore(self, items).run()
+        (:mod:`services.dht.store`; ``source``: the client's IP, charged for this node's
+        copy). Returns the replica count per item and whether storage was full somewhere."""
+        return await ReplicatedStore(self, items, source).run()
 
     async def get_many(self, key_ids: Sequence[int], latest: bool = False) -> list[list[Entry]]:
         """The merged live entries per key (empty list: not found); entries whose ownership

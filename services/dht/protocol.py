@@ -18,7 +18,7 @@ import hmac
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from services.common.identity import PUBLIC_KEY_BYTES, Identity, verify
 from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.dht.clock import DHTClock
+from services.dht.diversity import WINDOW, is_replica
 from services.dht.records import PROBLEMS, Entry, ownership_problem
 from services.dht.routing import RoutingTable, id_from_bytes, id_to_bytes
 from services.dht.storage import Storage, StorageFull, merge_entries
@@ -124,6 +125,40 @@ def check_batch(count: int, config: NodeConfig, what: str) -> None:
         raise invalid(f"{count} {what} in one request, limit {config.max_keys_per_request}")
 
 
+def check_unique(keys: Sequence[Any], what: str) -> None:
+    """A key named twice in one Get/Find would be answered twice: one request could make
+    the node copy a large record thousands of times (honest callers ask each key once)."""
+    if len(set(keys)) != len(keys):
+        first: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            if key in first:
+                raise invalid(f"{what}[{i}] repeats {what}[{first[key]}]; ask each key once")
+            first[key] = i
+
+
+def entry_bytes(entry: Entry) -> int:
+    """About what an entry costs in a reply (for ``max_reply_bytes``)."""
+    subkey = entry.subkey or b""
+    return len(entry.value) + len(subkey) + len(entry.owner) + len(entry.signature) + 24
+
+
+class ReplyBudget:
+    """Counts the bytes of entries put in one reply; RESOURCE_EXHAUSTED past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def spend(self, entries: Sequence[Entry]) -> None:
+        self.used += sum(entry_bytes(e) for e in entries)
+        if self.limit and self.used > self.limit:
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reply would hold over {self.limit} bytes of entries (--max-reply-bytes); "
+                "ask for fewer keys at once",
+            )
+
+
 def caller_host(peer: str) -> str:
     """``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``; ``ipv6:%5B::1%5D:5678`` -> ``::1``; else ''."""
     return peer_host(peer) or ""
@@ -171,8 +206,20 @@ class PeerState:
             identity=identity,
             node_id=node_id,
             table=RoutingTable(node_id, config.k, config.depth_modulo),
-            storage=Storage(config.max_records, clock=clock.now),
-            cache=Storage(config.max_cache_records, evict_when_full=True, clock=clock.now),
+            storage=Storage(
+                config.max_records,
+                clock=clock.now,
+                max_bytes=config.max_storage_bytes,
+                max_per_source=max(1, int(config.max_records * config.source_share)),
+                max_bytes_per_source=int(config.max_storage_bytes * config.source_share),
+                max_unowned=max(1, int(config.max_records * config.unowned_share)),
+            ),
+            cache=Storage(
+                config.max_cache_records,
+                evict_when_full=True,
+                clock=clock.now,
+                max_bytes=config.max_cache_bytes,
+            ),
             clock=clock,
             rejections=rejections,
             trusted=trusted,
@@ -283,7 +330,14 @@ class PeerProtocol:
             if replicas:
                 nearest.append(self._nearest(key_id, replicas, sender_id))
                 closer = state.table.count_nearer(key_id, state.node_id, replicas)
-                declined.append(closer >= replicas and not item.demote)
+                if closer < replicas or state.table.host_count() <= 1:
+                    mine = closer < replicas  # (one host: nothing to prefer)
+                else:
+                    nearer = state.table.nearer(key_id, state.node_id, replicas * WINDOW)
+                    mine = len(nearer) < replicas * WINDOW and is_replica(
+                        state.info.address, nearer, replicas
+                    )
+                declined.append(not mine and not item.demote)
                 if declined[-1]:
                     stored.append(False)
                     tokens.append(token)
@@ -293,18 +347,22 @@ class PeerProtocol:
             else:
                 target = state.cache if item.in_cache else state.storage
                 keep = entry.expiration - skew if skew > 0 else None
+                # a token only for a copy this store created: re-storing an entry the node
+                # already held (read through Find) must not buy the right to demote it
+                fresh = replicas and not item.in_cache and not target.holds(key_id, entry)
                 try:
-                    stored.append(target.store(key_id, entry, keep))
+                    stored.append(target.store(key_id, entry, keep, caller_host))
                 except StorageFull:
                     stored.append(False)
                     full += 1
-                if stored[-1] and replicas and not item.in_cache:
+                if stored[-1] and fresh:
                     token = state.demote_token(key_id, entry)
             tokens.append(token)
         if full and not any(stored):
             raise RequestRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"storage full ({config.max_records} entries); {full} items refused",
+                f"storage full ({config.max_records} entries, or this caller's quota: "
+                f"{config.source_share:g} of them); {full} items refused",
             )
         return dht_pb2.StoreResponse(
             stored=stored,
@@ -340,15 +398,18 @@ class PeerProtocol:
         sender = self._sender(request.sender, caller_host)
         check_batch(len(request.key_ids), state.config, "key_ids")
         key_ids = [parse_id(k, f"key_ids[{i}]") for i, k in enumerate(request.key_ids)]
+        check_unique(key_ids, "key_ids")
         if sender is not None:
             state.on_contact(*sender)
         sender_id = sender[0] if sender is not None else None
         count = min(request.max_nearest or state.config.k, state.config.k)
+        budget = ReplyBudget(state.config.max_reply_bytes)
         results = []
         for key_id in key_ids:
             result = self._nearest(key_id, count, sender_id)
             if not request.nodes_only:
                 held = state.local_entries(key_id)
+                budget.spend(held)
                 result.entries.extend(entry_to_proto(e) for e in held)
             results.append(result)
         return dht_pb2.FindResponse(results=results, peer=state.info)

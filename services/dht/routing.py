@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from services.dht.diversity import WINDOW, diverse, host_of
+
 ID_BYTES = 20
 ID_BITS = ID_BYTES * 8
 ID_SPACE = 1 << ID_BITS
@@ -92,6 +94,7 @@ class RoutingTable:
         self.buckets: list[KBucket] = [KBucket(0, ID_SPACE, 0)]
         self._nodes: dict[int, str] = {}  # every contact in a bucket (not replacements)
         self._by_address: dict[str, int] = {}
+        self._hosts: dict[str, int] = {}  # host -> contacts there
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -101,6 +104,10 @@ class RoutingTable:
 
     def address_of(self, node_id: int) -> str | None:
         return self._nodes.get(node_id)
+
+    def host_count(self) -> int:
+        """How many distinct hosts the contacts live on."""
+        return len(self._hosts)
 
     def contacts(self) -> dict[int, str]:
         return dict(self._nodes)
@@ -161,7 +168,7 @@ class RoutingTable:
             return False
         del bucket.nodes[node_id]
         self._forget_address(node_id)
-        del self._nodes[node_id]
+        self._unhost(self._nodes.pop(node_id))
         if promote and bucket.replacements:
             new_id, address = bucket.replacements.popitem(last=True)
             bucket.nodes[new_id] = address
@@ -169,9 +176,28 @@ class RoutingTable:
         return True
 
     def nearest(self, target: int, count: int, exclude: int | None = None) -> list[tuple[int, str]]:
-        """The ``count`` contacts closest to ``target``, nearest first."""
-        ids = nearest_of(target, (i for i in self._nodes if i != exclude), count)
-        return [(i, self._nodes[i]) for i in ids]
+        """The ``count`` contacts closest to ``target``, nearest first, one per host first
+        (:func:`services.dht.diversity.diverse`)."""
+        nodes = self._nodes
+        candidates = (i for i in nodes if i != exclude)
+        ids = nearest_of(target, candidates, count)
+        if len(self._hosts) > 1 and len({host_of(nodes[i]) for i in ids}) < len(ids):
+            # a host holds two of the nearest: prefer other hosts, among a wider window
+            ids = nearest_of(target, (i for i in nodes if i != exclude), count * WINDOW)
+            if len(ids) > count:
+                ids = diverse(ids, count, nodes.__getitem__)
+        return [(i, nodes[i]) for i in ids]
+
+    def nearer(self, target: int, than: int, limit: int) -> list[str]:
+        """Addresses of the contacts nearer ``target`` than ``than``, nearest first (at most
+        ``limit``: collecting stops there)."""
+        bound, found = than ^ target, []
+        for node_id, address in self._nodes.items():
+            if node_id ^ target < bound:
+                found.append((node_id ^ target, address))
+                if len(found) >= limit:
+                    break
+        return [address for _, address in sorted(found)]
 
     def count_nearer(self, target: int, than: int, limit: int) -> int:
         """How many contacts are nearer ``target`` than ``than`` (counting stops at ``limit``)."""
@@ -193,8 +219,21 @@ class RoutingTable:
         self.buckets[index : index + 1] = list(bucket.split())
 
     def _index(self, node_id: int, address: str) -> None:
+        old = self._nodes.get(node_id)
+        if old is not None:
+            self._unhost(old)
         self._nodes[node_id] = address
         self._by_address[address] = node_id
+        host = host_of(address)
+        self._hosts[host] = self._hosts.get(host, 0) + 1
+
+    def _unhost(self, address: str) -> None:
+        host = host_of(address)
+        left = self._hosts.get(host, 0) - 1
+        if left > 0:
+            self._hosts[host] = left
+        else:
+            self._hosts.pop(host, None)
 
     def _forget_address(self, node_id: int) -> None:
         address = self._nodes.get(node_id)

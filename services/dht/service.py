@@ -16,7 +16,15 @@ import grpc
 from services.common.limits import peer_key
 from services.common.link import LinkServer, protobuf_method
 from services.dht.node import DHTNode
-from services.dht.protocol import RequestRejected, check_batch, entry_to_proto, invalid, parse_entry
+from services.dht.protocol import (
+    ReplyBudget,
+    RequestRejected,
+    check_batch,
+    check_unique,
+    entry_to_proto,
+    invalid,
+    parse_entry,
+)
 from services.dht.records import PROBLEMS, ownership_problem
 from services.dht.routing import id_to_bytes, key_to_id
 from services.proto import dht_pb2, dht_pb2_grpc
@@ -63,7 +71,7 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
                 raise invalid(f"items[{i}]: {PROBLEMS[problem]}")
             items.append((key_id, entry))
         live = [i for i, (_, entry) in enumerate(items) if entry.expiration > now]
-        counts, full = await node.store_many([items[i] for i in live])
+        counts, full = await node.store_many([items[i] for i in live], peer_key(peer))
         replicas = [0] * len(items)
         for index, count in zip(live, counts, strict=True):
             replicas[index] = count
@@ -80,7 +88,11 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
         self._check_up()
         check_batch(len(request.keys), node.config, "keys")
         key_ids = [_key_id(k, node, f"keys[{i}]") for i, k in enumerate(request.keys)]
+        check_unique(key_ids, "keys")
         found = await node.get_many(key_ids, latest=request.latest)
+        budget = ReplyBudget(node.config.max_reply_bytes)
+        for entries in found:
+            budget.spend(entries)
         return dht_pb2.GetResponse(
             results=[
                 dht_pb2.GetResult(found=bool(entries), entries=[entry_to_proto(e) for e in entries])

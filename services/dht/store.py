@@ -53,9 +53,10 @@ def store_items(
 class ReplicatedStore:
     """One store of many items; :meth:`run` returns (replicas per item, storage full)."""
 
-    def __init__(self, node: DHTNode, items: Items) -> None:
+    def __init__(self, node: DHTNode, items: Items, source: str = "") -> None:
         self.node = node
         self.items = items
+        self.source = source  # the client's IP: this node's own copy is charged to it
         self.replicas = node.config.num_replicas
         self.counts = [0] * len(items)
         self.full = False
@@ -144,7 +145,7 @@ class ReplicatedStore:
             for node_id, address in self.states[key_id].nearest_answered(self.replicas):
                 if node_id == node.node_id:
                     try:
-                        self.counts[index] += node.storage.store(key_id, entry)
+                        self.counts[index] += node.storage.store(key_id, entry, source=self.source)
                     except StorageFull:
                         self.full = True
                 elif (node_id, index) not in self.done:
