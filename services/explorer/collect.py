@@ -536,6 +536,7 @@ class Collector:
         ]
         return {
             "updated": now,
+            "round": self._round,
             "round_seconds": round(now - started, 3),
             "period": self.period,
             "errors": errors,

@@ -38,6 +38,14 @@ def _load_level(rate: float | None, busiest: float) -> int:
     return max(1, min(4, round(4 * rate / busiest)))
 
 
+LEGEND = (
+    '<p class="legend">live replicas: <span class="cell alive r1">1</span>'
+    '<span class="cell alive r2">2</span><span class="cell alive r3">3+</span> '
+    '<span class="cell dead">✕</span> dead · bar: load (optimizer steps/s, relative to the '
+    "busiest expert of the grid)</p>"
+)
+
+
 def _grid(grid: dict[str, Any], experts: dict[str, dict[str, Any]]) -> str:
     rates = [experts[u]["steps_per_s"] or 0.0 for r in grid["rows"] for u in r["cells"]]
     busiest = max(rates, default=0.0)
@@ -53,6 +61,7 @@ def _grid(grid: dict[str, Any], experts: dict[str, dict[str, Any]]) -> str:
         f'<span class="ok">{num(grid["alive"])} alive</span> · '
         f'<span class="bad">{num(grid["dead"])} dead</span></small></h2>',
         *(f'<p class="note">{esc(n)}</p>' for n in notes),
+        LEGEND,
         '<div class="scroll"><table class="map"><tbody>',
     ]
     for row in grid["rows"]:
@@ -187,7 +196,7 @@ def _dht_nodes(nodes: list[dict[str, Any]]) -> str:
 def fragment(snapshot: dict[str, Any] | None) -> str:
     """The ``<main>`` content: what ``/fragment`` serves and the page embeds."""
     if snapshot is None:
-        return '<div id="meta" data-updated="0" data-period="2"></div><p class="note">Looking at the swarm…</p>'  # noqa: E501
+        return '<div id="meta" data-updated="0" data-period="2" data-round="0"></div><p class="note">Looking at the swarm…</p>'  # noqa: E501
     experts = {e["uid"]: e for e in snapshot["experts"]}
     alive = sum(e["alive"] for e in snapshot["experts"])
     servers = snapshot["servers"]
@@ -197,7 +206,7 @@ def fragment(snapshot: dict[str, Any] | None) -> str:
     updated = time.strftime("%H:%M:%S UTC", time.gmtime(snapshot["updated"]))
     out = [
         f'<div id="meta" data-updated="{snapshot["updated"]:.3f}" '
-        f'data-period="{snapshot["period"]:g}"></div>',
+        f'data-period="{snapshot["period"]:g}" data-round="{snapshot["round"]:d}"></div>',
         '<ul class="summary">',
         f"<li><b>{alive}</b> / {len(experts)} experts alive</li>",
         f"<li><b>{up}</b> / {len(servers)} servers up</li>",
@@ -215,13 +224,6 @@ def fragment(snapshot: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
-LEGEND = (
-    '<p class="legend"><span class="cell alive r1 l0">1</span> one live replica '
-    '<span class="cell alive r2 l0">2</span> two '
-    '<span class="cell alive r3 l0">3</span> three or more '
-    '<span class="cell dead">✕</span> dead · the bar at the bottom of a cell is its load '
-    "(optimizer steps/s, relative to the busiest expert of the grid)</p>"
-)
 
 
 def page(snapshot: dict[str, Any] | None) -> str:
@@ -233,7 +235,6 @@ def page(snapshot: dict[str, Any] | None) -> str:
         '<link rel="stylesheet" href="/static/style.css">'
         '<script src="/static/app.js" defer></script></head>'
         '<body><header><h1>dmoe swarm</h1><p id="status" class="status"></p></header>'
-        f"{LEGEND}"
         f'<main id="swarm">{fragment(snapshot)}</main>'
         '<footer>What the DHT holds, checked against each peer. For scripts: '
         '<a href="/api/swarm">/api/swarm</a> (JSON).</footer>'

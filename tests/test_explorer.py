@@ -1,0 +1,303 @@
+"""The swarm explorer without a browser: the announcement format, what a round makes of hostile
+DHT entries and slow peers (a real DHT node and real gRPC servers on 127.0.0.1), the page's
+escaping, and the HTTP server's bounds. The browser test is tests/test_explorer_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from html.parser import HTMLParser
+from typing import Any
+
+import grpc
+import pytest
+from helpers import ROOT
+
+from services.common.announcements import (
+    GRIDS_KEY,
+    TRAINERS_KEY,
+    GridAnnouncement,
+    TrainerAnnouncement,
+    parse_grid,
+    parse_trainer,
+)
+from services.common.identity import Identity
+from services.common.rejections import Rejections
+from services.dht.client import DHTClient
+from services.dht.server import start_node
+from services.explorer import render
+from services.explorer.collect import Collector, Grid, Limits, Replica, _layout
+from services.explorer.http import Body, HttpServer
+from services.explorer.peers import Peers
+from services.proto import expert_pb2, expert_pb2_grpc
+
+# ---------------------------------------------------------------- the announcement format
+
+
+def test_announcements_round_trip() -> None:
+    grid = GridAnnouncement("ffn", (4, 8), "10.0.0.5:31340", version="0.1.0", tls=True,
+                            experts=6, queued=3, samples_per_s=12.5)  # fmt: skip
+    assert parse_grid(b"ffn", grid.encode()) == (grid, "")
+    trainer = TrainerAnnouncement("ffn-mlp-h64-4x4", "trainer-1:31350", model="mlp",
+                                  grid=(4, 4), extra={"averaging_key": "ffn.avg"})  # fmt: skip
+    assert parse_trainer(b"ffn-mlp-h64-4x4", trainer.encode()) == (trainer, "")
+
+
+@pytest.mark.parametrize(
+    ("subkey", "value", "reason"),
+    [
+        (b"ffn", b"x" * 5000, "too_large"),
+        (b"ffn", b"\xff\xfe", "not_json"),
+        (b"ffn", b"[" * 3000 + b"]" * 3000, "too_large"),
+        (b"ffn", b"[" * 2000 + b"]" * 2000, "not_json"),  # nested deeper than json allows
+        (b"ffn", b"[1, 2]", "not_an_object"),
+        (b"ffn", b'{"prefix": "ffn.", "shape": [4], "address": "a:1"}', "bad_prefix"),
+        (b"ffn", b'{"prefix": "<b>", "shape": [4], "address": "a:1"}', "bad_prefix"),
+        (b"other", b'{"prefix": "ffn", "shape": [4], "address": "a:1"}', "prefix_not_subkey"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [0], "address": "a:1"}', "bad_shape"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [1048577], "address": "a:1"}', "bad_shape"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [true], "address": "a:1"}', "bad_shape"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [4.0], "address": "a:1"}', "bad_shape"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [1,1,1,1,1,1,1,1,1], "address": "a:1"}',
+         "bad_shape"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [4], "address": "unix:/run/docker.sock"}',
+         "bad_address"),
+        (b"ffn", b'{"prefix": "ffn", "shape": [4], "address": "0.0.0.0:1"}', "bad_address"),
+    ],
+)  # fmt: skip
+def test_grid_announcements_refuse_what_is_not_one(subkey: bytes, value: bytes, reason: str):
+    assert parse_grid(subkey, value) == (None, reason)
+
+
+def test_announcement_numbers_and_texts_are_bounded() -> None:
+    value = json.dumps({
+        "prefix": "ffn", "shape": [4, 4], "address": "a:1", "version": "v" * 10_00,
+        "experts": -3, "queued": float("nan"), "samples_per_s": "fast",
+        "tls": "yes", "max_batch_size": True,
+    }).encode()  # fmt: skip
+    grid, _ = parse_grid(b"ffn", value)
+    assert grid is not None
+    assert len(grid.version) == 64 and grid.experts is None and grid.queued is None
+    assert grid.samples_per_s is None and grid.tls is False and grid.max_batch_size is None
+    trainer = {"run_id": "a b", "address": "a:1"}
+    assert parse_trainer(b"a b", json.dumps(trainer).encode()) == (None, "bad_run_id")
+
+
+def test_expert_grid_shapes_cover_patterns_and_hosted_uids() -> None:
+    from services.expert.grid_declaration import grid_shapes
+
+    patterns = ["ffn.[0:4].[2:8]", "ffn.1.3", "att.[0:2]", "odd.[0:2]", "odd.[0:2].[0:2]"]
+    shapes = grid_shapes(patterns, ["ffn.1.3", "att.5"])
+    assert shapes == {"ffn": (4, 8), "att": (6,), "odd": (2,)}
+
+
+# ---------------------------------------------------------------- a round against hostile peers
+
+
+class FakeExpert(expert_pb2_grpc.ExpertServicer):
+    """An expert server as far as Info goes: answers with its public key, or never (slow)."""
+
+    def __init__(self, public_key: bytes, hang: bool = False) -> None:
+        self.public_key, self.hang = public_key, hang
+
+    async def Info(self, request: Any, context: Any) -> expert_pb2.InfoResponse:
+        if self.hang:
+            await asyncio.sleep(3600)
+        return expert_pb2.InfoResponse(uid=request.uid, expert_class="<b>ffn</b>",
+                                       optimizer_steps=7, public_key=self.public_key)  # fmt: skip
+
+
+async def fake_expert(servicer: FakeExpert) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def uid_items(uid: str, address: str, expiration: float) -> list[tuple[str, str, bytes, float]]:
+    from services.expert.declare import declaration_items
+
+    return declaration_items([uid], address, expiration)
+
+
+def test_a_round_skips_hostile_entries_bounds_grids_and_times_out_slow_servers() -> None:
+    async def scenario() -> None:
+        node = await start_node()
+        owner, stranger, slowpoke = Identity.generate(), Identity.generate(), Identity.generate()
+        honest, honest_address = await fake_expert(FakeExpert(owner.public_key))
+        slow, slow_address = await fake_expert(FakeExpert(slowpoke.public_key, hang=True))
+        try:
+            async def put(identity: Identity | None, items: list, owned: bool = True) -> None:
+                async with DHTClient([node.address], identity=identity) as client:
+                    assert all(await client.put(items, owned=owned))
+
+            async with DHTClient([node.address]) as probe:
+                await probe.get(["x"])
+                t = probe.now() + 300
+            big = GridAnnouncement("big", (1 << 20, 1 << 20), honest_address)
+            await put(owner, [
+                *uid_items("ffn.0.0", honest_address, t),
+                *uid_items("ffn.0.1", slow_address, t),
+                *uid_items("big.5.7", honest_address, t),
+                (GRIDS_KEY, "ffn", GridAnnouncement("ffn", (2, 2), honest_address).encode(), t),
+                (GRIDS_KEY, "big", big.encode(), t),
+            ])  # fmt: skip
+            # a stranger: claims a uid at the honest server's address, writes junk subkeys,
+            # junk announcements and an address gRPC must never dial
+            await put(stranger, [
+                *uid_items("ffn.1.1", honest_address, t),
+                ("ffn.", "x", b"1.2.3.4:5", t), ("ffn.", "007", b"1.2.3.4:5", t),
+                ("ffn.0.", "9", b"unix:/var/run/docker.sock", t),
+                (GRIDS_KEY, "junk", b"{not json", t),
+                (TRAINERS_KEY, "run", b'{"run_id": "run", "address": "nowhere"}', t),
+            ])  # fmt: skip
+            await put(None, [("ffn.1.", "0", honest_address.encode(), t)], owned=False)
+
+            rejections = Rejections("explorer", None, logging.getLogger("test"))
+            peers = Peers(timeout=0.5, concurrency=4)
+            async with DHTClient([node.address], timeout=5) as dht:
+                collector = Collector(dht, peers, [node.address], ["ffn"],
+                                      Limits(max_cells=64), rejections, 1.0)  # fmt: skip
+                snapshot = await asyncio.wait_for(collector.round(), 60)
+                await peers.close()
+        finally:
+            await honest.stop(0)
+            await slow.stop(0)
+            await node.stop()
+
+        experts = {e["uid"]: e for e in snapshot["experts"]}
+        assert experts["ffn.0.0"]["alive"] and experts["ffn.0.0"]["servers"] == [honest_address]
+        assert not experts["ffn.0.1"]["alive"]  # the slow server timed out
+        assert experts["ffn.0.1"]["unreachable"] == [slow_address]
+        assert not experts["ffn.1.1"]["alive"]  # the stranger's claim: not the server's key
+        assert not experts["ffn.1.0"]["alive"]  # unowned
+        assert set(experts) >= {"ffn.0.0", "ffn.0.1", "ffn.1.0", "ffn.1.1", "big.5.7"}
+        assert not any("9" in uid.split(".") or "x" in uid for uid in experts)
+        grids = {g["prefix"]: g for g in snapshot["grids"]}
+        assert grids["ffn"]["complete"] and grids["ffn"]["cells"] == 4
+        assert not grids["big"]["complete"] and grids["big"]["cells"] == 1  # drawn sparse
+        assert experts["big.5.7"]["alive"]
+        servers = {s["address"]: s for s in snapshot["servers"]}
+        assert servers[honest_address]["foreign_declarations"] == 1
+        assert servers[slow_address]["error"].startswith("DEADLINE_EXCEEDED")
+        assert snapshot["trainers"] == []
+        counted = {r for r in ("bad_coordinate", "bad_address", "unowned", "not_json")
+                   if rejections.count(r) > 0}  # fmt: skip
+        assert counted == {"bad_coordinate", "bad_address", "unowned", "not_json"}
+        json.dumps(snapshot)
+
+    asyncio.run(scenario())
+
+
+def test_a_declared_grid_of_a_trillion_cells_is_not_allocated() -> None:
+    grid = Grid("ffn", (1 << 20, 1 << 20))
+    grid.uids = {"ffn.3.14": [Replica("a:1", b"k", 0.0)], "ffn.0.2": [Replica("a:1", b"k", 0.0)]}
+    layout = _layout(grid, 4096)
+    assert not layout["complete"] and layout["uids"] == ["ffn.0.2", "ffn.3.14"]
+    assert _layout(Grid("ffn", (4, 4)), 16)["complete"]
+    assert not _layout(Grid("ffn", (4, 5)), 16)["complete"]
+
+
+# ---------------------------------------------------------------- the page
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.handlers: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.handlers += [name for name, _v in attrs if name.startswith("on")]
+
+
+def test_every_peer_string_is_escaped_in_the_page() -> None:
+    evil = '<script>alert(1)</script><img src=x onerror="alert(2)">"\'&'
+    snapshot = {
+        "updated": 1.0, "round": 1, "period": 5.0, "errors": [evil],
+        "grids": [{"prefix": "ffn", "shape": [1, 2], "declared_shape": [1, 2],
+                   "complete": True, "truncated": False, "cells": 2, "alive": 1, "dead": 1,
+                   "rows": [{"label": "ffn.0.", "cells": ["ffn.0.0", "ffn.0.1"]}]}],
+        "experts": [
+            {"uid": "ffn.0.0", "grid": "ffn", "alive": True, "servers": [evil],
+             "unreachable": [], "steps": 3, "steps_per_s": 1.0},
+            {"uid": "ffn.0.1", "grid": "ffn", "alive": False, "servers": [],
+             "unreachable": [evil], "steps": None, "steps_per_s": None},
+        ],
+        "servers": [{"address": evil, "reachable": False, "error": evil, "fingerprint": evil,
+                     "experts": [evil], "num_experts": 1, "expert_class": evil,
+                     "version": evil, "tls": True, "queued": 1, "max_queue_samples": 2}],
+        "trainers": [{"run_id": evil, "address": evil, "fingerprint": evil, "model": evil,
+                      "dataset": evil, "reachable": True, "verified": False, "state": evil,
+                      "announced": {evil: evil}, "more": {"last_round": evil, evil: evil}}],
+        "dht_nodes": [{"address": evil, "reachable": True, "node_id": evil, "error": evil}],
+    }  # fmt: skip
+    page = render.page(snapshot)
+    parser = Tags()
+    parser.feed(page)
+    assert page.count("<script") == 1  # only the page's own app.js, in <head>
+    assert "img" not in parser.tags and not parser.handlers
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+# ---------------------------------------------------------------- the HTTP server
+
+
+async def http(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return reply
+
+
+def test_http_server_answers_get_and_head_only_and_bounds_request_heads() -> None:
+    counted: list[tuple[str, int]] = []
+
+    async def scenario() -> None:
+        pages = {"/": Body(b"<p>hi</p>", "text/html")}
+        server = HttpServer(pages.get, lambda route, code: counted.append((route, code)))
+        port = await server.start("127.0.0.1", 0)
+        try:
+            ok = await http(port, b"GET /?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200 ") and ok.endswith(b"<p>hi</p>")
+            assert b"Content-Security-Policy: default-src 'none'; script-src 'self'" in ok
+            head = await http(port, b"HEAD / HTTP/1.1\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+            assert (await http(port, b"GET /nope HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404")
+            post = await http(port, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+            assert post.startswith(b"HTTP/1.1 405")
+            huge = b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n"
+            assert (await http(port, huge)).startswith(b"HTTP/1.1 431")
+            assert (await http(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+            ok = await http(port, b"GET / HTTP/1.1\r\n\r\n")  # still serving
+            assert ok.startswith(b"HTTP/1.1 200 ")
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+    assert ("/", 200) in counted and ("bad", 431) in counted and ("other", 404) in counted
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_command_line_needs_peers_refuses_bad_prefixes_and_imports_no_torch() -> None:
+    from services.explorer.__main__ import build_parser, config_from
+
+    args = build_parser().parse_args(["--initial-peers", "a:1", "--prefixes", "ffn,ffn1."])
+    assert config_from(args).prefixes == ["ffn", "ffn1"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--prefixes", "<b>"])
+    run = [sys.executable, "-m", "services.explorer"]
+    missing = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--initial-peers" in missing.stderr
+    code = ("import sys, services.explorer.__main__, services.explorer.service; "
+            "assert 'torch' not in sys.modules")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
