@@ -131,6 +131,7 @@ def test_a_round_skips_hostile_entries_bounds_grids_and_times_out_slow_servers()
         honest, honest_address = await fake_expert(FakeExpert(owner.public_key))
         slow, slow_address = await fake_expert(FakeExpert(slowpoke.public_key, hang=True))
         try:
+
             async def put(identity: Identity | None, items: list, owned: bool = True) -> None:
                 async with DHTClient([node.address], identity=identity) as client:
                     assert all(await client.put(items, owned=owned))

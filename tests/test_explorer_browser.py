@@ -201,10 +201,12 @@ def test_explorer_shows_the_swarm_in_a_browser(
     wait_for("every uid alive in /api/swarm", all_alive, 120)
     data = wait_for(
         "the trainer and the stranger's announcements in /api/swarm",
-        lambda: (d := api(port))
-        and any(t["reachable"] and t["run_id"] == "ffn-mlp-h16-4x4" for t in d["trainers"])
-        and any(s["address"] == swarm["dead"] for s in d["servers"])
-        and d,
+        lambda: (
+            (d := api(port))
+            and any(t["reachable"] and t["run_id"] == "ffn-mlp-h16-4x4" for t in d["trainers"])
+            and any(s["address"] == swarm["dead"] for s in d["servers"])
+            and d
+        ),
         60,
     )
     assert {"experts", "servers", "trainers", "dht_nodes", "updated"} <= set(data)

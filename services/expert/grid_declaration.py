@@ -59,7 +59,8 @@ class GridAnnouncer:
         processed: Callable[[], float],
     ) -> None:
         self.shapes = grid_shapes(patterns, hosted)
-        self.per_grid = {name: sum(u.split(".", 1)[0] == name for u in hosted) for name in self.shapes}
+        names = [u.split(".", 1)[0] for u in hosted]
+        self.per_grid = {name: names.count(name) for name in self.shapes}
         self.address = address
         self.tls = tls
         self.expert_cls = expert_cls

@@ -34,9 +34,9 @@ from services.expert.backend import ExpertBackend, OptimizerConfig, preload_auto
 from services.expert.batch import BatchRunner
 from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
-from services.expert.grid_declaration import GridAnnouncer
 from services.expert.faults import with_faults
 from services.expert.grad_monitor import GradNormMonitor
+from services.expert.grid_declaration import GridAnnouncer
 from services.expert.layers import get_expert_class, load_custom_module
 from services.expert.metrics import ExpertMetrics
 from services.expert.runtime import DeviceScheduler, default_parallelism

@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--http-host", default=None,
                    help="address the web page binds (default: --host)")  # fmt: skip
     g.add_argument("--prefixes", type=prefix_list, default=[],
-                   help="grids to show besides those expert servers announce, e.g. ffn,ffn1")  # fmt: skip
+                   help="grids to show besides those servers announce, e.g. ffn,ffn1")  # fmt: skip
     g.add_argument("--update-period", type=_positive(float), default=defaults.period,
-                   help="seconds between looks at the swarm (the page refreshes as often)")  # fmt: skip
+                   help="seconds between looks at the swarm (and page refreshes)")  # fmt: skip
     g.add_argument("--rpc-timeout", type=_positive(float), default=defaults.rpc_timeout,
                    help="deadline of each call to a peer, s")  # fmt: skip
     g.add_argument("--poll-concurrency", type=_positive(int), default=defaults.concurrency,
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = parser.add_argument_group("bounds (what one round looks at)")
     b.add_argument("--max-grids", type=_positive(int), default=limits.max_grids)
     b.add_argument("--max-cells", type=_positive(int), default=limits.max_cells,
-                   help="experts per grid; a larger declared grid shows only its live experts")  # fmt: skip
+                   help="experts per grid; a larger grid shows only the experts found")  # fmt: skip
     b.add_argument("--max-servers", type=_positive(int), default=limits.max_servers)
     b.add_argument("--max-trainers", type=_positive(int), default=limits.max_trainers)
     b.add_argument("--max-dht-nodes", type=_positive(int), default=limits.max_dht_nodes)

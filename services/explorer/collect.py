@@ -252,9 +252,7 @@ class Collector:
             self._reject("over_limit", "more trainers announced than --max-trainers")
         return ordered[: self.limits.max_trainers]
 
-    def _choose_grids(
-        self, announced: list[tuple[GridAnnouncement, bytes, float]]
-    ) -> list[Grid]:
+    def _choose_grids(self, announced: list[tuple[GridAnnouncement, bytes, float]]) -> list[Grid]:
         shapes: dict[str, Counter[tuple[int, ...]]] = {}
         for announcement, _owner, _exp in announced:
             shapes.setdefault(announcement.prefix, Counter())[announcement.shape] += 1

@@ -49,7 +49,7 @@ LEGEND = (
 def _grid(grid: dict[str, Any], experts: dict[str, dict[str, Any]]) -> str:
     rates = [experts[u]["steps_per_s"] or 0.0 for r in grid["rows"] for u in r["cells"]]
     busiest = max(rates, default=0.0)
-    shape = "×".join(map(str, grid["shape"])) if grid["shape"] else "unknown shape"
+    shape = "\u00d7".join(map(str, grid["shape"])) if grid["shape"] else "unknown shape"
     notes = []
     if not grid["complete"]:
         notes.append("too large to draw whole: only the experts found are shown")
@@ -74,9 +74,11 @@ def _grid(grid: dict[str, Any], experts: dict[str, dict[str, Any]]) -> str:
                 level = _load_level(expert["steps_per_s"], busiest)
                 cls = f"cell alive r{min(replicas, 3)} l{level}"
                 rate = expert["steps_per_s"]
-                title = f"{uid}: {replicas} live replica{'s' * (replicas != 1)} " + (
-                    f"({', '.join(expert['servers'])})"
-                ) + (f", {rate:g} steps/s" if rate else "")
+                title = (
+                    f"{uid}: {replicas} live replica{'s' * (replicas != 1)} "
+                    + (f"({', '.join(expert['servers'])})")
+                    + (f", {rate:g} steps/s" if rate else "")
+                )
                 body = f'<span class="c">{esc(coord)}</span><span class="n">{replicas}</span>'
             else:
                 cls = "cell dead"
@@ -224,8 +226,6 @@ def fragment(snapshot: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
-
-
 def page(snapshot: dict[str, Any] | None) -> str:
     return (
         "<!doctype html>\n"
@@ -236,7 +236,7 @@ def page(snapshot: dict[str, Any] | None) -> str:
         '<script src="/static/app.js" defer></script></head>'
         '<body><header><h1>dmoe swarm</h1><p id="status" class="status"></p></header>'
         f'<main id="swarm">{fragment(snapshot)}</main>'
-        '<footer>What the DHT holds, checked against each peer. For scripts: '
+        "<footer>What the DHT holds, checked against each peer. For scripts: "
         '<a href="/api/swarm">/api/swarm</a> (JSON).</footer>'
         "</body></html>\n"
     )

@@ -115,15 +115,12 @@ class Explorer:
     def _publish(self, snapshot: dict[str, Any] | None) -> None:
         """Render once per round what every request then serves."""
         html = "text/html; charset=utf-8"
-        api = _clean(snapshot) if snapshot is not None else {"updated": None, "experts": [],
-                                                            "servers": [], "trainers": [],
-                                                            "dht_nodes": [], "grids": []}  # fmt: skip
+        empty = {k: [] for k in ("grids", "experts", "servers", "trainers", "dht_nodes")}
+        api = _clean(snapshot) if snapshot is not None else {"updated": None, **empty}
         self._bodies = {
             "/": Body(render.page(snapshot).encode(), html),
             "/fragment": Body(render.fragment(snapshot).encode(), html),
-            "/api/swarm": Body(
-                json.dumps(api, separators=(",", ":")).encode(), "application/json"
-            ),
+            "/api/swarm": Body(json.dumps(api, separators=(",", ":")).encode(), "application/json"),
             "/healthz": Body(b"ok\n", "text/plain"),
         }
         self.snapshot = snapshot
