@@ -3,15 +3,13 @@ trainer as real processes, the explorer as a real process, and Debian's Chromium
 selenium (headless; ``scripts/ensure-chromium.sh`` installs it when missing and root).
 
 Screenshots of the page at a laptop's and a phone's size land in the test's output folder
-(printed at the end; ``DMOE_EXPLORER_SCREENSHOT=docs/explorer.png`` also writes the README's).
+(printed at the end; the README's come from scripts/explorer_screenshot.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -240,10 +238,6 @@ def test_explorer_shows_the_swarm_in_a_browser(
             driver.set_window_size(width, height)
             driver.save_screenshot(str(path))
             assert path.stat().st_size > 10_000
-        if os.environ.get("DMOE_EXPLORER_SCREENSHOT"):
-            driver.set_window_size(1280, 900)
-            driver.save_screenshot(str(ROOT / os.environ["DMOE_EXPLORER_SCREENSHOT"]))
-            shutil.copy(shots["phone"][2], ROOT / "docs" / "explorer-phone.png")
 
         # kill one expert server: its cells turn dead within 3 update periods (rounds)
         killed_at = api(port)["round"]
