@@ -302,3 +302,55 @@ def test_command_line_needs_peers_refuses_bad_prefixes_and_imports_no_torch() ->
     code = ("import sys, services.explorer.__main__, services.explorer.service; "
             "assert 'torch' not in sys.modules")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+# ---------------------------------------------------------------- the announcers
+
+
+def test_expert_servers_and_trainers_announce_themselves_in_owned_slots() -> None:
+    from services.expert.server import ExpertConfig, ExpertServer
+    from services.trainer.announce import TrainerAnnouncer, default_run_id
+
+    async def scenario() -> None:
+        node = await start_node()
+        config = ExpertConfig(experts=["ffn.[0:2].[0:3]"], hidden_dim=8, dht_peers=[node.address],
+                              update_period=1.0, compute_threads=1, torch_threads=1)  # fmt: skip
+        server = await ExpertServer(config).start()
+        trainer_key = Identity.generate()
+        try:
+            async with DHTClient([node.address], identity=trainer_key) as client:
+                run_id = default_run_id("ffn", "my model.py", 8, (2, 3))
+                assert run_id == "ffn-my_model.py-h8-2x3"
+                announcer = TrainerAnnouncer(
+                    client, TrainerAnnouncement(run_id, "127.0.0.1:31350", model="mlp"), 1.0
+                )
+                await announcer.start()
+
+                async def announced() -> dict[str, Any] | None:
+                    found = await client.get([GRIDS_KEY, TRAINERS_KEY], latest=True)
+                    if isinstance(found[GRIDS_KEY], dict) and isinstance(found[TRAINERS_KEY], dict):
+                        return found  # type: ignore[return-value]
+                    return None
+
+                found = None
+                for _ in range(600):  # bounds a hang only: 60 s
+                    if found := await announced():
+                        break
+                    await asyncio.sleep(0.1)
+                assert found is not None
+                await announcer.stop()
+        finally:
+            await server.stop(0.5)
+            await node.stop()
+        (grid_entry,) = found[GRIDS_KEY][b"ffn"]
+        assert grid_entry.owner == server.identity.public_key
+        grid, problem = parse_grid(b"ffn", grid_entry.value)
+        assert grid is not None, problem
+        assert (grid.shape, grid.address, grid.experts) == ((2, 3), server.address, 6)
+        assert grid.max_batch_size == config.max_batch_size and grid.queued == 0
+        (trainer_entry,) = found[TRAINERS_KEY][run_id.encode()]
+        assert trainer_entry.owner == trainer_key.public_key
+        trainer, _ = parse_trainer(run_id.encode(), trainer_entry.value)
+        assert trainer is not None and trainer.address == "127.0.0.1:31350"
+
+    asyncio.run(scenario())
