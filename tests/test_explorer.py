@@ -29,9 +29,10 @@ from services.common.rejections import Rejections
 from services.dht.client import DHTClient
 from services.dht.server import start_node
 from services.explorer import render
-from services.explorer.collect import Collector, Grid, Limits, Replica, _layout
+from services.explorer.collect import Collector, Limits
 from services.explorer.http import Body, HttpServer
 from services.explorer.peers import Peers
+from services.explorer.rows import Grid, Replica, layout
 from services.proto import expert_pb2, expert_pb2_grpc
 
 # ---------------------------------------------------------------- the announcement format
@@ -197,10 +198,10 @@ def test_a_round_skips_hostile_entries_bounds_grids_and_times_out_slow_servers()
 def test_a_declared_grid_of_a_trillion_cells_is_not_allocated() -> None:
     grid = Grid("ffn", (1 << 20, 1 << 20))
     grid.uids = {"ffn.3.14": [Replica("a:1", b"k", 0.0)], "ffn.0.2": [Replica("a:1", b"k", 0.0)]}
-    layout = _layout(grid, 4096)
-    assert not layout["complete"] and layout["uids"] == ["ffn.0.2", "ffn.3.14"]
-    assert _layout(Grid("ffn", (4, 4)), 16)["complete"]
-    assert not _layout(Grid("ffn", (4, 5)), 16)["complete"]
+    cells = layout(grid, 4096)
+    assert not cells["complete"] and cells["uids"] == ["ffn.0.2", "ffn.3.14"]
+    assert layout(Grid("ffn", (4, 4)), 16)["complete"]
+    assert not layout(Grid("ffn", (4, 5)), 16)["complete"]
 
 
 # ---------------------------------------------------------------- the page

@@ -22,13 +22,11 @@ has a deadline, and anything malformed is skipped and counted in
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
-import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.addresses import is_peer_address
@@ -44,18 +42,23 @@ from services.common.announcements import (
 from services.common.rejections import Rejections
 from services.dht.client import DHTClient, DHTUnavailable, Found
 from services.explorer.peers import CallFailed, Peers
+from services.explorer.rows import (
+    Grid,
+    Replica,
+    ServerSeen,
+    extra_fields,
+    fingerprint,
+    finite,
+    layout,
+    parse_coordinate,
+    server_row,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_COORDINATE = 1 << 20
 NOT_PROBED: Any = object()  # a uid whose server was not asked about it this round
 GET_CHUNK = 256  # keys per DHT get
-MAX_TEXT = 200  # characters kept of any error or free text field from a peer
-STATUS_FIELDS = {  # Trainer/Status fields with their own column; others go to "more"
-    "step", "samples_seen", "last_loss", "test_loss", "test_accuracy", "last_eval_step",
-    "experts_in_use", "model", "dataset", "state", "steps_per_second", "failed_steps",
-    "uptime_seconds", "public_key", "experts_called",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,53 +71,6 @@ class Limits:
     max_trainers: int = 256
     max_dht_nodes: int = 64
     max_probes: int = 1024  # Expert/Info calls per round, all servers together
-
-
-def fingerprint(public_key: bytes) -> str:
-    """A short, stable name for a public key (first 16 hex digits of its SHA-256)."""
-    return hashlib.sha256(public_key).hexdigest()[:16] if public_key else ""
-
-
-def parse_coordinate(subkey: bytes) -> int | None:
-    """``b"14"`` -> 14; None for anything that is not a grid coordinate."""
-    if not subkey or len(subkey) > 7 or not subkey.isdigit() or not subkey.isascii():
-        return None
-    if len(subkey) > 1 and subkey[:1] == b"0":
-        return None
-    coord = int(subkey)
-    return coord if coord < MAX_COORDINATE else None
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _text(value: Any) -> str:
-    return str(value)[:MAX_TEXT]
-
-
-@dataclass
-class Replica:
-    address: str
-    owner: bytes
-    expiration: float
-
-
-@dataclass
-class Grid:
-    prefix: str
-    declared_shape: tuple[int, ...] | None
-    uids: dict[str, list[Replica]] = field(default_factory=dict)
-    truncated: bool = False
-
-
-@dataclass
-class ServerSeen:
-    address: str
-    owners: set[bytes] = field(default_factory=set)
-    uids: list[str] = field(default_factory=list)
-    announcement: GridAnnouncement | None = None
-    announced_by: bytes = b""
 
 
 class Collector:
@@ -297,7 +253,7 @@ class Collector:
         try:
             reply, seconds = await self.peers.node_status(address)
         except CallFailed as exc:
-            row["error"] = _text(exc)
+            row["error"] = text(exc)
             return row, []
         peers = []
         for info in reply.peers[:64]:
@@ -315,7 +271,7 @@ class Collector:
             routing_table_size=max(0, reply.routing_table_size),
             stored_records=max(0, reply.stored_records),
             peers=len(reply.peers),
-            clock_correction=_finite(reply.clock_correction),
+            clock_correction=finite(reply.clock_correction),
             latency_ms=round(seconds * 1000, 1),
             _id=node.node_id[:64],
         )
@@ -366,7 +322,7 @@ class Collector:
                     result["reachable"] = True
                     result["answers"][uid] = None  # the server says it does not host it
                 else:
-                    result["error"] = _text(reply)
+                    result["error"] = text(reply)
                 continue
             if isinstance(reply, BaseException):
                 raise reply
@@ -403,7 +359,7 @@ class Collector:
         try:
             status, seconds = await self.peers.trainer_status(announcement.address)
         except CallFailed as exc:
-            row["error"] = _text(exc)
+            row["error"] = text(exc)
             return row
         samples = max(0, status.samples_seen)
         last = self._samples.get(announcement.address)
@@ -414,16 +370,16 @@ class Collector:
         row.update(
             reachable=True,
             verified=status.public_key == owner,
-            state=_text(status.state)[:32],
+            state=text(status.state)[:32],
             step=max(0, status.step),
             samples_seen=samples,
             samples_per_s=round(rate, 2) if rate is not None else None,
-            steps_per_second=_finite(round(status.steps_per_second, 3)),
-            loss=_finite(status.last_loss),
-            test_accuracy=_finite(status.test_accuracy),
+            steps_per_second=finite(round(status.steps_per_second, 3)),
+            loss=finite(status.last_loss),
+            test_accuracy=finite(status.test_accuracy),
             failed_steps=max(0, status.failed_steps),
             latency_ms=round(seconds * 1000, 1),
-            more=_extra_fields(status),
+            more=extra_fields(status),
         )
         return row
 
@@ -438,7 +394,7 @@ class Collector:
             try:
                 found = await self.dht.get([GRIDS_KEY, TRAINERS_KEY], latest=True)
             except (DHTUnavailable, ValueError) as exc:
-                errors.append(f"DHT: {_text(exc)}")
+                errors.append(f"DHT: {text(exc)}")
                 found = {}
             announced = self._grid_announcements(found.get(GRIDS_KEY))
             grids = self._choose_grids(announced)
@@ -477,9 +433,9 @@ class Collector:
         steps: dict[tuple[str, str], tuple[float, int]] = {}
         experts, grid_rows = [], []
         for grid in grids:
-            layout = _layout(grid, self.limits.max_cells)
+            cells = layout(grid, self.limits.max_cells)
             alive_count = 0
-            for uid in layout["uids"]:
+            for uid in cells["uids"]:
                 live, unreachable, uid_steps, rate = [], [], None, None
                 for replica in grid.uids.get(uid, []):
                     probe = probes.get(replica.address)
@@ -518,18 +474,18 @@ class Collector:
                 })  # fmt: skip
             grid_rows.append({
                 "prefix": grid.prefix,
-                "shape": layout["shape"],
+                "shape": cells["shape"],
                 "declared_shape": list(grid.declared_shape) if grid.declared_shape else None,
-                "complete": layout["complete"],
+                "complete": cells["complete"],
                 "truncated": grid.truncated,
-                "cells": len(layout["uids"]),
+                "cells": len(cells["uids"]),
                 "alive": alive_count,
-                "dead": len(layout["uids"]) - alive_count,
-                "rows": layout["rows"],
+                "dead": len(cells["uids"]) - alive_count,
+                "rows": cells["rows"],
             })  # fmt: skip
         self._steps = steps
         server_rows = [
-            _server_row(seen, probes.get(address, {}), keys.get(address, b""))
+            server_row(seen, probes.get(address, {}), keys.get(address, b""))
             for address, seen in sorted(servers.items())
         ]
         return {
@@ -544,91 +500,3 @@ class Collector:
             "trainers": trainers,
             "dht_nodes": dht_nodes,
         }
-
-
-def _layout(grid: Grid, max_cells: int) -> dict[str, Any]:
-    """The cells to draw: the whole declared (or observed) grid when it has at most
-    ``max_cells`` cells, dead ones included; else only the uids seen. Rows are grouped by
-    all coordinates but the last."""
-    seen = sorted(grid.uids, key=lambda u: tuple(int(c) for c in u.split(".")[1:]))
-    dims = {u.count(".") for u in seen}
-    shape = list(grid.declared_shape) if grid.declared_shape else None
-    if shape is None and len(dims) == 1:
-        (ndim,) = dims
-        shape = [1 + max(int(u.split(".")[1 + d]) for u in seen) for d in range(ndim)]
-    if shape is not None and all(u.count(".") == len(shape) for u in seen):
-        for uid in seen:  # widen to cover what is declared outside the announced shape
-            coords = [int(c) for c in uid.split(".")[1:]]
-            shape = [max(s, c + 1) for s, c in zip(shape, coords, strict=True)]
-    complete = shape is not None and math.prod(shape) <= max_cells
-    if complete and shape is not None and all(u.count(".") == len(shape) for u in seen):
-        uids = [
-            grid.prefix + "".join(f".{c}" for c in coords)
-            for coords in itertools.product(*(range(n) for n in shape))
-        ]
-    else:
-        complete, uids = False, seen
-    rows: list[dict[str, Any]] = []
-    for uid in uids:
-        label = uid.rsplit(".", 1)[0] + "."
-        if not rows or rows[-1]["label"] != label:
-            rows.append({"label": label, "cells": []})
-        rows[-1]["cells"].append(uid)
-    return {"uids": uids, "rows": rows, "shape": shape, "complete": complete}
-
-
-def _server_row(seen: ServerSeen, probe: dict[str, Any], key: bytes) -> dict[str, Any]:
-    announcement = seen.announcement
-    infos = [i for i in probe.get("answers", {}).values() if i is not None]
-    owner = key or (next(iter(seen.owners)) if len(seen.owners) == 1 else seen.announced_by)
-    row: dict[str, Any] = {
-        "address": seen.address,
-        "reachable": bool(probe.get("reachable")),
-        "error": probe.get("error", ""),
-        "latency_ms": probe.get("latency_ms"),
-        "public_key": owner.hex(),
-        "fingerprint": fingerprint(owner),
-        "experts": sorted(seen.uids)[:256],
-        "num_experts": len(seen.uids),
-        # declarations of this address signed by another key than the one it answers with
-        "foreign_declarations": sum(1 for o in seen.owners if key and o != key),
-        "steps": sum(max(0, i.optimizer_steps) for i in infos) if infos else None,
-        "max_batch_size": max((i.max_batch_size for i in infos), default=None),
-        "expert_class": _text(infos[0].expert_class)[:64] if infos else "",
-        "announced": announcement is not None and (not key or seen.announced_by == key),
-    }
-    if announcement is not None and row["announced"]:
-        row.update(
-            grid=announcement.prefix,
-            version=announcement.version,
-            tls=announcement.tls,
-            max_batch_size=announcement.max_batch_size or row["max_batch_size"],
-            max_queue_samples=announcement.max_queue_samples,
-            queued=announcement.queued,
-            samples_per_s=announcement.samples_per_s,
-        )
-        if not row["expert_class"]:
-            row["expert_class"] = announcement.expert_cls
-    return row
-
-
-def _extra_fields(status: Any) -> dict[str, Any]:
-    """Scalar fields of ``Trainer/Status`` that have no column of their own (fields added
-    after this page was written, such as an averaging round): shown as they come."""
-    more: dict[str, Any] = {}
-    for descriptor in status.DESCRIPTOR.fields[:64]:
-        name = descriptor.name
-        if name in STATUS_FIELDS or descriptor.message_type is not None:
-            continue
-        value = getattr(status, name)
-        if isinstance(value, bytes):
-            value = value[:32].hex()
-        elif not isinstance(value, str | int | float | bool):
-            value = list(value)[:8]  # a repeated scalar
-            value = [_text(v)[:64] for v in value]
-        elif isinstance(value, float) and not math.isfinite(value):
-            value = None
-        elif isinstance(value, str):
-            value = _text(value)
-        more[name] = value
-    return more
