@@ -263,6 +263,7 @@ def test_explorer_shows_the_swarm_in_a_browser(
 
         shown_round = wait_for("the killed server's cells dead in the page", dead_in_page, 60)
         assert shown_round - killed_at <= 3, (killed_at, shown_round)
+        driver.set_window_size(1280, 900)
         driver.save_screenshot(str(swarm["logdir"] / "explorer-after-kill.png"))
         print(f"screenshots in {swarm['logdir']}")
     finally:

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 NOT_PROBED: Any = object()  # a uid whose server was not asked about it this round
 GET_CHUNK = 256  # keys per DHT get
+DHT_CONCURRENCY = 8  # DHT gets in flight at once
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Collector:
         self.rejections = rejections
         self.period = period
         self._round = 0
+        self._dht_slots = asyncio.Semaphore(DHT_CONCURRENCY)
         self._steps: dict[tuple[str, str], tuple[float, int]] = {}  # (address, uid) -> t, steps
         self._samples: dict[str, tuple[float, int]] = {}  # trainer address -> t, samples seen
 
@@ -104,9 +106,12 @@ class Collector:
     async def _get(self, keys: list[str]) -> dict[str, Found]:
         """Many keys, in chunks, concurrently; keys whose chunk failed are missing."""
         chunks = [keys[i : i + GET_CHUNK] for i in range(0, len(keys), GET_CHUNK)]
-        answers = await asyncio.gather(
-            *(self.dht.get(chunk, latest=True) for chunk in chunks), return_exceptions=True
-        )
+
+        async def get(chunk: list[str]) -> dict[str, Found]:
+            async with self._dht_slots:
+                return await self.dht.get(chunk, latest=True)
+
+        answers = await asyncio.gather(*(get(chunk) for chunk in chunks), return_exceptions=True)
         found: dict[str, Found] = {}
         for answer in answers:
             if isinstance(answer, BaseException):
