@@ -294,9 +294,9 @@ class Collector:
                     if replica.address not in wanted:
                         continue
                     seen = servers.setdefault(replica.address, ServerSeen(replica.address))
-                    seen.owners.add(replica.owner)
-                    if uid not in seen.uids:
-                        seen.uids.append(uid)
+                    if len(seen.owners) < 64:
+                        seen.owners.add(replica.owner)
+                    seen.uids[uid] = None
         for announcement, owner, _exp in announced:
             address = announcement.address
             if address not in servers and len(servers) >= self.limits.max_servers:
@@ -310,7 +310,7 @@ class Collector:
 
     async def _probe_server(self, seen: ServerSeen, quota: int) -> dict[str, Any]:
         """Info of up to ``quota`` of the server's uids (rotating by round)."""
-        uids = seen.uids
+        uids = list(seen.uids)
         if uids and len(uids) > quota:
             start = (self._round * quota) % len(uids)
             uids = (uids[start:] + uids[:start])[:quota]

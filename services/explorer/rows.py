@@ -68,7 +68,7 @@ class Grid:
 class ServerSeen:
     address: str
     owners: set[bytes] = field(default_factory=set)
-    uids: list[str] = field(default_factory=list)
+    uids: dict[str, None] = field(default_factory=dict)  # ordered, no duplicates
     announcement: GridAnnouncement | None = None
     announced_by: bytes = b""
 
