@@ -22,7 +22,7 @@ if [ -z "$browser" ] || [ -z "$driver" ]; then
   echo "installing chromium and chromium-driver" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-liberation fonts-dejavu-core >/dev/null
+  apt-get install -y -qq chromium chromium-driver fonts-liberation >/dev/null
   browser=$(find_bin chromium chromium-browser)
   driver=$(find_bin chromedriver chromium-driver)
 fi

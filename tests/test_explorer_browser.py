@@ -30,7 +30,8 @@ from services.common.announcements import (
 from services.common.identity import Identity
 from services.dht.client import DHTClient
 
-pytestmark = pytest.mark.browser
+# an install of Chromium (first run on a fresh machine) and torch imports on a loaded machine
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(1200)]
 
 PERIOD = 2.0  # the explorer's and the expert servers' update period
 H = 16
