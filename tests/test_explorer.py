@@ -355,3 +355,42 @@ def test_expert_servers_and_trainers_announce_themselves_in_owned_slots() -> Non
         assert trainer is not None and trainer.address == "127.0.0.1:31350"
 
     asyncio.run(scenario())
+
+
+def test_with_trusted_keys_only_their_declarations_count() -> None:
+    async def scenario() -> dict[str, Any]:
+        node = await start_node()
+        owner, stranger = Identity.generate(), Identity.generate()
+        server, address = await fake_expert(FakeExpert(stranger.public_key))
+        try:
+            async with DHTClient([node.address]) as probe:
+                await probe.get(["x"])
+                t = probe.now() + 300
+            for identity, uid in ((owner, "ffn.0.0"), (stranger, "ffn.0.1")):
+                async with DHTClient([node.address], identity=identity) as client:
+                    assert all(await client.put(uid_items(uid, address, t), owned=True))
+            rejections = Rejections("explorer", None, logging.getLogger("test"))
+            peers = Peers(timeout=2.0, concurrency=4)
+            trusted = frozenset({owner.public_key})
+            async with DHTClient([node.address], trusted=trusted) as dht:
+                collector = Collector(dht, peers, [node.address], ["ffn"], Limits(), rejections,
+                                      1.0)  # fmt: skip
+                snapshot = await asyncio.wait_for(collector.round(), 60)
+                await peers.close()
+            return snapshot
+        finally:
+            await server.stop(0)
+            await node.stop()
+
+    snapshot = asyncio.run(scenario())
+    experts = {e["uid"]: e for e in snapshot["experts"]}
+    # the stranger's uid is not even declared as far as the explorer sees; the owner's entry
+    # points at a server answering with another key: not alive either
+    assert set(experts) == {"ffn.0.0"} and not experts["ffn.0.0"]["alive"]
+
+
+def test_an_unreadable_trusted_keys_file_stops_the_explorer_at_start(tmp_path) -> None:
+    run = [sys.executable, "-m", "services.explorer", "--initial-peers", "127.0.0.1:1",
+           "--trusted-keys", str(tmp_path / "no"), "--metrics-port", "-1"]  # fmt: skip
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot start" in done.stderr

@@ -9,6 +9,7 @@ import sys
 
 from services.common.announcements import PREFIX_RE
 from services.common.config import peer_list, service_parser
+from services.common.identity import load_trusted_keys
 from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grids to show besides those servers announce, e.g. ffn,ffn1")  # fmt: skip
     g.add_argument("--update-period", type=_positive(float), default=defaults.period,
                    help="seconds between looks at the swarm (and page refreshes)")  # fmt: skip
+    g.add_argument("--trusted-keys", default=None,
+                   help="file of public keys (one per line, hex or base64, # comments): show "
+                   "only what these keys declare and announce; unset: anyone's")  # fmt: skip
     g.add_argument("--rpc-timeout", type=_positive(float), default=defaults.rpc_timeout,
                    help="deadline of each call to a peer, s")  # fmt: skip
     g.add_argument("--poll-concurrency", type=_positive(int), default=defaults.concurrency,
@@ -113,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     tls = tls_from_args(args, parser)
     setup_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(config_from(args, tls), args.shutdown_grace))
-    except OSError as exc:  # a port taken
+        config = config_from(args, tls)
+        config.trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+        asyncio.run(serve(config, args.shutdown_grace))
+    except (OSError, ValueError) as exc:  # a port taken, a trusted-keys file unusable
         log.error("cannot start: %s", exc)
         return 2
     return 0

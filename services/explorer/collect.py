@@ -353,6 +353,7 @@ class Collector:
             "run_id": announcement.run_id,
             "address": announcement.address,
             "fingerprint": fingerprint(owner),
+            "public_key": owner[:64].hex(),
             "model": announcement.model,
             "dataset": announcement.dataset,
             "uid_prefix": announcement.uid_prefix,

@@ -125,7 +125,7 @@ def _servers(servers: list[dict[str, Any]]) -> str:
         if s.get("queued") is not None:
             queue = f"{num(s['queued'])} / {num(s.get('max_queue_samples'))}"
         foreign = s.get("foreign_declarations", 0)
-        key = f"<code>{esc(s['fingerprint'])}</code>"
+        key = f'<code title="{esc(s.get("public_key", ""))}">{esc(s["fingerprint"])}</code>'
         if foreign:
             key += f' <span class="bad" title="declarations of this address signed by other keys">+{num(foreign)} other</span>'  # noqa: E501
         rows.append([
@@ -161,7 +161,7 @@ def _trainers(trainers: list[dict[str, Any]]) -> str:
             f"<code>{esc(t['run_id'])}</code>",
             f"<code>{esc(t['address'])}</code>",
             _state(t["reachable"], t.get("error", "")),
-            f"<code>{esc(t['fingerprint'])}</code>"
+            f'<code title="{esc(t.get("public_key", ""))}">{esc(t["fingerprint"])}</code>'
             + ("" if t.get("verified", True) else ' <span class="bad">key differs</span>'),
             esc(t.get("state", "")) or "—",
             num(t.get("step")),

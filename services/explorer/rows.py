@@ -9,7 +9,6 @@ Every string from a peer is cut to a bounded length here; escaping is the render
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ STATUS_FIELDS = {  # Trainer/Status fields with their own column; others go to "
 
 
 def fingerprint(public_key: bytes) -> str:
-    """A short, stable name for a public key (first 16 hex digits of its SHA-256)."""
-    return hashlib.sha256(public_key).hexdigest()[:16] if public_key else ""
+    """A short name for a public key: its first 16 hex digits, the start of what every
+    service logs at start as ``public_key``, so a volunteer finds their own server."""
+    return public_key[:8].hex()
 
 
 def parse_coordinate(subkey: bytes) -> int | None:

@@ -54,6 +54,7 @@ class ExplorerConfig:
     metrics_port: int | None = None
     max_message_bytes: int = 4 * 1024 * 1024
     tls: TLSConfig | None = None
+    trusted: frozenset[bytes] | None = None  # only entries these keys own (a private swarm)
     server_limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -89,6 +90,7 @@ class Explorer:
             config.initial_peers,
             timeout=config.rpc_timeout,
             max_message_bytes=MAX_DHT_REPLY_BYTES,
+            trusted=config.trusted,
             tls=config.tls,
         )
         self.peers = Peers(config.rpc_timeout, config.concurrency, config.tls)
