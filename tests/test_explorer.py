@@ -101,12 +101,18 @@ def test_expert_grid_shapes_cover_patterns_and_hosted_uids() -> None:
 class FakeExpert(expert_pb2_grpc.ExpertServicer):
     """An expert server as far as Info goes: answers with its public key, or never (slow)."""
 
-    def __init__(self, public_key: bytes, hang: bool = False) -> None:
-        self.public_key, self.hang = public_key, hang
+    def __init__(
+        self, public_key: bytes, hang: bool = False, fail: frozenset[str] = frozenset()
+    ) -> None:
+        self.public_key, self.hang, self.fail = public_key, hang, fail
 
     async def Info(self, request: Any, context: Any) -> expert_pb2.InfoResponse:
         if self.hang:
             await asyncio.sleep(3600)
+        if request.uid in self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded")
+        if self.fail:
+            await asyncio.sleep(0.5)  # the others are still in flight when one fails
         return expert_pb2.InfoResponse(uid=request.uid, expert_class="<b>ffn</b>",
                                        optimizer_steps=7, public_key=self.public_key)  # fmt: skip
 
@@ -394,3 +400,36 @@ def test_an_unreadable_trusted_keys_file_stops_the_explorer_at_start(tmp_path) -
            "--trusted-keys", str(tmp_path / "no"), "--metrics-port", "-1"]  # fmt: skip
     done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot start" in done.stderr
+
+
+def test_one_failed_call_does_not_cancel_the_others_on_the_same_channel() -> None:
+    """A failed call sets its channel aside; closing it at once cancelled the calls still on
+    it, and the cancellation escaped the round and stopped the explorer's loop for good."""
+
+    async def scenario() -> dict[str, Any]:
+        node = await start_node()
+        owner = Identity.generate()
+        server, address = await fake_expert(FakeExpert(owner.public_key, fail=frozenset({"ffn.0"})))
+        try:
+            async with DHTClient([node.address], identity=owner) as client:
+                items = [
+                    i
+                    for u in ("ffn.0", "ffn.1", "ffn.2")
+                    for i in uid_items(u, address, client.now() + 300)
+                ]
+                assert all(await client.put(items, owned=True))
+            rejections = Rejections("explorer", None, logging.getLogger("test"))
+            peers = Peers(timeout=5.0, concurrency=8)
+            async with DHTClient([node.address]) as dht:
+                collector = Collector(
+                    dht, peers, [node.address], ["ffn"], Limits(), rejections, 1.0
+                )
+                snapshot = await asyncio.wait_for(collector.round(), 60)
+                await peers.close()
+            return snapshot
+        finally:
+            await server.stop(0)
+            await node.stop()
+
+    experts = {e["uid"]: e["alive"] for e in asyncio.run(scenario())["experts"]}
+    assert experts == {"ffn.0": False, "ffn.1": True, "ffn.2": True}

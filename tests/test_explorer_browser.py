@@ -52,12 +52,29 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: flo
             if last:
                 return last
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}\n{summary()}"
+    )
+
+
+LAST: dict[str, Any] = {}  # the last snapshot read, for the failure messages
 
 
 def api(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/swarm", timeout=10) as reply:
-        return json.load(reply)
+        LAST["snapshot"] = json.load(reply)
+    return LAST["snapshot"]
+
+
+def summary() -> str:
+    snapshot = LAST.get("snapshot") or {}
+    lines = [f"round {snapshot.get('round')} errors {snapshot.get('errors')}"]
+    lines += [f"{e['uid']}: alive={e['alive']} servers={e['servers']} unreachable="
+              f"{e['unreachable']}" for e in snapshot.get("experts", [])]  # fmt: skip
+    for kind in ("servers", "trainers"):
+        lines += [f"{kind}: {r['address']} reachable={r['reachable']} error={r.get('error')}"
+                  for r in snapshot.get(kind, [])]  # fmt: skip
+    return "\n".join(lines)
 
 
 def declare_hostile(dht_address: str, dead_address: str) -> None:

@@ -323,14 +323,16 @@ class Collector:
         latencies = []
         for uid, reply in zip(uids, replies, strict=True):
             if isinstance(reply, CallFailed):
+                result["answers"][uid] = None  # not a live replica this round
                 if str(reply).startswith("NOT_FOUND"):
-                    result["reachable"] = True
-                    result["answers"][uid] = None  # the server says it does not host it
+                    result["reachable"] = True  # the server says it does not host it
                 else:
                     result["error"] = text(reply)
                 continue
-            if isinstance(reply, BaseException):
-                raise reply
+            if isinstance(reply, BaseException):  # not a peer's failure: a bug, say so
+                result["answers"][uid] = None
+                result["error"] = text(f"{type(reply).__name__}: {reply}")
+                continue
             info, seconds = reply
             result["reachable"] = True
             result["answers"][uid] = info
@@ -450,7 +452,7 @@ class Collector:
                     ok = (
                         probe is not None
                         and probe["reachable"]
-                        and answer is not None  # None: the server denied hosting it
+                        and answer is not None  # None: not hosted, or the call failed
                         and (not key or key == replica.owner)
                     )
                     if not ok:

@@ -4,8 +4,9 @@ Every call has a deadline and waits its turn behind one semaphore (``concurrency
 once, however many peers the DHT names), and replies larger than ``MAX_REPLY_BYTES`` are
 refused by gRPC before they are parsed: a peer can make the explorer wait at most a
 timeout and allocate at most that much. A channel is kept per address while the address is
-in use; after a failed call it is dropped, so the next round dials afresh (gRPC's own
-reconnect back-off would otherwise keep a restarted server looking dead for minutes).
+in use; after a failed call it is set aside, so the next round dials afresh (gRPC's own
+reconnect back-off would otherwise keep a restarted server looking dead for minutes), and
+closed at the end of the round: closing it at once would cancel the other calls still on it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Peers:
         self._tls = tls
         self._options = channel_options(MAX_REPLY_BYTES)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._failed: list[grpc.aio.Channel] = []  # closed by end_round
         self._used: set[str] = set()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -54,10 +56,10 @@ class Peers:
             channel = self._channels[address] = aio_channel(address, self._options, self._tls)
         return channel
 
-    async def _drop(self, address: str) -> None:
+    def _set_aside(self, address: str) -> None:
         channel = self._channels.pop(address, None)
         if channel is not None:
-            await channel.close()
+            self._failed.append(channel)
 
     async def _call(
         self, address: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]
@@ -69,11 +71,17 @@ class Peers:
                 reply = await asyncio.wait_for(call(self._channel(address)), self.timeout + 1)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    await self._drop(address)
+                    self._set_aside(address)
                 raise CallFailed(f"{exc.code().name}: {(exc.details() or '')[:200]}") from None
             except TimeoutError:
-                await self._drop(address)
+                self._set_aside(address)
                 raise CallFailed("DEADLINE_EXCEEDED") from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this call was cancelled, not the channel closed under it
+                self._set_aside(address)
+                raise CallFailed("CANCELLED: channel closed") from None
             return reply, time.perf_counter() - started
 
     async def info(self, address: str, uid: str) -> tuple[expert_pb2.InfoResponse, float]:
@@ -98,11 +106,16 @@ class Peers:
         return await self._call(address, call)
 
     async def end_round(self) -> None:
-        """Close the channels of addresses no call used this round (peers that left)."""
+        """Close the channels set aside after failures and those of addresses no call used
+        this round (peers that left)."""
         for address in [a for a in self._channels if a not in self._used]:
-            await self._drop(address)
+            self._set_aside(address)
+        failed, self._failed = self._failed, []
+        for channel in failed:
+            await channel.close()
         self._used.clear()
 
     async def close(self) -> None:
         for address in list(self._channels):
-            await self._drop(address)
+            self._set_aside(address)
+        await self.end_round()

@@ -127,20 +127,25 @@ class Explorer:
         }
         self.snapshot = snapshot
 
+    def _failed_round(self, exc: BaseException) -> None:
+        self.metrics.rounds.labels("failed").inc()
+        log.warning("round failed", extra={"error": repr(exc)[:300]})
+        if self.snapshot is not None:
+            self._publish(dict(self.snapshot, errors=[f"last round failed: {exc!r}"[:300]]))
+
     async def _loop(self) -> None:
         period = self.config.period
         while True:
             started = time.monotonic()
             try:
                 snapshot = await asyncio.wait_for(self.collector.round(), max(30.0, 6 * period))
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # stopping
+                self._failed_round(exc)  # a cancellation from inside the round: keep going
             except Exception as exc:  # one bad round must not stop the page
-                self.metrics.rounds.labels("failed").inc()
-                log.warning("round failed", extra={"error": repr(exc)[:300]})
-                if self.snapshot is not None:
-                    stale = dict(self.snapshot, errors=[f"last round failed: {exc!r}"[:300]])
-                    self._publish(stale)
+                self._failed_round(exc)
             else:
                 self.metrics.rounds.labels("ok").inc()
                 self.metrics.observe(snapshot)
