@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from services.common.addresses import is_peer_address
 from services.common.announcements import (
     GRIDS_KEY,
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 NOT_PROBED: Any = object()  # a uid whose server was not asked about it this round
 GET_CHUNK = 256  # keys per DHT get
 DHT_CONCURRENCY = 8  # DHT gets in flight at once
+# what a DHT get raises when the DHT cannot answer (a node refusing past its admission limits
+# answers RESOURCE_EXHAUSTED, which the client passes on)
+DHT_ERRORS = (DHTUnavailable, ValueError, grpc.aio.AioRpcError)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class Collector:
         found: dict[str, Found] = {}
         for answer in answers:
             if isinstance(answer, BaseException):
-                if not isinstance(answer, DHTUnavailable | ValueError):
+                if not isinstance(answer, DHT_ERRORS):
                     raise answer
                 continue
             found.update(answer)  # type: ignore[arg-type]
@@ -401,7 +406,7 @@ class Collector:
         try:
             try:
                 found = await self.dht.get([GRIDS_KEY, TRAINERS_KEY], latest=True)
-            except (DHTUnavailable, ValueError) as exc:
+            except DHT_ERRORS as exc:
                 errors.append(f"DHT: {text(exc)}")
                 found = {}
             announced = self._grid_announcements(found.get(GRIDS_KEY))
