@@ -22,7 +22,7 @@ files=(-f deploy/docker-compose.yml)
 export DMOE_TAG=${DMOE_TAG:-latest}
 tls=${DMOE_TLS:-}
 tls_dir=deploy/tls/certs
-tls_services=(dht-bootstrap dht expert trainer)
+tls_services=(dht-bootstrap dht expert trainer explorer)
 
 compose_cmd() {
   local compose
@@ -100,7 +100,7 @@ case "$cmd" in
       make_certs
       files+=(-f deploy/docker-compose.tls.yml)
     fi
-    services=(dht-bootstrap dht expert trainer)
+    services=(dht-bootstrap dht expert trainer explorer)
     profile=()
     if [ -n "$monitoring" ]; then
       profile=(--profile monitoring)
@@ -116,7 +116,8 @@ case "$cmd" in
       compose_cmd "${profile[@]}" up -d --no-build "${scale[@]}" "${services[@]}"
     wait_healthy
     echo
-    echo "swarm is up.  Prometheus: http://localhost:${DMOE_PROMETHEUS_PORT:-9090}" \
+    echo "swarm is up.  Explorer: http://localhost:${DMOE_EXPLORER_PORT:-8080}" \
+      " Prometheus: http://localhost:${DMOE_PROMETHEUS_PORT:-9090}" \
       "$([[ " ${services[*]} " == *" grafana "* ]] && echo " Grafana: http://localhost:${DMOE_GRAFANA_PORT:-3000}")"
     [ -z "$tls" ] || echo "mutual TLS on every gRPC port; a client certificate: $tls_dir/client.{crt,key}, CA $tls_dir/ca.crt, server name dmoe"
     echo "stop it with: deploy/swarm.sh down"

@@ -1,5 +1,6 @@
 """The simulated swarm of deploy/docker-compose.yml as local processes, for machines
-without Docker: DHT nodes, expert servers (each a random slice of one grid) and trainers.
+without Docker: DHT nodes, expert servers (each a random slice of one grid), trainers and the
+swarm explorer (http://localhost:8080, ``--explorer-port``).
 
 Usage: ``python scripts/local_swarm.py [--experts 3] [--trainers 2] [--steps 0] [--tls]``.
 ``--tls`` runs it over mutual TLS: certificates in ``<log-dir>/tls`` (made when missing by
@@ -69,6 +70,8 @@ def main() -> int:
     parser.add_argument("--log-dir", type=Path, default=ROOT / "benchmarks" / "out" / "swarm")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--tls", action="store_true", help="mutual TLS on every gRPC port")
+    parser.add_argument("--explorer-port", type=int, default=8080,
+                        help="the swarm explorer's web page (-1: no explorer)")  # fmt: skip
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     tls = tls_flags(args.log_dir / "tls") if args.tls else []
@@ -102,6 +105,10 @@ def main() -> int:
         ]
         procs.append(start(f"expert-{i}", "expert", expert_args, args.log_dir)[0])
         time.sleep(1.0)  # each server sees the others' declarations and picks other experts
+    if args.explorer_port >= 0:
+        explorer_args = ["--initial-peers", initial, "--http-port", str(args.explorer_port), *tls]
+        procs.append(start("explorer", "explorer", explorer_args, args.log_dir)[0])
+        print(f"{'':<12} the swarm explorer: http://localhost:{args.explorer_port}")
     prefix, _, grid = args.grid.partition(".")
     shape = "x".join(str(int(r.split(":")[1].rstrip("]"))) for r in grid.split("."))
     for i in range(args.trainers):

@@ -53,6 +53,12 @@ def test_compose_file_shape() -> None:
     compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
     services = compose["services"]
     assert {"dht-bootstrap", "dht", "expert", "trainer", "prometheus", "grafana"} <= set(services)
+    # the explorer: the DHT image running services.explorer, its page on a published port
+    explorer = services["explorer"]
+    assert explorer["image"] == services["dht"]["image"] and "profiles" not in explorer
+    assert explorer["entrypoint"] == ["python", "-m", "services.explorer"]
+    assert explorer["ports"] == ["${DMOE_EXPLORER_PORT:-8080}:8080"]
+    assert explorer["environment"]["DMOE_HTTP_PORT"] == 8080
     for name in ("dht", "expert", "trainer"):
         assert "ports" not in services[name], f"{name} must not pin host ports (--scale)"
     for name, service in services.items():
@@ -66,9 +72,11 @@ def test_compose_file_shape() -> None:
 def test_prometheus_scrapes_every_service_by_dns() -> None:
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"dht", "expert", "trainer"}
+    assert set(jobs) == {"dht", "expert", "trainer", "explorer"}
     ports = {name: job["dns_sd_configs"][0]["port"] for name, job in jobs.items()}
-    assert ports == {"dht": 9330, "expert": 9340, "trainer": 9350}
+    assert ports == {"dht": 9330, "expert": 9340, "trainer": 9350, "explorer": 9360}
+    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())["services"]
+    assert compose["explorer"]["environment"]["DMOE_METRICS_PORT"] == 9360
 
 
 def test_tls_override_mounts_each_service_its_own_pair_and_the_ca(tmp_path) -> None:
@@ -76,10 +84,10 @@ def test_tls_override_mounts_each_service_its_own_pair_and_the_ca(tmp_path) -> N
     base = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())["services"]
     services = yaml.safe_load((ROOT / "deploy/docker-compose.tls.yml").read_text())["services"]
     # Prometheus and Grafana unchanged: /metrics stays plain HTTP
-    assert set(services) == {"dht-bootstrap", "dht", "expert", "trainer"}
+    assert set(services) == {"dht-bootstrap", "dht", "expert", "trainer", "explorer"}
     assert set(services) <= set(base)
     script = (ROOT / "deploy/swarm.sh").read_text()
-    assert "tls_services=(dht-bootstrap dht expert trainer)" in script
+    assert "tls_services=(dht-bootstrap dht expert trainer explorer)" in script
     assert "-f deploy/docker-compose.tls.yml" in script
     assert subprocess.run(["bash", "-n", "deploy/swarm.sh"], cwd=ROOT).returncode == 0
     make = [sys.executable, "deploy/tls/make_certs.py", str(tmp_path), "--names", *services]

@@ -88,12 +88,14 @@ def test_overlays_render_with_the_whole_swarm(rendered: dict[str, Objects]) -> N
         "ConfigMap",
         "ConfigMap",
         "Deployment",
+        "Deployment",  # the explorer
         "Namespace",
         "PodDisruptionBudget",
         "Service",
         "Service",
         "Service",
         "Service",
+        "Service",  # the explorer
         "StatefulSet",
         "StatefulSet",
     ]
@@ -101,7 +103,7 @@ def test_overlays_render_with_the_whole_swarm(rendered: dict[str, Objects]) -> N
     monitoring += ["Service"] * 2 + ["ServiceAccount"]
     assert kinds(rendered["cpu"]) == sorted(swarm + monitoring)
     assert kinds(rendered["gpu"]) == kinds(rendered["cpu"])
-    assert kinds(rendered["tls"]) == sorted(swarm + monitoring + ["Secret"] * 3)
+    assert kinds(rendered["tls"]) == sorted(swarm + monitoring + ["Secret"] * 4)
     assert kinds(rendered["operator"]) == sorted([*swarm, "ServiceMonitor"])
     for objects in rendered.values():
         for obj in objects:
@@ -190,6 +192,16 @@ BROKEN: dict[str, tuple[str, str, Break]] = {
         "cpu",
         "DMOE_HIDEN_DIM: no such flag",
         lambda o: set_env(o, "trainer", "DMOE_HIDEN_DIM", "64"),
+    ),
+    "explorer without peers": (
+        "cpu",
+        "flags: Deployment/explorer container explorer: no --initial-peers",
+        lambda o: set_env(o, "explorer", "DMOE_INITIAL_PEERS", ""),
+    ),
+    "explorer probe on the page's port": (
+        "cpu",
+        "ports: Deployment/explorer container explorer: livenessProbe probes 8080",
+        lambda o: container(o, "explorer")["livenessProbe"]["grpc"].update(port=8080),
     ),
     "unknown argument": (
         "cpu",

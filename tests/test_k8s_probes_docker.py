@@ -68,6 +68,7 @@ def rendered(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
             "dht",
             "expert",
             "trainer",
+            "client",  # the explorer's pair (components/tls)
         ]
         sh(*make)
     overlay = tree / "deploy/k8s/test-overlay"

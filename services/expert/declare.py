@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from services.expert.metrics import ExpertMetrics
@@ -51,8 +51,10 @@ class Declarer:
         address: str,
         period: float,
         metrics: ExpertMetrics,
+        extra: Callable[[float], list[Item]] | None = None,
     ) -> None:
         self.client = client
+        self.extra = extra  # more entries renewed with the experts (the grid announcement)
         self.uids = uids
         self.address = address
         self.period = period
@@ -72,7 +74,13 @@ class Declarer:
         async with self._one_at_a_time:
             expiration = max(self.client.now() + 2 * self.period, self._last_expiration)
             self._last_expiration = expiration
-            return await self._put(declaration_items(self.uids, self.address, expiration))
+            items = declaration_items(self.uids, self.address, expiration)
+            if self.extra is not None:
+                try:
+                    items += self.extra(expiration)
+                except Exception as exc:  # never let the announcement stop the declarations
+                    log.warning("grid announcement failed", extra={"error": repr(exc)})
+            return await self._put(items)
 
     async def _put(self, items: list[Item]) -> bool:
         try:

@@ -36,6 +36,7 @@ from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
 from services.expert.faults import with_faults
 from services.expert.grad_monitor import GradNormMonitor
+from services.expert.grid_declaration import GridAnnouncer
 from services.expert.layers import get_expert_class, load_custom_module
 from services.expert.metrics import ExpertMetrics
 from services.expert.runtime import DeviceScheduler, default_parallelism
@@ -298,13 +299,34 @@ class ExpertServer:
             self._checkpoint_task = asyncio.create_task(self._checkpoint_loop())
         if self.dht is not None:
             self.declarer = Declarer(
-                self.dht, list(self.backends), self.address, cfg.update_period, self.metrics
-            )
+                self.dht, list(self.backends), self.address, cfg.update_period, self.metrics,
+                extra=self._grid_announcer(bound).items,
+            )  # fmt: skip
             self.declarer.start()
             self._serving_task = asyncio.create_task(self._serving_after_declaration())
         else:
             await self.running.set_serving(True)
         return self
+
+    def _grid_announcer(self, max_queue_samples: int) -> GridAnnouncer:
+        """What this server announces under ``_dmoe.grids`` (grid_declaration.py)."""
+        cfg, samples = self.config, self.metrics.samples
+
+        def processed() -> float:
+            return sum(s.value for m in samples.collect() for s in m.samples
+                       if s.name.endswith("_total"))  # fmt: skip
+
+        return GridAnnouncer(
+            uids.split_patterns(cfg.experts),
+            list(self.backends),
+            self.address,
+            tls=cfg.tls is not None,
+            expert_cls=cfg.expert_cls,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_samples=max(max_queue_samples, cfg.max_batch_size),
+            queued=lambda: sum(pool.queued_rows for pool in self.pools.values()),
+            processed=processed,
+        )
 
     async def _warm_up(self, backends: list[ExpertBackend]) -> None:
         """A forward and backward of every expert on every compute thread, before SERVING: a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         "declared by these keys (a private swarm); unset: any server's declarations",
     )
     swarm.add_argument(
+        "--announce-period", type=float, default=10.0,
+        help="seconds between announcements of this trainer under _dmoe.trainers in the DHT, "
+        "for the swarm explorer (0: none)",
+    )  # fmt: skip
+    swarm.add_argument(
         "--compression",
         choices=list(_COMPRESSIONS),
         default="none",
@@ -215,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--failure-pause", type=float, default=0.5, help="pause after a skipped step, s"
     )
     return parser
+
+
+def _announcer(args: argparse.Namespace, swarm: Any, address: str, dataset: str) -> Any:
+    """Start announcing this trainer in the DHT (services/trainer/announce.py)."""
+    from services import __version__
+    from services.common.announcements import TrainerAnnouncement
+    from services.trainer.announce import TrainerAnnouncer, default_run_id
+
+    model = os.path.basename(args.model_module) if args.model_module else args.model
+    run_id = default_run_id(args.uid_prefix, model, args.hidden_dim, args.grid)
+    announcement = TrainerAnnouncement(
+        run_id=run_id, address=address, model=model[:64], dataset=dataset,
+        uid_prefix=args.uid_prefix, grid=args.grid, version=__version__,
+    )  # fmt: skip
+    announcer = TrainerAnnouncer(swarm._dht_client(), announcement, args.announce_period)
+    swarm.run(announcer.start())
+    return announcer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,10 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     swarm.run(running.set_serving(True))
+    address = f"{announce_host(args.host, args.announce_host)}:{running.port}"
+    announcer = None
+    if args.announce_period > 0 and args.initial_peers:
+        announcer = _announcer(args, swarm, address, dataset.name)
     log.info(
         "trainer serving",
         extra={
-            "address": f"{announce_host(args.host, args.announce_host)}:{running.port}",
+            "address": address,
             "port": running.port,
             "metrics_port": running.metrics_port,
             "model": args.model,
@@ -394,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         try:
+            if announcer is not None:
+                swarm.run(announcer.stop(), timeout=5)
             swarm.run(running.stop(args.shutdown_grace), timeout=args.shutdown_grace + 5)
         finally:
             swarm.close()

@@ -49,6 +49,7 @@ HEALTH_NAMES = {
     "dht": {"", "dmoe.DHT", "dmoe.DHTPeer"},
     "expert": {"", "dmoe.Expert"},
     "trainer": {"", "dmoe.Trainer"},
+    "explorer": {""},  # serves no dmoe service, health and reflection only
 }
 RESTRICTED_VOLUMES = {
     "configMap",
@@ -131,6 +132,12 @@ def parse_service(service: str, argv: list[str], env: dict[str, str]) -> argpars
             uids.grid_size(uids.split_patterns(config.experts))
         elif service == "trainer" and not args.initial_peers and not args.model_module:
             raise FlagError("no --initial-peers")
+        elif service == "explorer":
+            from services.explorer.__main__ import config_from
+
+            if not args.initial_peers:
+                raise FlagError("no --initial-peers")
+            config_from(args)
     except ValueError as exc:
         raise FlagError(str(exc)) from None
     return args
@@ -402,6 +409,8 @@ def check_service_links(objects: Objects) -> list[str]:
 
 def _identity_path(service: str, args: Any, pod: Pod, env: dict[str, str]) -> str | None:
     """Where the service keeps its identity key (services.common.identity's rules)."""
+    if service == "explorer":
+        return None  # a reader: it owns nothing in the DHT and loads no identity
     if args.identity_file:
         return args.identity_file
     if service == "expert" and args.checkpoint_dir:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 CLUSTER_DOMAIN = "cluster.local"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
-DMOE_SERVICES = ("dht", "expert", "trainer")
+DMOE_SERVICES = ("dht", "expert", "trainer", "explorer")
 # image repository (last path part, tag dropped) -> deploy/Dockerfile target
 IMAGE_TARGETS = {
     "dmoe-dht": "dht",
@@ -218,7 +218,7 @@ def argv(container: dict[str, Any]) -> list[str]:
 
 
 def dmoe_service(container: dict[str, Any]) -> str | None:
-    """``dht``/``expert``/``trainer`` when the container runs ``python -m services.<name>``."""
+    """The dmoe service (``dht``, ``expert``, ...) a container runs with ``python -m``."""
     words = argv(container)
     for i, word in enumerate(words[:-1]):
         if word == "-m" and words[i + 1].startswith("services."):
