@@ -2,8 +2,8 @@
 
 It serves ``dmoe.Averager`` on a gRPC port (the common server bootstrap, as a trainer does), talks
 to the DHT nodes given, and runs ``--rounds`` rounds. Its identity is derived from ``--index``
-(so every peer knows every other's key), and so are its inputs: round ``r`` of peer ``i``
-averages ``roll(B, shift(i, r))`` with weight ``weight(i)`` where ``B`` is one standard normal
+(so every peer knows every other's key), and so are its inputs: in matchmaking slot ``slot`` peer ``i``
+averages ``roll(B, shift(i, slot))`` with weight ``weight(i)`` where ``B`` is one standard normal
 vector of ``--size`` values (or the hivemind benchmark's 13 tensors per layer). Each peer can
 therefore compute the exact weighted mean of whoever its result holds, part by part, and
 reports the largest difference (``max_abs_error``). Without torch: numpy and grpc only.
@@ -110,7 +110,7 @@ def check(
         sl = slice(part.start, part.end)
         got = result.vector[sl].astype(np.float64)
         ws = [weight_of(i, args.weights) for i in idx]
-        want = sum(w * np.roll(base, shift(i, result.round_index, len(base)))[sl] for w, i in
+        want = sum(w * np.roll(base, shift(i, result.slot, len(base)))[sl] for w, i in
                    zip(ws, idx, strict=True)) / sum(ws)  # fmt: skip
         if args.hostile_peer not in idx:
             errors.append(float(np.abs(got - want).max()))
@@ -118,7 +118,7 @@ def check(
             honest = [i for i in keys.values() if i != args.hostile_peer and keys_in(result, i,
                       keys)]  # fmt: skip
             hw = [weight_of(i, args.weights) for i in honest]
-            mean = sum(w * np.roll(base, shift(i, result.round_index, len(base)))[sl]
+            mean = sum(w * np.roll(base, shift(i, result.slot, len(base)))[sl]
                        for w, i in zip(hw, honest, strict=True)) / sum(hw)  # fmt: skip
             honest_errors.append(float(np.linalg.norm(got - mean)))
             # the hostile peer's weight counts at most 2x the median weight (Aggregation)
@@ -159,13 +159,13 @@ async def main(args: argparse.Namespace) -> None:
     rounds = []
     for r in range(args.rounds):
         mode = modes[r] if r < len(modes) else ""
-        vector = np.roll(base, shift(args.index, r, size))
+        slot = averager.next_slot()
+        vector = np.roll(base, shift(args.index, slot, size))
         weight = weight_of(args.index, args.weights)
         restore = make_hostile(averager, mode, args) if mode else None
-        result = await averager.step(vector, weight)
+        result = await averager.step(vector, weight, slot=slot)
         if restore:
             restore()
-        result.round_index = r  # type: ignore[attr-defined]
         entry: dict[str, Any] = {
             "round": r, "slot": result.slot, "outcome": result.outcome,
             "group": sorted(keys.get(k, -1) for k in result.group), "seconds": result.seconds,

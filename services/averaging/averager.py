@@ -82,7 +82,7 @@ class AveragerConfig:
     target_group_size: int = 8
     window: float = 2.0  # seconds per matchmaking slot (DHT clock)
     settle: float = 0.3  # read the slot this long after it closes
-    lead: float = 0.1  # announce no later than this before the slot closes
+    lead: float = 0.3  # join a slot only this long before it closes (else the next one)
     reduce_timeout: float = 10.0  # reducers wait this long after the read for slices
     reply_grace: float = 5.0  # members wait this much longer for the reduced parts
     compression: str = "none"  # none | float16 on the wire
@@ -129,6 +129,7 @@ class _Round:
         self.position: dict[bytes, int] = {}
         self.bounds: list[tuple[int, int]] = []
         self.reduction: Reduction | None = None
+        self.replies_by = 0.0  # DHT time after which a member stops waiting for reduced parts
 
 
 class Averager:
@@ -276,9 +277,11 @@ class Averager:
         except TimeoutError:
             raise self._refuse("not_averaging", "round not formed in time", source) from None
         reduction = round_.reduction
-        if reduction is None or request.group != round_.digest:
-            raise self._refuse("group", "this peer formed another group in that round", source)
         member = round_.position.get(request.sender)
+        if reduction is None or request.group != round_.digest:
+            if reduction is not None and member is not None and self._signed(request):
+                reduction.refuse(member)  # it saw another group: do not wait for it
+            raise self._refuse("group", "this peer formed another group in that round", source)
         if member is None:
             raise self._refuse("member", "the sender is not a member of this group", source)
         if request.part != round_.index:
@@ -289,11 +292,7 @@ class Averager:
         if not (np.isfinite(weight) and 0.0 <= weight <= 1e15):
             reduction.refuse(member)
             raise self._refuse("weight", "weight must be finite and in [0, 1e15]", source)
-        message = signed_message(
-            self.config.run_id, request.round, request.group, request.part, request.chunk,
-            weight, request.values.buffer,
-        )  # fmt: skip
-        if not verify(request.sender, request.signature, message):
+        if not self._signed(request):
             raise self._refuse("signature", "bad signature", source)
         start, end = reduction.bounds(request.chunk)
         try:
@@ -319,17 +318,32 @@ class Averager:
             self.metrics.bytes.labels("sent").inc(len(reply.values.buffer))
         return reply
 
+    def _signed(self, request: averager_pb2.ReduceRequest) -> bool:
+        message = signed_message(
+            self.config.run_id, request.round, request.group, request.part, request.chunk,
+            request.weight, request.values.buffer,
+        )  # fmt: skip
+        return verify(request.sender, request.signature, message)
+
     # ---- member side -----------------------------------------------------------------------
     async def _sleep_until(self, dht_time: float) -> None:
         delay = dht_time - self.dht.now()
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def step(self, vector: np.ndarray, weight: float = 1.0) -> RoundResult:
+    def next_slot(self) -> int:
+        """The slot a :meth:`step` called now joins."""
+        return next_slot(self.dht.now(), self.config.window, self.config.lead)
+
+    async def step(
+        self, vector: np.ndarray, weight: float = 1.0, slot: int | None = None
+    ) -> RoundResult:
         """One round; the result's ``vector`` is the group's average (None unless ``ok``).
 
         The caller's ``vector`` is never modified. ``weight``: this peer's share (the samples it
-        processed since its last round)."""
+        processed since its last round). ``slot``: join this one (from :meth:`next_slot`; a
+        slot that closed meanwhile fails the round); default: the next one. One step at a
+        time per averager."""
         vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         if len(vector) != self.size:
             raise ValueError(f"vector has {len(vector)} values, the averager {self.size}")
@@ -339,7 +353,12 @@ class Averager:
             raise ValueError("weight must be finite and >= 0")
         started = time.monotonic()
         cfg = self.config
-        slot = next_slot(self.dht.now(), cfg.window, cfg.lead)
+        if slot is None:
+            slot = self.next_slot()
+        elif self.dht.now() > (slot + 1) * cfg.window:
+            result = RoundResult("failed", slot, reason="the slot closed before the round began")
+            self._record(result)
+            return result
         round_ = _Round(slot)
         self._rounds[slot] = round_
         try:
@@ -406,7 +425,11 @@ class Averager:
         round_.position = {k: i for i, k in enumerate(keys)}
         round_.index = round_.position[me]
         round_.bounds = part_bounds(self.size, len(group))
-        deadline = time.monotonic() + cfg.reduce_timeout
+        # phase ends are shared: fixed from the slot on the DHT clock, not from when this peer
+        # got to read it (a peer that read late still finishes with the others)
+        end_reduce = read_at + cfg.reduce_timeout
+        deadline = time.monotonic() + (end_reduce - self.dht.now())
+        round_.replies_by = end_reduce + cfg.reply_grace
         own_start, own_end = round_.bounds[round_.index]
         round_.reduction = Reduction(
             len(group), round_.index, vector[own_start:own_end], weight, self.chunk, deadline,
@@ -447,7 +470,7 @@ class Averager:
         reducer = round_.members[part]
         start, end = round_.bounds[part]
         chunks = max(1, -(-(end - start) // self.chunk))
-        timeout = cfg.reduce_timeout + cfg.reply_grace
+        timeout = max(0.1, round_.replies_by - self.dht.now())
         calls = []
         for c in range(chunks):
             c0, c1 = start + c * self.chunk, min(end, start + (c + 1) * self.chunk)
