@@ -599,7 +599,7 @@ class Averager:
                 continue
             if self.metrics is not None:
                 self.metrics.state_downloads.labels("ok").inc()
-            log.info("state downloaded", extra={"peer": member.address, "step": state[0]})
+            log.info("state fetched from a peer", extra={"peer": member.address, "step": state[0]})
             return state
         if self.metrics is not None:
             self.metrics.state_downloads.labels("failed").inc()

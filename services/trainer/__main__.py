@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import re
 import secrets
 import signal
 import sys
@@ -38,6 +41,22 @@ def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, s
     if saved is not None and isinstance(saved.get("seed"), int):
         return saved["seed"], "checkpoint"
     return secrets.randbits(31), "drawn"
+
+
+def run_id(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError("a run id is 1-64 letters, digits, '-' or '_'")
+    return text
+
+
+def default_run_id(args: argparse.Namespace) -> str:
+    """The same for trainers started with the same model, data and grid flags."""
+    shape = [args.model_module or args.model, args.dataset, args.hidden_dim, args.num_layers,
+             args.heads, args.final_norm, args.seq_len, args.uid_prefix, list(args.grid),
+             args.moe_kind]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", args.uid_prefix)[:40] or "run"
+    return f"{prefix}-{digest}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +126,50 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="tensor compression on the wire",
     )
+    avg = parser.add_argument_group("averaging (docs/averaging.md)")
+    avg.add_argument(
+        "--average", type=parse_bool, default=True,
+        help="average this trainer's own parameters (not the experts) with the trainers of its "
+        "run, and download the state from one of them at start",
+    )  # fmt: skip
+    avg.add_argument(
+        "--run-id", type=run_id, default="",
+        help="trainers of one run average together; default derived from the model, data set "
+        "and expert grid flags, so identical trainers share it",
+    )  # fmt: skip
+    avg.add_argument(
+        "--target-group-size", type=int, default=8, help="trainers per averaging group (>= 2)"
+    )
+    avg.add_argument(
+        "--average-every", type=int, default=10,
+        help="local steps between the starts of two rounds (a round runs in the background)",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-period", type=float, default=5.0,
+        help="matchmaking slot, seconds of the DHT clock: trainers ready in the same slot "
+        "average together; a round starts at most once per slot",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-timeout", type=float, default=10.0,
+        help="seconds reducers wait for the members' parts after a slot closes",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-compression", choices=["none", "float16"], default="none",
+        help="values on the wire while averaging",
+    )  # fmt: skip
+    avg.add_argument(
+        "--robust-averaging", type=parse_bool, default=True,
+        help="CenteredClip instead of a plain mean (bounds what one hostile member can do)",
+    )  # fmt: skip
+    avg.add_argument(
+        "--clip-factor", type=float, default=3.0,
+        help="CenteredClip radius, in median distances of the inputs to their median",
+    )  # fmt: skip
+    avg.add_argument(
+        "--load-state", type=parse_bool, default=True,
+        help="without a checkpoint to resume, download parameters, optimizer state and step "
+        "from a peer of the run before training",
+    )  # fmt: skip
     model = parser.add_argument_group("model and data")
     model.add_argument(
         "--model", choices=["mlp", "transformer"], default="mlp", help="architecture"
@@ -276,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         model_module=args.model_module,
         final_norm=args.final_norm,
     )
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(
         model,
         dataset,
-        torch.optim.Adam(model.parameters(), lr=args.lr),
+        optimizer,
         batch_size=args.batch_size,
         steps=args.steps,
         eval_every=args.eval_every,
@@ -294,14 +358,43 @@ def main(argv: list[str] | None = None) -> int:
         history_file=args.history_file,
         lr_decay=args.lr_decay,
     )
-    trainer.restore(saved)
+    resumed = trainer.restore(saved)
+    averager = None
+    run = ""
+    if args.average and args.initial_peers:
+        from services.averaging import Aggregation, AveragerConfig
+        from services.averaging.metrics import AveragerMetrics
+        from services.trainer.averaging import BackgroundAveraging, TensorAverager
+
+        run = args.run_id or default_run_id(args)
+        try:
+            config = AveragerConfig(
+                run_id=run, target_group_size=args.target_group_size,
+                window=args.average_period, reduce_timeout=args.average_timeout,
+                compression=args.average_compression,
+                aggregation=Aggregation(robust=args.robust_averaging, clip_factor=args.clip_factor),
+            )  # fmt: skip
+            averager = TensorAverager(
+                list(model.parameters()), swarm, config, optimizer=optimizer,
+                metrics=AveragerMetrics(registry), lock=trainer.param_lock,
+                step_of=lambda: (trainer.state.step, trainer.state.samples_seen),
+            )  # fmt: skip
+        except ValueError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        trainer.averaging = BackgroundAveraging(averager, args.average_every)
     servicer = TrainerServicer(
-        trainer, args.model_module or args.model, dataset.name, identity.public_key
+        trainer, args.model_module or args.model, dataset.name, identity.public_key, run
     )
+
+    def register(server: Any) -> list[str]:
+        names = registrar(servicer)(server)
+        return names + (averager.averager.register(server) if averager else [])
+
     running = swarm.run(
         start_server(
             "trainer",
-            registrar(servicer),
+            register,
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
@@ -309,13 +402,30 @@ def main(argv: list[str] | None = None) -> int:
             registry=registry,
             tls=tls,
             limits=ServerLimits.from_args(args),
+            links=[averager.averager.link] if averager else [],
         )
     )
+    address = f"{announce_host(args.host, args.announce_host)}:{running.port}"
+    if averager is not None:
+        from services.trainer.averaging import digest
+
+        averager.averager.address = address
+        if args.load_state and not resumed:
+            before = digest(averager.tensors)
+            got = averager.download_state()
+            if got is None:
+                log.warning("no peer of the run offered its state: training from scratch",
+                            extra={"run_id": run})  # fmt: skip
+            else:  # the peer's step is reported; --steps keeps counting this trainer's own
+                log.info("state downloaded", extra={
+                    "run_id": run, "peer_step": got[0], "parameters_before": before,
+                    "parameters": digest(averager.tensors)})  # fmt: skip
+        averager.offer_state()
     swarm.run(running.set_serving(True))
     log.info(
         "trainer serving",
         extra={
-            "address": f"{announce_host(args.host, args.announce_host)}:{running.port}",
+            "address": address,
             "port": running.port,
             "metrics_port": running.metrics_port,
             "model": args.model,
@@ -324,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed,
             "public_key": identity.hex,
             "trusted_keys": len(trusted) if trusted is not None else "any",
+            "run_id": run or None,
+            "parameters": digest_of(model),
         },
     )
     stop = threading.Event()
@@ -351,10 +463,18 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         try:
+            if averager is not None:
+                averager.close()
             swarm.run(running.stop(args.shutdown_grace), timeout=args.shutdown_grace + 5)
         finally:
             swarm.close()
     return code
+
+
+def digest_of(model: Any) -> str:
+    from services.trainer.averaging import digest
+
+    return digest(list(model.parameters()))
 
 
 if __name__ == "__main__":
