@@ -107,7 +107,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, extra: list[str] | None = 
     expected = args.peers * args.rounds
     return {
         "system": "dmoe",
-        "wall_s": round(max((rep["wall_s"] for rep in reports), default=time.monotonic() - started), 3),
+        "wall_s": round(max((r["wall_s"] for r in reports), default=time.monotonic() - started), 3),
         "success_rate": round(len(ok) / expected, 4) if expected else 0.0,
         "mean_group_size": round(sum(len(r["group"]) for r in ok) / len(ok), 3) if ok else 0.0,
         "max_abs_error": max((r.get("max_abs_error", 0.0) for r in ok), default=0.0),
@@ -168,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             theirs = run_hivemind_side(args, out / f"hivemind-{i}")
             if theirs is not None:
                 runs.append(theirs)
-                print(f"hivemind run {i}: {theirs['wall_s']:.1f} s, success "
-                      f"{theirs['success_rate']:.2%}, group {theirs['mean_group_size']:.2f}, "
-                      f"max error {theirs['max_abs_error']:.2e}, CPU {theirs['cpu_s']:.1f} s")  # fmt: skip
+                print(
+                    f"hivemind run {i}: {theirs['wall_s']:.1f} s, success "
+                    f"{theirs['success_rate']:.2%}, group {theirs['mean_group_size']:.2f}, "
+                    f"max error {theirs['max_abs_error']:.2e}, CPU {theirs['cpu_s']:.1f} s"
+                )
     ours_runs = [r for r in runs if r["system"] == "dmoe"]
     theirs_runs = [r for r in runs if r["system"] == "hivemind"]
     report: dict[str, Any] = {

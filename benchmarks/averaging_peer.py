@@ -2,9 +2,9 @@
 
 It serves ``dmoe.Averager`` on a gRPC port (the common server bootstrap, as a trainer does), talks
 to the DHT nodes given, and runs ``--rounds`` rounds. Its identity is derived from ``--index``
-(so every peer knows every other's key), and so are its inputs: in matchmaking slot ``slot`` peer ``i``
-averages ``roll(B, shift(i, slot))`` with weight ``weight(i)`` where ``B`` is one standard normal
-vector of ``--size`` values (or the hivemind benchmark's 13 tensors per layer). Each peer can
+(so every peer knows every other's key), and so are its inputs: in matchmaking slot ``slot``
+peer ``i`` averages ``roll(B, shift(i, slot))`` with weight ``weight(i)``, ``B`` one standard
+normal vector of ``--size`` values (or the hivemind benchmark's 13 tensors per layer). Each peer can
 therefore compute the exact weighted mean of whoever its result holds, part by part, and
 reports the largest difference (``max_abs_error``). Without torch: numpy and grpc only.
 
@@ -98,7 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check(
-    result: Any, vector: np.ndarray, keys: dict[bytes, int], args: argparse.Namespace,
+    result: Any,
+    vector: np.ndarray,
+    keys: dict[bytes, int],
+    args: argparse.Namespace,
     base: np.ndarray,
 ) -> dict[str, Any]:
     """Compare a round's result with the exact weighted mean of its contributors, part by

@@ -17,10 +17,8 @@ import averaging  # noqa: E402
 def run(tmp: Path, peers: int, rounds: int, *flags: str, extra: tuple[str, ...] = (),
         hostile: dict[int, str] | None = None) -> dict[int, list[dict[str, Any]]]:  # fmt: skip
     """Every peer's rounds, by peer index."""
-    args = averaging.parse_args(
-        ["--peers", str(peers), "--rounds", str(rounds), "--window", "3", "--timeout", "300",
-         *flags]  # fmt: skip
-    )
+    flags = ("--peers", str(peers), "--rounds", str(rounds), "--window", "3", *flags)
+    args = averaging.parse_args([*flags, "--timeout", "300"])
     report = averaging.run_ours(args, tmp, ["--reduce-timeout", "10", *extra], hostile)
     return {rep["index"]: rep["rounds"] for rep in report["reports"]}
 

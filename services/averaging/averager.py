@@ -172,6 +172,7 @@ class Averager:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._links = LinkPool(self._open_link, self._forget, 64)
         self._rounds: dict[int, _Round] = {}
+        self._closing: set[asyncio.Future[None]] = set()
         self._warn = RateLimitedLog(log)
         self._offer_task: asyncio.Task[None] | None = None
         self.step_of: Callable[[], int] = lambda: 0
@@ -233,7 +234,9 @@ class Averager:
     def _forget(self, address: str) -> None:
         channel = self._channels.pop(address, None)
         if channel is not None:
-            asyncio.ensure_future(channel.close(grace=1.0))
+            task = asyncio.ensure_future(channel.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self._offer_task is not None:

@@ -19,6 +19,7 @@ an announcement reached the DHT after somebody read the key (a clock further off
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -104,4 +105,4 @@ def group_digest(run_id: str, slot: int, group: list[Member]) -> bytes:
 def part_bounds(size: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous slices of ``size`` elements, lengths differing by at most one."""
     cuts = [size * i // parts for i in range(parts + 1)]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
+    return list(itertools.pairwise(cuts))

@@ -95,9 +95,7 @@ class Reduction:
             return
         self._timer.cancel()
         contributors = [m for m, r in enumerate(self.received) if len(r) == self.chunks]
-        values, radius = aggregate(
-            self.inputs[contributors], self.weights[contributors], self.how
-        )
+        values, radius = aggregate(self.inputs[contributors], self.weights[contributors], self.how)
         # every member, this one included, ends with exactly what the wire carries
         self.done.set_result(Reduced(roundtrip(values, self.compression), contributors, radius))
         self.inputs = np.empty((0, 0), dtype=np.float32)  # free the members' slices

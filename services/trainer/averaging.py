@@ -89,7 +89,9 @@ class TensorAverager:
         return averager
 
     # ---- serving -----------------------------------------------------------------------------
-    def start(self, host: str = "127.0.0.1", port: int = 0, announce_host: str | None = None) -> str:
+    def start(
+        self, host: str = "127.0.0.1", port: int = 0, announce_host: str | None = None
+    ) -> str:
         """Serve ``dmoe.Averager`` on its own gRPC port (library use; the trainer service
         registers it on its own port instead); returns the address peers dial."""
         from services.common.server import start_server
@@ -153,7 +155,9 @@ class TensorAverager:
                         continue
                     for key, value in sorted(state.items()):
                         if isinstance(value, torch.Tensor) and value.is_floating_point():
-                            arrays.append((f"opt.{i}.{key}", value.detach().float().cpu().numpy().copy()))
+                            arrays.append(
+                                (f"opt.{i}.{key}", value.detach().float().cpu().numpy().copy())
+                            )
         return step, samples, arrays
 
     def _check(self, specs: list[tuple[str, tuple[int, ...]]]) -> str | None:
