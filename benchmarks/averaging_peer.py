@@ -9,7 +9,8 @@ therefore compute the exact weighted mean of whoever its result holds, part by p
 reports the largest difference (``max_abs_error``). Without torch: numpy and grpc only.
 
 Test-only behaviours (``--hostile``, one mode per round): ``huge`` (1e30), ``nan``,
-``wrong-size``, ``noise`` (100x standard normal), each claiming weight 1e6; ``die`` (sends its
+``wrong-size``, ``noise`` (100x standard normal), each claiming weight 1e6; ``bad-reducer``
+(contributes honestly, answers noise for the part it reduces); ``die`` (sends its
 slices, never answers for its own part, and SIGKILLs itself when the others have reduced its
 slices: a member killed mid-round).
 
@@ -43,7 +44,7 @@ from services.averaging.wire import encode  # noqa: E402
 from services.common.identity import Identity  # noqa: E402
 from services.common.server import start_server  # noqa: E402
 from services.dht.client import DHTClient  # noqa: E402
-from services.proto import tensor_pb2  # noqa: E402
+from services.proto import averager_pb2, tensor_pb2  # noqa: E402
 
 HOSTILE_WEIGHT = 1e6
 
@@ -220,14 +221,26 @@ def make_hostile(averager: Averager, mode: str, args: argparse.Namespace) -> Any
     async def never(request: Any, peer: str) -> Any:
         await asyncio.Event().wait()
 
-    averager.encode = corrupt
-    averager._remote_part = remote  # type: ignore[method-assign]
+    async def lying(payload: bytes, peer: str) -> bytes:
+        # reduces honestly, then answers with noise of the right size
+        reply = averager_pb2.ReduceReply.FromString(await honest_reduce(payload, peer))
+        n = reply.values.shape[0]
+        reply.values.CopyFrom(encode(100 * rng.standard_normal(n, dtype=np.float32), fp32))
+        return reply.SerializeToString()
+
+    honest_reduce = averager.link.methods["Reduce"]
+    if mode == "bad-reducer":  # an honest contributor that lies about the part it reduces
+        averager.link.methods["Reduce"] = lying
+    else:
+        averager.encode = corrupt
+        averager._remote_part = remote  # type: ignore[method-assign]
     if mode == "die":
         averager.link.methods["Reduce"] = never
 
     def undo() -> None:
         averager.encode = honest_encode
         averager._remote_part = honest_remote  # type: ignore[method-assign]
+        averager.link.methods["Reduce"] = honest_reduce
 
     return undo
 

@@ -56,8 +56,9 @@ def test_a_member_killed_mid_round_leaves_the_others_finite_and_the_next_round_s
 
 def test_a_hostile_member_is_refused_or_clipped_within_the_bound(tmp_path: Path) -> None:
     modes = ["huge", "nan", "wrong-size", "noise"]
-    result = run(tmp_path, 4, len(modes), "--size", "200000", "--compression", "none",
-                 extra=("--hostile-peer", "3"), hostile={3: ",".join(modes)})  # fmt: skip
+    result = run(tmp_path, 4, len(modes) + 1, "--size", "200000", "--compression", "none",
+                 extra=("--hostile-peer", "3"),
+                 hostile={3: ",".join([*modes, "bad-reducer"])})  # fmt: skip
     for r, mode in enumerate(modes):
         honest = [result[i][r] for i in range(3)]
         assert all(x["outcome"] == "ok" and x["finite"] for x in honest), (mode, honest)
@@ -67,6 +68,10 @@ def test_a_hostile_member_is_refused_or_clipped_within_the_bound(tmp_path: Path)
                 assert error <= bound * (1 + 1e-3) + 1e-3, (mode, error, bound)
             if mode in ("nan", "wrong-size"):  # refused: the parts it did not reduce are exact
                 assert x["max_abs_error"] <= 1e-5, (mode, x)
+    # a member that lies about the part it reduces: the others refuse the result, keep their own
+    lied = [result[i][len(modes)] for i in range(3)]
+    assert all(x["outcome"] == "failed" and x["kept_own"] and x["finite"] for x in lied), lied
+    assert all("moved" in x["reason"] for x in lied), lied
 
 
 def test_groups_of_a_twelve_peer_swarm_mix_across_rounds(tmp_path: Path) -> None:

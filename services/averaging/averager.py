@@ -89,6 +89,9 @@ class AveragerConfig:
     aggregation: Aggregation = field(default_factory=Aggregation)
     chunk_bytes: int = 1 << 20
     state_offer_period: float = 10.0  # re-announce the state offer this often (0: never)
+    # refuse a reduced part that moves this peer's values (RMS) more than this times the median
+    # of the other parts' moves (groups of 3 or more; 0: off)
+    result_factor: float = 10.0
 
 
 @dataclass
@@ -455,7 +458,35 @@ class Averager:
         for (start, end), (values, contributors, radius) in zip(round_.bounds, parts, strict=True):  # type: ignore[misc]
             out[start:end] = values
             results.append(PartResult(start, end, [keys[c] for c in contributors], radius))
+        suspect = self._moved_too_far(vector, out, round_.bounds, round_.index)
+        if suspect is not None:
+            if self.metrics is not None:
+                self.metrics.refused.labels("result").inc()
+            return RoundResult("failed", slot, group=keys, reason=suspect)
         return RoundResult("ok", slot, group=keys, vector=out, parts=results)
+
+    def _moved_too_far(
+        self, before: np.ndarray, after: np.ndarray, bounds: list[tuple[int, int]], own: int
+    ) -> str | None:
+        """A part another member reduced that moves this peer's values far more (RMS per
+        value) than the other parts do: ``result_factor`` times their median. A hostile reducer
+        could otherwise replace its part of everybody's vector with any finite values; with the
+        check it can at most make the round fail (docs/averaging.md)."""
+        factor = self.config.result_factor
+        if factor <= 0 or len(bounds) < 3:
+            return None
+        moves = []
+        for start, end in bounds:
+            d = after[start:end].astype(np.float64) - before[start:end]
+            moves.append(float(np.sqrt(np.dot(d, d) / max(1, end - start))))
+        for part, move in enumerate(moves):
+            if part == own:
+                continue  # reduced here
+            others = [m for q, m in enumerate(moves) if q != part]
+            limit = factor * float(np.median(others))
+            if move > limit:
+                return f"part {part} moved {move:.3g} RMS, over {factor:g}x the others' median"
+        return None
 
     async def _own_part(self, reduction: Reduction) -> tuple[np.ndarray, list[int], float] | str:
         try:
