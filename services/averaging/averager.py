@@ -72,6 +72,7 @@ from services.proto.link_pb2 import LinkBatch
 log = logging.getLogger(__name__)
 SERVICE_NAME = "dmoe.Averager"
 STATE_CHUNK_BYTES = 1 << 20
+MAX_STATE_SERVES = 2  # state downloads served at once
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Averager:
         self._links = LinkPool(self._open_link, self._forget, 64)
         self._rounds: dict[int, _Round] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._state_serves = 0
         self._warn = RateLimitedLog(log)
         self._offer_task: asyncio.Task[None] | None = None
         self.step_of: Callable[[], int] = lambda: 0
@@ -572,6 +574,19 @@ class Averager:
     ) -> AsyncIterator[averager_pb2.StateChunk]:
         if request.run_id != self.config.run_id or self.state_source is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no state for that run here")
+        assert self.state_source is not None
+        if self._state_serves >= MAX_STATE_SERVES:  # each holds a copy of the whole state
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "serving other newcomers; ask another peer"
+            )
+        self._state_serves += 1
+        try:
+            async for chunk in self._state_chunks():
+                yield chunk
+        finally:
+            self._state_serves -= 1
+
+    async def _state_chunks(self) -> AsyncIterator[averager_pb2.StateChunk]:
         assert self.state_source is not None
         step, samples, tensors = self.state_source()
         header = averager_pb2.StateChunk(step=step, samples_seen=samples)
