@@ -1,7 +1,8 @@
 """Flat float32 vectors on the wire (``dmoe.Tensor``), checked as hostile input, and signed.
 
 A chunk travels as a 1-D ``dmoe.Tensor`` of dtype float32, raw or float16-compressed
-(``COMPRESSION_FLOAT16``: half the bytes, relative error <= 2**-11, |x| <= 65504). Decoding
+(``COMPRESSION_FLOAT16``: half the bytes, relative error <= 2**-11; a chunk with a value beyond
+float16's 65504 goes as float32). Decoding
 refuses anything else: another dtype or compression, a shape other than the expected length, a
 buffer of the wrong size, non-finite values (a float16 overflow decodes to inf and is refused
 too). Every chunk is signed by its sender over the round it belongs to and a digest of its
@@ -18,6 +19,7 @@ import numpy as np
 from services.proto import tensor_pb2
 
 CHUNK_BYTES = 1 << 20  # at most 1 MiB of values per message
+FLOAT16_MAX = 65504.0
 COMPRESSIONS = {"none": tensor_pb2.COMPRESSION_NONE, "float16": tensor_pb2.COMPRESSION_FLOAT16}
 _WIDTH = {tensor_pb2.COMPRESSION_NONE: 4, tensor_pb2.COMPRESSION_FLOAT16: 2}
 
@@ -35,7 +37,11 @@ def chunk_elements(compression: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 def encode(values: np.ndarray, compression: int) -> tensor_pb2.Tensor:
-    """A 1-D float32 vector as a ``dmoe.Tensor`` (float16 on the wire when asked)."""
+    """A 1-D float32 vector as a ``dmoe.Tensor`` (float16 on the wire when asked and every
+    value fits float16's range; otherwise raw float32, which the receiver accepts too)."""
+    wide = len(values) and float(np.abs(values).max()) > FLOAT16_MAX
+    if compression == tensor_pb2.COMPRESSION_FLOAT16 and wide:
+        compression = tensor_pb2.COMPRESSION_NONE
     wire = values.astype("<f2" if compression == tensor_pb2.COMPRESSION_FLOAT16 else "<f4")
     return tensor_pb2.Tensor(
         buffer=wire.tobytes(), shape=[len(values)], dtype=tensor_pb2.DTYPE_FLOAT32,
@@ -45,7 +51,8 @@ def encode(values: np.ndarray, compression: int) -> tensor_pb2.Tensor:
 
 def roundtrip(values: np.ndarray, compression: int) -> np.ndarray:
     """What the receiver decodes from ``encode(values, compression)`` (float32)."""
-    if compression == tensor_pb2.COMPRESSION_FLOAT16:
+    fits = not len(values) or float(np.abs(values).max()) <= FLOAT16_MAX
+    if compression == tensor_pb2.COMPRESSION_FLOAT16 and fits:
         return values.astype(np.float16).astype(np.float32)
     return values.astype(np.float32, copy=False)
 
