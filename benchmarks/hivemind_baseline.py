@@ -6,12 +6,13 @@ the same shape one after the other (ours, hivemind, ours, hivemind, ... ``--runs
 each pair sees the same machine and load, and prints both with their ratios.
 
 hivemind lives in its own virtual environment, ``benchmarks/out/hivemind-venv`` (git-ignored),
-made on first use (``--setup-only`` makes it and stops): ``hivemind==1.1.12`` with the CPU
-``torch==2.13.0`` wheel (here from the local wheel directory; elsewhere add
-``--pip-args "--extra-index-url https://download.pytorch.org/whl/cpu"``). hivemind is never
-installed into the dmoe environment: this file runs itself under that venv's Python with
-``--inner dht|expert`` for the hivemind side, which imports hivemind and nothing of dmoe except
-``services/expert/layers.py`` loaded by path (torch only), so both serve the same module.
+made on first use by ``hivemind_venv.py`` (``--setup-only`` makes it and stops):
+``hivemind==1.1.12`` with the CPU ``torch==2.13.0`` wheel (here from the local wheel directory;
+elsewhere add ``--pip-args "--extra-index-url https://download.pytorch.org/whl/cpu"``).
+hivemind is never installed into the dmoe environment: this file runs itself under that venv's
+Python with ``--inner dht|expert`` for the hivemind side, which imports hivemind and nothing of
+dmoe except ``services/expert/layers.py`` loaded by path (torch only), so both serve the same
+module.
 
 The hivemind side drives hivemind's public API in the shape of hivemind's
 ``benchmarks/benchmark_dht.py`` and ``benchmark_throughput.py`` with our parameters:
@@ -60,12 +61,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from proc import cpu_seconds
+from hivemind_venv import OUT, ROOT, hivemind_sockets, remove_stale_sockets, venv_python
+from proc import cpu_seconds, descendants, tree_cpu
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
-VENV = OUT / "hivemind-venv"
-REQUIREMENTS = ["torch==2.13.0+cpu", "hivemind==1.1.12"]
 # issue 12: dmoe's mean store and get each this many times faster than hivemind's
 DHT_TARGET = 6.0
 EXPERT_TARGET = 3.0  # samples/s against hivemind's
@@ -78,45 +76,6 @@ DHT_FIELDS = (
 EXPERT_FIELDS = (
     "samples_per_s", "cpu_efficiency", "local_limit_samples_per_s", "ratio", "cpu_us_per_sample",
 )  # fmt: skip
-
-
-# ---------------------------------------------------------------- environment
-def venv_python(pip_args: str = "") -> Path:
-    """The hivemind venv's interpreter, made and installed first if it is not there yet."""
-    python = VENV / "bin" / "python"
-    stamp = VENV / ".installed"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    if not stamp.exists() or stamp.read_text() != " ".join(REQUIREMENTS):
-        cmd = [str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS, *pip_args.split()]
-        subprocess.run(cmd, check=True)
-        stamp.write_text(" ".join(REQUIREMENTS))
-    return python
-
-
-# ---------------------------------------------------------------- CPU from /proc
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children lists of all its threads, recursively)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
-def tree_cpu(pid: int, exclude: frozenset[int] = frozenset()) -> float:
-    """CPU seconds of ``pid`` and its live descendants, minus the subtrees rooted in
-    ``exclude`` (user + system, all threads)."""
-    skip = set(exclude)
-    for root in exclude:
-        skip.update(_descendants(root))
-    return sum(cpu_seconds(p) for p in [pid, *_descendants(pid)] if p not in skip)
 
 
 # ---------------------------------------------------------------- hivemind side: DHT
@@ -143,7 +102,7 @@ async def hivemind_dht(args: argparse.Namespace) -> dict[str, Any]:
     failures: list[str] = []
 
     def kill(victim: int) -> None:
-        pids = [peers[victim].pid, *_descendants(peers[victim].pid)]  # the DHT and its p2pd
+        pids = [peers[victim].pid, *descendants(peers[victim].pid)]  # the DHT and its p2pd
         cpu_end[victim] = sum(cpu_seconds(p) for p in pids)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -364,7 +323,11 @@ def hivemind_expert(args: argparse.Namespace) -> dict[str, Any]:
 def _last_json(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd`` from the repository root, its output kept in ``log``; its last line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    sockets_before = hivemind_sockets()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    finally:  # hivemind's p2p clients leave their socket files in /tmp
+        remove_stale_sockets(hivemind_sockets() - sockets_before)
     log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"{cmd[1:4]} failed ({proc.returncode}), see {log}")

@@ -1,4 +1,5 @@
-"""Process helpers the benchmarks share: free local ports, CPU time read from /proc, stopping."""
+"""Process helpers the benchmarks share: free local ports, CPU time read from /proc (of one
+process or a whole process tree), stopping."""
 
 from __future__ import annotations
 
@@ -30,6 +31,31 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children lists of all its threads, recursively)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def tree_cpu(pid: int, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds of ``pid`` and its live descendants, minus the subtrees rooted in
+    ``exclude`` (user + system, all threads). A process that already exited counts nothing:
+    read it while the tree is still up."""
+    skip = set(exclude)
+    for root in exclude:
+        skip.update(descendants(root))
+    return sum(cpu_seconds(p) for p in [pid, *descendants(pid)] if p not in skip)
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 30.0) -> None:

@@ -61,7 +61,7 @@ def test_hivemind_baseline_counts_cpu_of_whole_process_trees() -> None:
     """The hivemind figures rely on this: hivemind's CPU sits in child processes (DHT peers,
     connection handlers, p2pd daemons) two levels below the driver."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from hivemind_baseline import _descendants, tree_cpu
+    from proc import descendants, tree_cpu
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
     burn += "time.sleep(60)"
@@ -72,7 +72,7 @@ def test_hivemind_baseline_counts_cpu_of_whole_process_trees() -> None:
                              "time.sleep(60)"])  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while len(_descendants(root.pid)) < 2:
+        while len(descendants(root.pid)) < 2:
             assert time.monotonic() < deadline, "the grandchild did not start"
             time.sleep(0.1)
         (mid,) = Path(f"/proc/{root.pid}/task/{root.pid}/children").read_text().split()
@@ -83,7 +83,7 @@ def test_hivemind_baseline_counts_cpu_of_whole_process_trees() -> None:
             time.sleep(0.1)
         assert tree_cpu(root.pid, exclude=without_mid) < 0.5  # root alone: an idle interpreter
     finally:
-        for pid in reversed([root.pid, *_descendants(root.pid)]):
+        for pid in reversed([root.pid, *descendants(root.pid)]):
             os.kill(pid, signal.SIGKILL)
         root.wait()
 
