@@ -11,7 +11,9 @@ talking real gRPC on 127.0.0.1, with ``--dht-nodes`` DHT node processes. Reporte
 - ``mean_group_size``: mean group of the successful rounds;
 - ``max_abs_error``: the largest difference between a peer's result and the exact weighted mean
   of the inputs its result holds (each peer can compute every peer's inputs);
-- ``cpu_s``: CPU of every peer (until its last round) and of the DHT nodes.
+- ``cpu_s``: CPU of every peer and DHT node from the start signal to the peer's last round
+  (``cpu_with_startup_s`` adds process start-up and imports; ``startup_s``: until every peer
+  served), as hivemind's side counts them.
 
 With hivemind 1.1.12 available (``benchmarks/hivemind_averaging.py``, its own venv), the runs
 alternate ours, hivemind's, ours, ... in the same invocation (``--runs`` pairs); ``--no-hivemind``
@@ -70,6 +72,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, extra: list[str] | None = 
     go.unlink(missing_ok=True)
     peers: list[subprocess.Popen[bytes]] = []
     outs = [workdir / f"peer-{i}.json" for i in range(args.peers)]
+    launched = time.monotonic()
     try:
         for i in range(args.peers):
             outs[i].unlink(missing_ok=True)
@@ -92,6 +95,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, extra: list[str] | None = 
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"peers {dead} exited before serving (see {workdir})")
             time.sleep(0.05)
+        startup_s = time.monotonic() - launched
         dht_cpu0 = sum(cpu_seconds(p.pid) for p in dht)
         go.write_text("go")
         started = time.monotonic()
@@ -112,6 +116,10 @@ def run_ours(args: argparse.Namespace, workdir: Path, extra: list[str] | None = 
         "mean_group_size": round(sum(len(r["group"]) for r in ok) / len(ok), 3) if ok else 0.0,
         "max_abs_error": max((r.get("max_abs_error", 0.0) for r in ok), default=0.0),
         "cpu_s": round(sum(rep["cpu_s"] for rep in reports) + dht_cpu, 2),
+        "cpu_with_startup_s": round(
+            sum(rep["cpu_with_startup_s"] for rep in reports) + dht_cpu + dht_cpu0, 2
+        ),
+        "startup_s": round(startup_s, 2),
         "peers_reported": len(reports),
         "outcomes": {o: sum(r["outcome"] == o for r in rounds) for o in ("ok", "alone", "failed")},
         "reports": reports,
