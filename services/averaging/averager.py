@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from services.averaging.matchmaking import (
     groups_of,
     members_from,
     next_slot,
+    parse_announce,
     part_bounds,
     round_key,
     state_key,
@@ -619,8 +621,6 @@ class Averager:
         ``check(specs)`` returns a problem for a layout this peer cannot load (names,
         shapes); such a state, a stream that breaks, more bytes than announced or non-finite
         values make it try the next peer."""
-        import random
-
         found = (await self.dht.get([state_key(self.config.run_id)], latest=True)).get(
             state_key(self.config.run_id)
         )
@@ -629,8 +629,6 @@ class Averager:
             for entry in found.get(STATE_SUBKEY, []):
                 if entry.owner == self.identity.public_key:
                     continue
-                from services.averaging.matchmaking import parse_announce
-
                 member = parse_announce(entry.owner, entry.value)
                 if member is not None and member.size == self.size:
                     offers.append(member)

@@ -177,7 +177,7 @@ class TensorAverager:
                 return f"{name} has shape {shape}"
         return None
 
-    def download_state(self, timeout: float = 60.0) -> tuple[int, int] | None:
+    def download_state(self, timeout: float = 30.0) -> tuple[int, int] | None:
         """Load a peer's parameters and optimizer statistics; returns (step, samples_seen),
         or None when no peer of the run offered a loadable state (train from scratch)."""
         state = self.swarm.run(self.averager.download_state(self._check, timeout), timeout + 30)
