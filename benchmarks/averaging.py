@@ -136,7 +136,7 @@ def run_hivemind_side(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         peers=args.peers, target_group_size=args.target_group_size, rounds=args.rounds,
         hid_size=args.hid_size, num_layers=args.num_layers, out_dir=workdir,
     )  # fmt: skip
-    return {"system": "hivemind", **result}
+    return {**result, "system": "hivemind", "label": result.get("system", "hivemind")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
