@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="without a checkpoint to resume, download parameters, optimizer state and step "
         "from a peer of the run before training",
     )  # fmt: skip
+    avg.add_argument(
+        "--redownload-after", type=int, default=10,
+        help="after this many rounds in a row without averaging (alone or failed), download "
+        "the state from a peer of the run when one offers it; 0 never",
+    )  # fmt: skip
     model = parser.add_argument_group("model and data")
     model.add_argument(
         "--model", choices=["mlp", "transformer"], default="mlp", help="architecture"
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             log.error("cannot start: %s", exc)
             return 2
-        trainer.averaging = BackgroundAveraging(averager, args.average_every)
+        trainer.averaging = BackgroundAveraging(averager, args.average_every, args.redownload_after)
     servicer = TrainerServicer(
         trainer, args.model_module or args.model, dataset.name, identity.public_key, run
     )

@@ -209,9 +209,12 @@ class TensorAverager:
 class BackgroundAveraging:
     """The trainer's averaging: called after every step (training thread), see module doc."""
 
-    def __init__(self, averager: TensorAverager, every: int) -> None:
+    def __init__(self, averager: TensorAverager, every: int, redownload_after: int = 0) -> None:
         self.averager = averager
         self.every = max(1, every)
+        # after this many rounds in a row without averaging, load a peer's state (0: never)
+        self.redownload_after = redownload_after
+        self.behind = 0
         self._future: concurrent.futures.Future[RoundResult] | None = None
         self._sent: np.ndarray | None = None
         self._last_start_step = -(10**9)
@@ -228,7 +231,7 @@ class BackgroundAveraging:
             self._future = self.averager.submit(self._sent, float(weight))
             self._last_start_step, self._last_samples = step, samples_seen
 
-    def _finish(self) -> None:
+    def _finish(self, catch_up: bool = True) -> None:
         assert self._future is not None
         try:
             result = self._future.result()
@@ -241,6 +244,23 @@ class BackgroundAveraging:
         self._sent = None
         self.last = result
         self.rounds[result.outcome] = self.rounds.get(result.outcome, 0) + 1
+        self.behind = 0 if result.outcome == "ok" else self.behind + 1
+        if catch_up and 0 < self.redownload_after <= self.behind:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Fell behind (no round averaged for a while): take a peer's state, when one is
+        offered, instead of drifting on alone. Blocks the training loop for the download."""
+        behind, self.behind = self.behind, 0
+        try:
+            got = self.averager.download_state()
+        except Exception as exc:
+            log.warning("catching up failed: %s", exc)
+            return
+        if got is not None:
+            log.info("state downloaded after rounds without averaging",
+                     extra={"rounds_behind": behind, "peer_step": got[0],
+                            "parameters": digest(self.averager.tensors)})  # fmt: skip
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait for a round in flight (its result is applied) so a final checkpoint has it."""
@@ -250,4 +270,4 @@ class BackgroundAveraging:
             except Exception:
                 log.debug("round in flight at close did not finish", exc_info=True)
             if self._future.done():
-                self._finish()
+                self._finish(catch_up=False)
