@@ -38,6 +38,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from proc import cpu_seconds, free_ports, stop  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from services.averaging.averager import AveragerConfig  # noqa: E402
+from services.averaging.matchmaking import next_slot  # noqa: E402
+
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -97,7 +101,11 @@ def run_ours(args: argparse.Namespace, workdir: Path, extra: list[str] | None = 
             time.sleep(0.05)
         startup_s = time.monotonic() - launched
         dht_cpu0 = sum(cpu_seconds(p.pid) for p in dht)
-        go.write_text("go")
+        # the first round's slot, named for all: the first one still open 0.5 s from now
+        first = next_slot(time.time() + 0.5, args.window, AveragerConfig(run_id="x").lead)
+        tmp = go.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"first_slot": first}))
+        os.replace(tmp, go)
         started = time.monotonic()
         for p in peers:
             p.wait(max(1.0, deadline - time.monotonic()))

@@ -15,7 +15,8 @@ slices, never answers for its own part, and SIGKILLs itself when the others have
 slices: a member killed mid-round).
 
 Synchronisation: writes ``<out>.ready`` when serving, starts its rounds when ``--go-file``
-exists, writes ``--out`` (JSON) at the end.
+exists (JSON: ``first_slot``, the slot of every peer's first round), writes ``--out`` (JSON) at
+the end.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ async def main(args: argparse.Namespace) -> None:
     Path(args.out + ".ready").write_text(averager.address)
     while not os.path.exists(args.go_file):
         await asyncio.sleep(0.02)
+    first_slot = int(json.loads(Path(args.go_file).read_text())["first_slot"])
     started = time.monotonic()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_at_go = usage.ru_utime + usage.ru_stime
@@ -165,7 +167,9 @@ async def main(args: argparse.Namespace) -> None:
     rounds = []
     for r in range(args.rounds):
         mode = modes[r] if r < len(modes) else ""
-        slot = averager.next_slot()
+        # every peer's first round is the slot the driver named: a peer that noticed the start
+        # late does not fall into the next slot alone
+        slot = first_slot if r == 0 else averager.next_slot()
         vector = np.roll(base, shift(args.index, slot, size))
         weight = weight_of(args.index, args.weights)
         restore = make_hostile(averager, mode, args) if mode else None
