@@ -209,9 +209,18 @@ class TensorAverager:
 class BackgroundAveraging:
     """The trainer's averaging: called after every step (training thread), see module doc."""
 
-    def __init__(self, averager: TensorAverager, every: int, redownload_after: int = 0) -> None:
+    def __init__(
+        self,
+        averager: TensorAverager,
+        every: int,
+        redownload_after: int = 0,
+        changed: Callable[[], object] | None = None,
+    ) -> None:
         self.averager = averager
         self.every = max(1, every)
+        # called after a round or a download changed the parameters (the trainer's step guard
+        # measures them again: its certificate depends on their norms)
+        self.changed = changed
         # after this many rounds in a row without averaging, load a peer's state (0: never)
         self.redownload_after = redownload_after
         self.behind = 0
@@ -241,6 +250,8 @@ class BackgroundAveraging:
         self._future = None
         if result.outcome == "ok" and result.vector is not None and self._sent is not None:
             self.averager.add(result.vector - self._sent)
+            if self.changed is not None:
+                self.changed()
         self._sent = None
         self.last = result
         self.rounds[result.outcome] = self.rounds.get(result.outcome, 0) + 1
@@ -258,6 +269,8 @@ class BackgroundAveraging:
             log.warning("catching up failed: %s", exc)
             return
         if got is not None:
+            if self.changed is not None:
+                self.changed()
             log.info("state downloaded after rounds without averaging",
                      extra={"rounds_behind": behind, "peer_step": got[0],
                             "parameters": digest(self.averager.tensors)})  # fmt: skip
