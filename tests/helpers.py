@@ -136,3 +136,42 @@ async def serve_expert(
     finally:
         await client.close()
         await server.stop(0.5)
+
+
+@contextlib.asynccontextmanager
+async def from_source_ip(target: str, source_ip: str) -> AsyncIterator[str]:
+    """A TCP relay on 127.0.0.1 to ``target`` whose outgoing connections come from
+    ``source_ip``: Linux routes all of 127.0.0.0/8 to loopback, so a test can play callers
+    on distinct addresses (127.0.0.2, ...) that a server keys per IP. Yields the relay's
+    ``host:port``, to dial instead of ``target``."""
+    host, _, port = target.rpartition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            host, int(port), local_addr=(source_ip, 0)
+        )
+        for a, b in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.ensure_future(pipe(a, b))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -18,14 +18,14 @@ SEED = 1
 async def delays(distribution: str, mean_ms: float, calls: int) -> list[float]:
     """How late each of ``calls`` concurrent replies came (seconds)."""
 
-    async def handle(method: str, request: object) -> bytes:
+    async def handle(method: str, request: object, peer: str) -> bytes:
         return b"ok"
 
     faulty = with_faults(handle, 0.0, mean_ms, seed=SEED, distribution=distribution)
 
     async def one() -> float:
         started = time.perf_counter()
-        assert await faulty("forward", None) == b"ok"  # type: ignore[arg-type]
+        assert await faulty("forward", None, "ipv4:127.0.0.1:1") == b"ok"  # type: ignore[arg-type]
         return time.perf_counter() - started
 
     return await asyncio.gather(*(one() for _ in range(calls)))

@@ -313,3 +313,47 @@ def test_honest_training_goes_on_beside_a_hostile_client() -> None:
             assert server.backends["ffn.0"].guard.copies == 0
 
     asyncio.run(scenario())
+
+
+def test_a_peer_cannot_talk_the_outlier_limit_up() -> None:
+    """Round two of the ramp: after the warm-up a hostile peer alone sends 30 pairs of a probe at
+    3 x the limit (refused; it reads the limit from the refusal) and a request just under it
+    (accepted). Refused requests do not move the statistic and accepted ones raise it by at
+    most 2 x per ~26 requests, so a request at 1000 x the honest RMS is still refused (before:
+    each refused probe was recorded at the limit, which rose 20 x per ~26 of them, and it was
+    accepted). An honest request is still served."""
+
+    async def scenario() -> None:
+        async with serve_expert(experts=["ffn.0"], hidden_dim=H, seed=12) as (server, client):
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(64):  # warm-up: honest grad_outputs of RMS ~0.1
+                x, g = _honest(int(torch.randint(1 << 30, (1,), generator=gen)))
+                await client.backward("ffn.0", [x], [g], timeout=60)
+            honest_rms = 0.1
+            limit = 25 * honest_rms  # a first guess; every refusal tells the real one
+
+            async def send(rms: float) -> Any:
+                x = torch.randn(ROWS, H, generator=gen)
+                g = rms * torch.randn(ROWS, H, generator=gen)
+                g = g * (rms / float(g.pow(2).mean().sqrt()))
+                try:
+                    return await client.backward("ffn.0", [x], [g], timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    return exc
+
+            first_limit = None
+            for _ in range(30):
+                probe = await send(3 * limit)
+                _refused(probe, "--max-grad-norm-ratio")
+                limit = float(probe.details().split("(limit ")[1].split(",")[0])
+                first_limit = first_limit or limit
+                under = await send(0.95 * limit)
+                assert not isinstance(under, BaseException), under.details()
+            assert limit <= 8 * first_limit, (first_limit, limit)
+            _refused(await send(1000 * honest_rms), "--max-grad-norm-ratio")
+            x, g = _honest(99)
+            await client.backward("ffn.0", [x], [g], timeout=60)
+            refused = _metric(server, "dmoe_expert_rejected_total", reason="grad_norm_outlier")
+            assert refused == 31
+
+    asyncio.run(scenario())

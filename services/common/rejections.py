@@ -16,6 +16,8 @@ from collections import OrderedDict
 
 from prometheus_client import CollectorRegistry, Counter
 
+from services.common.errors import clip
+
 
 class RateLimitedLog:
     """``warn(key, message, **fields)`` logs at most once per ``interval`` s per key."""
@@ -90,7 +92,10 @@ class Rejections:
         if child is None:
             child = self._children[reason] = self.counter.labels(reason)
         child.inc()  # type: ignore[attr-defined]
-        self.log.warn((reason, source), message, reason=reason, source=source, **fields)
+        # a peer's text in a log line is cut (the key too: it is kept in memory)
+        source = clip(source, 200)
+        fields = {k: clip(v) if isinstance(v, str) else v for k, v in fields.items()}
+        self.log.warn((reason, source), clip(message), reason=reason, source=source, **fields)
 
     def count(self, reason: str) -> float:
         """The counter's value for ``reason`` (tests, status RPCs)."""

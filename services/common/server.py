@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from services import __version__
 from services.common.channels import channel_options
+from services.common.errors import clip
 from services.common.health_service import HealthServicer
 from services.common.limits import Admission, Refused, ServerLimits, peer_key
 from services.common.link import LinkServer
@@ -186,7 +187,7 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
 
         async def malformed(request: _Unparsable, context: grpc.aio.ServicerContext) -> None:
-            message = f"malformed request: {request.error}"
+            message = clip(f"malformed request: {request.error}")
             source = peer_key(context.peer())
             rejections.reject("malformed", f"malformed {method} request", source, method=method,
                               error=str(request.error)[:200])  # fmt: skip
@@ -198,9 +199,9 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.UNIMPLEMENTED
             if isinstance(code, grpc.StatusCode) and code not in _NOT_CHOSEN:
                 # the handler chose a status before raising: keep it (no traceback)
-                await context.abort(code, context.details() or f"{type(exc).__name__}: {exc}")
+                await context.abort(code, clip(context.details() or f"{type(exc).__name__}: {exc}"))
             log.exception("unhandled error in %s", method, extra={"method": method})
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}"))
 
         @contextlib.asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext, size: int) -> AsyncIterator[list[Any]]:

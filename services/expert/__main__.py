@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         "percentile of the expert's last 256 backward requests (checked from the 65th on), "
         "so that no single request steers the expert (0: off)",
     )
+    o.add_argument(
+        "--max-caller-share",
+        type=float,
+        default=0.0,
+        help="refuse a backward from a caller (IP) that sent this share of the expert's last "
+        "--caller-share-window backward requests, so that no caller trains an expert alone; "
+        "off by default: a one-host swarm is one caller (0: off)",
+    )
+    o.add_argument(
+        "--caller-share-window",
+        type=int,
+        default=256,
+        help="backward requests per expert over which --max-caller-share is counted",
+    )
     b = parser.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=2048, help="samples per batch at most")
     b.add_argument(
@@ -200,6 +214,8 @@ def config_from_args(args: argparse.Namespace) -> ExpertConfig:
             clip_grad_norm=args.clip_grad_norm,
         ),
         max_grad_norm_ratio=args.max_grad_norm_ratio,
+        max_caller_share=args.max_caller_share,
+        caller_share_window=args.caller_share_window,
         max_queue_bytes=args.max_queue_bytes,
         max_free_dim=args.max_free_dim,
         device=args.device,

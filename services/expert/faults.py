@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from services.expert.errors import unavailable
 from services.proto import expert_pb2
 
-Handle = Callable[[str, expert_pb2.ExpertRequest], Awaitable[bytes]]
+# (method, request, the caller's context.peer()) -> serialized reply
+Handle = Callable[[str, expert_pb2.ExpertRequest, str], Awaitable[bytes]]
 
 
 LATENCY_DISTRIBUTIONS = ("fixed", "exp")
@@ -55,10 +56,10 @@ def with_faults(
     if failure_rate <= 0 and latency_ms <= 0:
         return handle
 
-    async def faulty(method: str, request: expert_pb2.ExpertRequest) -> bytes:
+    async def faulty(method: str, request: expert_pb2.ExpertRequest, peer: str) -> bytes:
         if failure_rate > 0 and rng.random() < failure_rate:
             raise unavailable("simulated failure")
-        reply = await handle(method, request)
+        reply = await handle(method, request, peer)
         if latency_ms > 0:
             await asyncio.sleep(latency())
         return reply

@@ -14,13 +14,17 @@ stable top. ``ratio`` 20 by default leaves a wide margin over the largest honest
 in training runs (the measurements: docs/expert.md, "Hostile peers").
 
 Trade-offs. Nothing is checked during the warm-up (the first ``warmup`` requests), where
-clipping alone bounds the damage. A request's figure is recorded capped at the limit it was held
-to (a refused one too), and an overflowing (inf) figure not at all: a real shift of the honest
-scale is accepted again after a tenth of a window instead of locking those clients out for good,
-and a minority of hostile requests cannot move the percentile. The price of that liveness: a
-peer sending more than a tenth of an expert's backward requests can raise its limit by up to
-``ratio`` per ~``window / 10`` of them; that needs peer identities and rate limits, not a
-statistic.
+clipping alone bounds the damage. A refused request is not recorded at all (nor an overflowing,
+inf, figure): a peer cannot talk the limit up with requests it was refused. An accepted figure
+is recorded capped at ``GROWTH`` (2) x the percentile it was judged against, so accepted values
+can raise the percentile by at most 2 x per ~``window / 10`` requests: an honest drift of the
+scale follows (x2 per ~26 backwards is far faster than training moves), while a peer that sends
+more than a tenth of an expert's requests, each just under the limit, needs ~26 requests per
+doubling (1000 x the honest scale: ~260 of them) instead of 20 x per 26 when figures were
+recorded at the limit. The price: a sudden honest jump of more than ``ratio`` x (a restarted
+swarm with another loss scale) is refused until an operator raises ``--max-grad-norm-ratio``
+or restarts the expert; one peer's share of the updates is bounded by identities and
+``--max-caller-share`` (``caller_share.py``), not by a statistic.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 WINDOW = 256
 WARMUP = 64
 QUANTILE = 0.9
+GROWTH = 2.0  # an accepted figure is recorded at most GROWTH x the reference
 
 
 def rms(requests: Sequence[Sequence[torch.Tensor]]) -> list[float]:
@@ -67,20 +72,28 @@ class GradNormMonitor:
         self.warmup = warmup
         self._recent: deque[float] = deque(maxlen=window)
 
-    def limit(self) -> float | None:
-        """The largest accepted value now; None while warming up (or all recent values 0)."""
+    def reference(self) -> float | None:
+        """The 90th percentile of the recorded figures; None while warming up (or 0)."""
         if self.ratio <= 0 or len(self._recent) < self.warmup:
             return None
         ordered = sorted(self._recent)
         reference = ordered[int(QUANTILE * (len(ordered) - 1))]
-        return self.ratio * reference if reference > 0 else None
+        return reference if reference > 0 else None
+
+    def limit(self) -> float | None:
+        """The largest accepted value now; None while warming up (or all recent values 0)."""
+        reference = self.reference()
+        return None if reference is None else self.ratio * reference
 
     def screen(self, values: Sequence[float]) -> tuple[list[bool], float | None]:
         """(outlier flags, the limit they were held to). The limit comes from the requests
-        before these, so a batch of large values cannot justify itself."""
-        limit = self.limit()
+        before these, so a batch of large values cannot justify itself; only accepted values
+        are recorded (capped, see the module docstring)."""
+        reference = self.reference()
+        limit = None if reference is None else self.ratio * reference
         flags = [limit is not None and not value <= limit for value in values]
-        for value in values:
-            if math.isfinite(value):
-                self._recent.append(value if limit is None else min(value, limit))
+        for value, outlier in zip(values, flags, strict=True):
+            if outlier or not math.isfinite(value):
+                continue
+            self._recent.append(value if reference is None else min(value, GROWTH * reference))
         return flags, limit

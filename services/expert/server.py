@@ -62,6 +62,8 @@ class ExpertConfig:
     max_queue_bytes: int = 128 * 1024 * 1024  # per expert and method: two largest requests
     max_free_dim: int = 1024  # largest size of a free (-1) schema dimension
     max_grad_norm_ratio: float = 20.0  # 0: no outlier check (grad_monitor.py)
+    max_caller_share: float = 0.0  # 0: off (caller_share.py)
+    caller_share_window: int = 256
     compute_threads: int = 0  # 0: automatic
     torch_threads: int = 0  # 0: automatic
     switch_interval_ms: float = 0.5  # Python's GIL switch interval for the process; 0: keep
@@ -258,6 +260,8 @@ class ExpertServer:
             max_stream_bytes=cfg.max_stream_bytes,
             max_receive_bytes=cfg.max_receive_bytes,
             public_key=self.identity.public_key,
+            max_caller_share=cfg.max_caller_share,
+            caller_share_window=cfg.caller_share_window,
         )
         if cfg.simulate_failure_rate > 0 or cfg.simulate_latency_ms > 0:
             servicer.handle = with_faults(

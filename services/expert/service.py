@@ -31,10 +31,13 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from services.common.errors import echo
+from services.common.limits import peer_key
 from services.common.link import LinkServer, protobuf_method
 from services.common.rejections import Rejections
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
 from services.expert.backend import ExpertBackend
+from services.expert.caller_share import CallerShare
 from services.expert.errors import ExpertError, exhausted, invalid, not_found
 from services.expert.faults import Handle
 from services.expert.metrics import ExpertMetrics
@@ -85,8 +88,16 @@ class ExpertServicer:
         max_stream_bytes: int,
         max_receive_bytes: int,
         public_key: bytes = b"",
+        max_caller_share: float = 0.0,
+        caller_share_window: int = 256,
     ) -> None:
         self.backends = backends
+        # one caller's share of each expert's backward requests (caller_share.py); {}: off
+        self.shares = (
+            {uid: CallerShare(max_caller_share, caller_share_window) for uid in backends}
+            if max_caller_share > 0
+            else {}
+        )
         self.public_key = public_key
         self.pools = pools
         self.metrics = metrics
@@ -116,7 +127,7 @@ class ExpertServicer:
                     request = expert_pb2.ExpertRequest.FromString(payload)
                 except DecodeError as exc:
                     raise invalid(f"malformed request: {exc}") from exc
-                return await self.handle(method, request)
+                return await self.handle(method, request, peer)
             except ExpertError as exc:
                 self._refused(peer, method, exc)
                 raise
@@ -225,13 +236,13 @@ class ExpertServicer:
     # ---- shared path ----
 
     def _unknown(self, uid: str) -> str:
-        return f"expert {uid!r} is not hosted here ({len(self.backends)} experts hosted)"
+        return f"expert {echo(uid)} is not hosted here ({len(self.backends)} experts hosted)"
 
     async def _unary(
         self, method: str, request: expert_pb2.ExpertRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
         try:
-            reply = await self.handle(method, request)
+            reply = await self.handle(method, request, self._peer(context))
             if len(reply) > self.max_message_bytes:
                 raise ExpertError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -259,7 +270,7 @@ class ExpertServicer:
             finally:
                 del data  # the parsed message holds its own copy
                 self._hold(-size)
-            reply = await self.handle(method, request)
+            reply = await self.handle(method, request, self._peer(context))
         except ExpertError as exc:
             await self._abort(context, method, exc)
             return
@@ -280,6 +291,21 @@ class ExpertServicer:
             host = peer.rpartition(":")[0] or peer  # not the port: one key per host
             message = f"refused {method}: {exc}"
             self.rejections.reject(exc.reason, message, source=host, code=exc.code.name)
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller, where a check needs it (``context.peer()`` costs a call per request)."""
+        return (context.peer() or "") if self.shares else ""
+
+    def _check_share(self, uid: str, peer: str) -> None:
+        shares = self.shares[uid]
+        caller = peer_key(peer)
+        if not shares.admit(caller):
+            raise exhausted(
+                f"this caller ({echo(caller)}) sent {shares.held(caller)} of expert {uid}'s last "
+                f"{shares.window} backward requests, its share is {shares.share:g} "
+                "(--max-caller-share); retry after other callers' requests",
+                "caller_share",
+            )
 
     def _hold(self, size: int) -> None:
         """Take ``size`` bytes from the receive budget (give them back with a negative size)."""
@@ -331,13 +357,16 @@ class ExpertServicer:
             raise
         return buffer, max(1024, reply_chunk)
 
-    async def _call(self, method: str, request: expert_pb2.ExpertRequest) -> bytes:
-        """The reply to a Forward or Backward: validated, queued, batched, computed."""
+    async def _call(self, method: str, request: expert_pb2.ExpertRequest, peer: str) -> bytes:
+        """The reply to a Forward or Backward: validated, queued, batched, computed.
+        ``peer``: the caller's ``context.peer()``."""
         started = time.perf_counter()
         label, code = "unknown", grpc.StatusCode.OK
         self._in_flight[method].inc()
         try:
-            backend = self.backends.get(request.uid)
+            uid = request.uid  # one str made of it (each access to the field makes another)
+            backend = self.backends.get(uid)
+            del uid
             if backend is None:
                 raise not_found(self._unknown(request.uid))
             label = backend.uid
@@ -348,6 +377,8 @@ class ExpertServicer:
             except TensorDecodeError as exc:
                 raise invalid(str(exc)) from exc
             rows = backend.validate(tensors, backward=method == BACKWARD)
+            if method == BACKWARD and self.shares:
+                self._check_share(backend.uid, peer)
             future = self.pools[(backend.uid, method)].submit(
                 tensors,
                 rows,

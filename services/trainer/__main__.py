@@ -101,8 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="zeros instead of an error when fewer than k-min experts answer",
     )  # fmt: skip
     swarm.add_argument(
-        "--detect-anomalies", type=parse_bool, default=False, help="drop non-finite expert outputs"
-    )
+        "--detect-anomalies", type=parse_bool, default=True,
+        help="treat a non-finite or absurd expert answer (outputs, gradients) as a failed call",
+    )  # fmt: skip
+    swarm.add_argument(
+        "--max-expert-value", type=float, default=1e5,
+        help="an expert answer holding a larger |value| is absurd (0: no cap)",
+    )  # fmt: skip
+    swarm.add_argument(
+        "--max-expert-rms-ratio", type=float, default=100.0,
+        help="an expert answer whose RMS exceeds this x the 90th percentile of recent answers "
+        "(grid and method) is absurd (0: no relative check)",
+    )  # fmt: skip
     swarm.add_argument(
         "--dht-cache-ttl", type=float, default=2.0, help="seconds DHT answers are reused"
     )
@@ -331,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             transient_retries=args.transient_retries,
             allow_zero_outputs=args.allow_zero_outputs,
             detect_anomalies=args.detect_anomalies,
+            max_expert_value=args.max_expert_value,
+            max_expert_rms_ratio=args.max_expert_rms_ratio,
         ),
     )
     model = build_model(
@@ -363,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         history_file=args.history_file,
         lr_decay=args.lr_decay,
     )
-    resumed = trainer.restore(saved)
+    try:
+        resumed = trainer.restore(saved)
+    except ValueError as exc:
+        log.error("cannot resume: %s", exc)
+        swarm.close()
+        return 2
     averager = None
     run = ""
     if args.average and args.initial_peers:
@@ -386,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         except ValueError as exc:
             log.error("cannot start: %s", exc)
+            swarm.close()
             return 2
-        trainer.averaging = BackgroundAveraging(averager, args.average_every, args.redownload_after)
+        trainer.averaging = BackgroundAveraging(
+            averager, args.average_every, args.redownload_after, changed=trainer.guard.measure
+        )
     servicer = TrainerServicer(
         trainer, args.model_module or args.model, dataset.name, identity.public_key, run
     )
@@ -422,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("no peer of the run offered its state: training from scratch",
                             extra={"run_id": run})  # fmt: skip
             else:  # the peer's step is reported; --steps keeps counting this trainer's own
+                trainer.guard.measure()  # the step guard's certificate needs the new norms
                 log.info("state downloaded", extra={
                     "run_id": run, "peer_step": got[0], "parameters_before": before,
                     "parameters": digest(averager.tensors)})  # fmt: skip

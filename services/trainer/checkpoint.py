@@ -42,6 +42,17 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     return final
 
 
+def finite(state: Any) -> bool:
+    """Every floating tensor in ``state`` (nested dicts, lists, tuples) holds finite values."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(finite(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return all(finite(v) for v in state)
+    return True
+
+
 def load(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / FILENAME
     if not path.exists():

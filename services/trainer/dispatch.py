@@ -23,7 +23,8 @@ import grpc
 import numpy as np
 import torch
 
-from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
+from services.trainer.answer_check import MAX_VALUE, RMS_RATIO, AnswerCheck
+from services.trainer.expert_calls import OK, CallOutcome, Judge, call_many, remaining_timeout
 from services.trainer.swarm import Swarm
 
 # A leaf that requires grad, so the node's backward runs even when the inputs do not need one
@@ -61,7 +62,22 @@ class CallPolicy:
     forward_retries: int = 1
     transient_retries: int = 1
     allow_zero_outputs: bool = False
-    detect_anomalies: bool = False
+    detect_anomalies: bool = True
+    max_expert_value: float = MAX_VALUE
+    max_expert_rms_ratio: float = RMS_RATIO
+    # the running figures of honest answers (answer_check.py), shared by the layers using it
+    answers: AnswerCheck = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.answers = AnswerCheck(self.max_expert_value, self.max_expert_rms_ratio)
+
+    def judge(self, method: str, jobs: Sequence[ExpertJob]) -> Judge | None:
+        """How the answers of ``jobs`` are judged: keyed by grid (a uid up to its first dot)
+        and method; None when anomalies are not detected."""
+        if not self.detect_anomalies:
+            return None
+        answers = self.answers
+        return lambda i, tensors: answers.judge((jobs[i].uid.split(".", 1)[0], method), tensors)
 
 
 # (sample, slot, uid, address): the sample's slot-th choice is that expert
@@ -212,7 +228,7 @@ def forward_rounds(
                 k_min=need,
                 timeout=timeout,
                 timeout_after_k_min=policy.timeout_after_k_min,
-                detect_anomalies=policy.detect_anomalies,
+                judge=policy.judge("forward", jobs),
             )
         )
         _record(swarm, "forward", jobs, outcomes)
@@ -262,7 +278,7 @@ def backward_calls(
             k_min=policy.backward_k_min,
             timeout=timeout,
             timeout_after_k_min=policy.timeout_after_k_min,
-            detect_anomalies=policy.detect_anomalies,
+            judge=policy.judge("backward", jobs),
         )
     )
     _record(swarm, "backward", jobs, outcomes)

@@ -41,8 +41,8 @@ class CallOutcome:
         return self.reason == OK
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in tensors)
+# judge(call index, tensors) -> '' (usable) or what is wrong (answer_check.py)
+Judge = Callable[[int, list[torch.Tensor]], str]
 
 
 def classify(exc: BaseException) -> tuple[str, str, str]:
@@ -64,11 +64,12 @@ async def call_many(
     k_min: int | np.ndarray,
     timeout: float,
     timeout_after_k_min: float,
-    detect_anomalies: bool = False,
+    judge: Judge | None = None,
 ) -> list[CallOutcome]:
     """Run every ``calls[i]()`` at once; ``rows[i]`` are the sample indices call ``i`` serves.
 
-    ``k_min`` is one number or one per sample.
+    ``k_min`` is one number or one per sample. ``judge`` (None: trust every answer) turns an
+    answer it objects to into an ``anomaly`` outcome: the call counts as failed.
 
     Returns one outcome per call, in order. Late calls are cancelled and reported as timeouts.
     """
@@ -104,8 +105,9 @@ async def call_many(
                     outcomes[i] = CallOutcome(None, reason, elapsed, detail, code)
                     continue
                 tensors = task.result()
-                if detect_anomalies and not all_finite(tensors):
-                    outcomes[i] = CallOutcome(None, ANOMALY, elapsed, "non-finite values")
+                problem = judge(i, tensors) if judge is not None else ""
+                if problem:
+                    outcomes[i] = CallOutcome(None, ANOMALY, elapsed, problem)
                     continue
                 outcomes[i] = CallOutcome(tensors, OK, elapsed)
                 np.add.at(answered, r, 1)

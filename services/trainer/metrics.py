@@ -17,6 +17,13 @@ class TrainerMetrics:
         registry = registry if registry is not None else CollectorRegistry()
         self.registry = registry
         self.steps = Counter("dmoe_trainer_steps", "Optimizer steps taken", registry=registry)
+        self.steps_skipped = Counter(
+            "dmoe_trainer_steps_skipped",
+            "Steps skipped with parameters and optimizer state untouched, by reason: "
+            "nonfinite_loss, nonfinite_gradient, nonfinite_result",
+            ["reason"],
+            registry=registry,
+        )
         self.samples = Counter(
             "dmoe_trainer_samples", "Training samples processed", registry=registry
         )

@@ -44,7 +44,9 @@ class RemoteMixtureOfExperts(nn.Module):
     more), else :class:`~services.trainer.dispatch.ExpertsUnavailableError` is raised, or the
     sample gets the experts that did answer (zeros if none) when ``allow_zero_outputs``;
     ``backward_k_min`` / ``backward_timeout`` play the same roles for the backward pass.
-    ``detect_anomalies`` drops experts whose outputs or gradients are not finite. A forward
+    ``detect_anomalies`` (on by default) drops experts whose outputs or gradients are not
+    finite or absurd (``answer_check.py``: over ``max_expert_value``, or an RMS over
+    ``max_expert_rms_ratio`` x recent answers): a failed call, backed off. A forward
     refused with UNAVAILABLE or RESOURCE_EXHAUSTED is sent again at once up to
     ``transient_retries`` times (backwards never are: they may have applied the update).
     Samples left short of ``k_min`` get ``forward_retries`` more rounds with the next-best live

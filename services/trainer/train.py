@@ -4,6 +4,14 @@ A step whose DMoE layers cannot get enough expert answers (or cannot reach the D
 not fatal: the trainer pauses briefly and tries again, since experts come and go. The loop checks
 the stop event between steps, so SIGTERM costs at most one step (bounded by the layers'
 timeouts) before the final checkpoint.
+
+Every step is all or nothing, as on the experts: a non-finite loss skips it before any expert
+gets a backward, a non-finite gradient norm skips it before the optimizer runs, and the
+optimizer step goes through ``services.expert.step_guard.StepGuard`` (certified, or copied and
+undone when it leaves a non-finite value), so no expert, buggy or hostile, can leave NaN or inf
+in the trainer's parameters or Adam's moments. Skipped steps count in
+``dmoe_trainer_steps_skipped_total{reason}`` and as failed steps. A checkpoint holding a
+non-finite value is never written (nor restored).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.expert.step_guard import StepGuard
 from services.trainer import checkpoint
 from services.trainer.data import Dataset
 from services.trainer.dispatch import ExpertsUnavailableError
@@ -62,6 +71,20 @@ class TooManyFailures(RuntimeError):
     pass
 
 
+class NonFiniteStep(RuntimeError):
+    """The step was skipped before the optimizer ran, or undone: parameters and optimizer
+    state are as before. ``reason``: ``nonfinite_loss``, ``nonfinite_gradient``,
+    ``nonfinite_result``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# What skips a step without stopping the trainer.
+SKIPPED = (*SWARM_ERRORS, NonFiniteStep)
+
+
 class Trainer:
     def __init__(
         self,
@@ -98,6 +121,8 @@ class Trainer:
         self.eval_attempts = max(1, eval_attempts)
         self.lr_decay = lr_decay and steps > 0
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.guard = StepGuard(self.params, optimizer)
         self.state = TrainerState()
         self.started = time.time()
         self._step_times: deque[float] = deque(maxlen=20)
@@ -129,10 +154,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, _correct = self._loss(x, y)
         total = loss + self.balancing_weight * aux_loss(self.model)
+        value = float(loss.detach())
+        if not math.isfinite(float(total.detach())):
+            raise self._skip("nonfinite_loss", f"loss is {value}: no backward, no step")
         total.backward()
         with self.param_lock:
-            self.optimizer.step()
-        value = float(loss.detach())
+            self._step()
         with self._lock:
             self.state.step += 1
             self.state.samples_seen += len(x)
@@ -143,6 +170,21 @@ class Trainer:
             self.metrics.samples.inc(len(x))
             self.metrics.train_loss.set(value)
         return value
+
+    def _step(self) -> None:
+        """The optimizer step, all or nothing (module docstring)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._skip("nonfinite_gradient", f"gradient norm is {norm}: no step")
+        if not self.guard.step(norm):
+            raise self._skip("nonfinite_result", "the step left non-finite values: undone")
+
+    def _skip(self, reason: str, message: str) -> NonFiniteStep:
+        if self.metrics is not None:
+            self.metrics.steps_skipped.labels(reason).inc()
+        return NonFiniteStep(reason, message)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -217,7 +259,7 @@ class Trainer:
                 started = time.perf_counter()
                 try:
                     loss = self.train_step()
-                except SWARM_ERRORS as exc:
+                except SKIPPED as exc:
                     consecutive += 1
                     with self._lock:
                         self.state.failed_steps += 1
@@ -272,15 +314,17 @@ class Trainer:
         assert self.checkpoint_dir
         with self._lock:
             meta = asdict(self.state)
-        path = checkpoint.save(
-            self.checkpoint_dir,
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "state": meta,
-                "seed": self.dataset.batch_seed,  # a resumed trainer keeps its batch order
-            },
-        )
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": meta,
+            "seed": self.dataset.batch_seed,  # a resumed trainer keeps its batch order
+        }
+        if not checkpoint.finite(state):  # the guard makes this unreachable; never write it
+            log.error("checkpoint not written: non-finite parameters or optimizer state",
+                      extra={"step": self.state.step})  # fmt: skip
+            return
+        path = checkpoint.save(self.checkpoint_dir, state)
         log.info("checkpoint saved", extra={"step": self.state.step, "path": str(path)})
 
     def restore(self, saved: dict[str, Any] | None = None) -> bool:
@@ -290,8 +334,11 @@ class Trainer:
             saved = checkpoint.load(self.checkpoint_dir)
         if saved is None:
             return False
+        if not checkpoint.finite(saved):
+            raise ValueError("the checkpoint holds non-finite parameters or optimizer state")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        self.guard.measure()  # the next step's certificate needs the loaded norms
         meta = saved["state"]
         for key in ("step", "samples_seen", "last_loss", "test_loss", "test_accuracy"):
             setattr(self.state, key, meta[key])
