@@ -177,10 +177,14 @@ class TensorAverager:
                 return f"{name} has shape {shape}"
         return None
 
-    def download_state(self, timeout: float = 30.0) -> tuple[int, int] | None:
+    def download_state(self, timeout: float = 30.0, attempts: int = 3) -> tuple[int, int] | None:
         """Load a peer's parameters and optimizer statistics; returns (step, samples_seen),
-        or None when no peer of the run offered a loadable state (train from scratch)."""
-        state = self.swarm.run(self.averager.download_state(self._check, timeout), timeout + 30)
+        or None when no peer of the run offered a loadable state (train from scratch).
+        ``timeout`` bounds each peer tried, ``attempts`` how many."""
+        state = self.swarm.run(
+            self.averager.download_state(self._check, timeout, attempts=attempts),
+            attempts * timeout + 30,
+        )
         if state is None:
             return None
         step, samples, arrays = state
@@ -224,6 +228,7 @@ class BackgroundAveraging:
         # after this many rounds in a row without averaging, load a peer's state (0: never)
         self.redownload_after = redownload_after
         self.behind = 0
+        self._patience = 1  # doubles after a catch-up found nobody (up to 8x)
         self._future: concurrent.futures.Future[RoundResult] | None = None
         self._sent: np.ndarray | None = None
         self._last_start_step = -(10**9)
@@ -255,25 +260,31 @@ class BackgroundAveraging:
         self._sent = None
         self.last = result
         self.rounds[result.outcome] = self.rounds.get(result.outcome, 0) + 1
-        self.behind = 0 if result.outcome == "ok" else self.behind + 1
-        if catch_up and 0 < self.redownload_after <= self.behind:
+        if result.outcome == "ok":
+            self.behind, self._patience = 0, 1
+        else:
+            self.behind += 1
+        if catch_up and 0 < self.redownload_after * self._patience <= self.behind:
             self._catch_up()
 
     def _catch_up(self) -> None:
         """Fell behind (no round averaged for a while): take a peer's state, when one is
         offered, instead of drifting on alone. Blocks the training loop for the download."""
         behind, self.behind = self.behind, 0
-        try:
-            got = self.averager.download_state()
+        try:  # short: the training loop waits (at most 2 x 10 s)
+            got = self.averager.download_state(timeout=10.0, attempts=2)
         except Exception as exc:
+            got = None
             log.warning("catching up failed: %s", exc)
+        if got is None:  # nobody to catch up with: wait twice as long before asking again
+            self._patience = min(8, 2 * self._patience)
             return
-        if got is not None:
-            if self.changed is not None:
-                self.changed()
-            log.info("state downloaded after rounds without averaging",
-                     extra={"rounds_behind": behind, "peer_step": got[0],
-                            "parameters": digest(self.averager.tensors)})  # fmt: skip
+        self._patience = 1
+        if self.changed is not None:
+            self.changed()
+        log.info("state downloaded after rounds without averaging",
+                 extra={"rounds_behind": behind, "peer_step": got[0],
+                        "parameters": digest(self.averager.tensors)})  # fmt: skip
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait for a round in flight (its result is applied) so a final checkpoint has it."""
