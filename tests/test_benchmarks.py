@@ -136,3 +136,23 @@ def test_convergence_smoke_reports_curves_staleness_and_a_plot(tmp_path: Path) -
     assert subprocess.run(replot, timeout=120).returncode == 0 and png.stat().st_size > 1000
     produced = sorted(p.name for p in tmp_path.iterdir())
     assert produced == ["convergence.json", "convergence.png", "logs"]
+
+
+def test_averaging_benchmark_reports_the_issue_figures(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/averaging.py", "--peers", "4", "--rounds", "2",
+         "--size", "20000", "--window", "2", "--dht-nodes", "1", "--no-hivemind", "--json",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peers"] == 4 and report["rounds"] == 2 and "hivemind" not in report
+    (run,) = report["runs"]
+    assert run["peers_reported"] == 4 and sum(run["outcomes"].values()) == 8
+    assert run["success_rate"] == run["outcomes"]["ok"] / 8
+    assert run["wall_s"] > 0 and run["cpu_s"] > 0
+    if run["outcomes"]["ok"]:
+        assert 2 <= run["mean_group_size"] <= 4
+        assert run["max_abs_error"] <= 1e-2  # float16 on the wire
+    assert json.loads((tmp_path / "averaging.json").read_text())["runs"] == report["runs"]

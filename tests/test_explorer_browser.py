@@ -143,7 +143,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "trainer",
             ["services.trainer", "--initial-peers", dht.address, "--grid", "4x4",
              "--hidden-dim", str(H), "--k-best", "2", "--metrics-port", "-1",
-             "--announce-period", str(PERIOD), "--eval-every", "0", "--seed", "0"],
+             "--announce-period", str(PERIOD), "--eval-every", "0", "--seed", "0",
+             "--run-id", "browser-run"],
             logdir,
         )  # fmt: skip
         procs.append(trainer)
@@ -219,7 +220,7 @@ def test_explorer_shows_the_swarm_in_a_browser(
         "the trainer and the stranger's announcements in /api/swarm",
         lambda: (
             (d := api(port))
-            and any(t["reachable"] and t["run_id"] == "ffn-mlp-h16-4x4" for t in d["trainers"])
+            and any(t["reachable"] and t["run_id"] == "browser-run" for t in d["trainers"])
             and any(s["address"] == swarm["dead"] for s in d["servers"])
             and d
         ),

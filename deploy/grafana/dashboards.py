@@ -204,6 +204,69 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, list[tuple[str, str]], str]]]] 
                 "s",
             ),
             ("Experts in back-off", [("{{instance}}", "dmoe_trainer_experts_skipped")], "none"),
+            # averaging of the trainers' own parameters (docs/averaging.md)
+            (
+                "Averaging: rounds/s by outcome",
+                [
+                    (
+                        "{{outcome}}",
+                        f"sum by (outcome) (rate(dmoe_trainer_averaging_rounds_total{W}))",
+                    )
+                ],
+                "ops",
+            ),
+            (
+                "Averaging: group size",
+                [
+                    ("p50", q("dmoe_trainer_averaging_group_size", 0.5)),
+                    ("p05", q("dmoe_trainer_averaging_group_size", 0.05)),
+                ],
+                "none",
+            ),
+            (
+                "Averaging: round time",
+                [
+                    ("p50", q("dmoe_trainer_averaging_round_duration_seconds", 0.5)),
+                    ("p95", q("dmoe_trainer_averaging_round_duration_seconds", 0.95)),
+                ],
+                "s",
+            ),
+            (
+                "Averaging: bytes/s",
+                [
+                    (
+                        "{{direction}}",
+                        f"sum by (direction) (rate(dmoe_trainer_averaging_bytes_total{W}))"
+                        f" or sum by (direction) (rate(dmoe_trainer_steps_total{W})) * 0",
+                    )
+                ],
+                "Bps",
+            ),
+            (
+                "Averaging: refused/s by reason",
+                [
+                    (
+                        "{{reason}}",
+                        rate_or_zero(
+                            "dmoe_trainer_averaging_refused_total",
+                            "dmoe_trainer_steps_total",
+                            "reason",
+                        ),
+                    )
+                ],
+                "ops",
+            ),
+            (
+                "Averaging: seconds since the last averaged round",
+                [
+                    (
+                        "{{instance}}",
+                        "time() - (dmoe_trainer_averaging_last_round_timestamp_seconds > 0)"
+                        " or dmoe_trainer_averaging_last_round_timestamp_seconds",
+                    )
+                ],
+                "s",
+            ),
         ],
     ),
 }

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rtrainer.proto\x12\x04\x64moe\"\x0f\n\rStatusRequest\"\xc4\x02\n\x0eStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x14\n\x0csamples_seen\x18\x02 \x01(\x03\x12\x11\n\tlast_loss\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x16\n\x0elast_eval_step\x18\x06 \x01(\x03\x12\x16\n\x0e\x65xperts_in_use\x18\x07 \x03(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x18\n\x10steps_per_second\x18\x0b \x01(\x01\x12\x14\n\x0c\x66\x61iled_steps\x18\x0c \x01(\x03\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x12\n\npublic_key\x18\x0e \x01(\x0c\x12\x16\n\x0e\x65xperts_called\x18\x0f \x03(\t2>\n\x07Trainer\x12\x33\n\x06Status\x12\x13.dmoe.StatusRequest\x1a\x14.dmoe.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rtrainer.proto\x12\x04\x64moe\"\x0f\n\rStatusRequest\"\xee\x02\n\x0eStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x14\n\x0csamples_seen\x18\x02 \x01(\x03\x12\x11\n\tlast_loss\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x16\n\x0elast_eval_step\x18\x06 \x01(\x03\x12\x16\n\x0e\x65xperts_in_use\x18\x07 \x03(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\t \x01(\t\x12\r\n\x05state\x18\n \x01(\t\x12\x18\n\x10steps_per_second\x18\x0b \x01(\x01\x12\x14\n\x0c\x66\x61iled_steps\x18\x0c \x01(\x03\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x12\n\npublic_key\x18\x0e \x01(\x0c\x12\x16\n\x0e\x65xperts_called\x18\x0f \x03(\t\x12(\n\taveraging\x18\x10 \x01(\x0b\x32\x15.dmoe.AveragingStatus\"\xef\x01\n\x0f\x41veragingStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0clast_outcome\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\x03\x12\x17\n\x0flast_group_size\x18\x04 \x01(\r\x12\x1a\n\x12last_round_seconds\x18\x05 \x01(\x01\x12\x17\n\x0flast_round_time\x18\x06 \x01(\x01\x12\x11\n\trounds_ok\x18\x07 \x01(\x03\x12\x14\n\x0crounds_alone\x18\x08 \x01(\x03\x12\x15\n\rrounds_failed\x18\t \x01(\x03\x12\x14\n\x0clast_failure\x18\n \x01(\t2>\n\x07Trainer\x12\x33\n\x06Status\x12\x13.dmoe.StatusRequest\x1a\x14.dmoe.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=23
   _globals['_STATUSREQUEST']._serialized_end=38
   _globals['_STATUSRESPONSE']._serialized_start=41
-  _globals['_STATUSRESPONSE']._serialized_end=365
-  _globals['_TRAINER']._serialized_start=367
-  _globals['_TRAINER']._serialized_end=429
+  _globals['_STATUSRESPONSE']._serialized_end=407
+  _globals['_AVERAGINGSTATUS']._serialized_start=410
+  _globals['_AVERAGINGSTATUS']._serialized_end=649
+  _globals['_TRAINER']._serialized_start=651
+  _globals['_TRAINER']._serialized_end=713
 # @@protoc_insertion_point(module_scope)

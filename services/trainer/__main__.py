@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -46,6 +49,22 @@ def resolve_seed(flag: int | None, saved: dict[str, Any] | None) -> tuple[int, s
     if saved is not None and isinstance(saved.get("seed"), int):
         return saved["seed"], "checkpoint"
     return secrets.randbits(31), "drawn"
+
+
+def run_id(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError("a run id is 1-64 letters, digits, '-' or '_'")
+    return text
+
+
+def default_run_id(args: argparse.Namespace) -> str:
+    """The same for trainers started with the same model, data and grid flags."""
+    shape = [args.model_module or args.model, args.dataset, args.hidden_dim, args.num_layers,
+             args.heads, args.final_norm, args.seq_len, args.uid_prefix, list(args.grid),
+             args.moe_kind]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", args.uid_prefix)[:40] or "run"
+    return f"{prefix}-{digest}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +168,55 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="tensor compression on the wire",
     )
+    avg = parser.add_argument_group("averaging (docs/averaging.md)")
+    avg.add_argument(
+        "--average", type=parse_bool, default=True,
+        help="average this trainer's own parameters (not the experts) with the trainers of its "
+        "run, and download the state from one of them at start",
+    )  # fmt: skip
+    avg.add_argument(
+        "--run-id", type=run_id, default="",
+        help="trainers of one run average together; default derived from the model, data set "
+        "and expert grid flags, so identical trainers share it",
+    )  # fmt: skip
+    avg.add_argument(
+        "--target-group-size", type=int, default=8, help="trainers per averaging group (>= 2)"
+    )
+    avg.add_argument(
+        "--average-every", type=int, default=10,
+        help="local steps between the starts of two rounds (a round runs in the background)",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-period", type=float, default=5.0,
+        help="matchmaking slot, seconds of the DHT clock: trainers ready in the same slot "
+        "average together; a round starts at most once per slot",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-timeout", type=float, default=10.0,
+        help="seconds reducers wait for the members' parts after a slot closes",
+    )  # fmt: skip
+    avg.add_argument(
+        "--average-compression", choices=["none", "float16"], default="none",
+        help="values on the wire while averaging",
+    )  # fmt: skip
+    avg.add_argument(
+        "--robust-averaging", type=parse_bool, default=True,
+        help="CenteredClip instead of a plain mean (bounds what one hostile member can do)",
+    )  # fmt: skip
+    avg.add_argument(
+        "--clip-factor", type=float, default=3.0,
+        help="CenteredClip radius, in median distances of the inputs to their median",
+    )  # fmt: skip
+    avg.add_argument(
+        "--load-state", type=parse_bool, default=True,
+        help="without a checkpoint to resume, download parameters, optimizer state and step "
+        "from a peer of the run before training",
+    )  # fmt: skip
+    avg.add_argument(
+        "--redownload-after", type=int, default=10,
+        help="after this many rounds in a row without averaging (alone or failed), download "
+        "the state from a peer of the run when one offers it; 0 never",
+    )  # fmt: skip
     model = parser.add_argument_group("model and data")
     model.add_argument(
         "--model", choices=["mlp", "transformer"], default="mlp", help="architecture"
@@ -223,14 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _announcer(args: argparse.Namespace, swarm: Any, address: str, dataset: str) -> Any:
-    """Start announcing this trainer in the DHT (services/trainer/announce.py)."""
+def _announcer(
+    args: argparse.Namespace, swarm: Any, address: str, dataset: str, run_id: str
+) -> Any:
+    """Start announcing this trainer in the DHT (services/trainer/announce.py), under the run id
+    its averager uses."""
     from services import __version__
     from services.common.announcements import TrainerAnnouncement
-    from services.trainer.announce import TrainerAnnouncer, default_run_id
+    from services.trainer.announce import TrainerAnnouncer
 
     model = os.path.basename(args.model_module) if args.model_module else args.model
-    run_id = default_run_id(args.uid_prefix, model, args.hidden_dim, args.grid)
     announcement = TrainerAnnouncement(
         run_id=run_id, address=address, model=model[:64], dataset=dataset,
         uid_prefix=args.uid_prefix, grid=args.grid, version=__version__,
@@ -337,10 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         model_module=args.model_module,
         final_norm=args.final_norm,
     )
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(
         model,
         dataset,
-        torch.optim.Adam(model.parameters(), lr=args.lr),
+        optimizer,
         batch_size=args.batch_size,
         steps=args.steps,
         eval_every=args.eval_every,
@@ -356,18 +427,49 @@ def main(argv: list[str] | None = None) -> int:
         lr_decay=args.lr_decay,
     )
     try:
-        trainer.restore(saved)
+        resumed = trainer.restore(saved)
     except ValueError as exc:
         log.error("cannot resume: %s", exc)
         swarm.close()
         return 2
+    averager = None
+    run = args.run_id or default_run_id(args)  # whom it averages with, and what it announces
+    if args.average and args.initial_peers:
+        from services.averaging import Aggregation, AveragerConfig
+        from services.averaging.metrics import AveragerMetrics
+        from services.trainer.averaging import BackgroundAveraging, TensorAverager
+
+        try:
+            config = AveragerConfig(
+                run_id=run, target_group_size=args.target_group_size,
+                window=args.average_period, reduce_timeout=args.average_timeout,
+                compression=args.average_compression,
+                aggregation=Aggregation(robust=args.robust_averaging, clip_factor=args.clip_factor),
+            )  # fmt: skip
+            averager = TensorAverager(
+                list(model.parameters()), swarm, config, optimizer=optimizer,
+                metrics=AveragerMetrics(registry), lock=trainer.param_lock,
+                step_of=lambda: (trainer.state.step, trainer.state.samples_seen),
+            )  # fmt: skip
+        except ValueError as exc:
+            log.error("cannot start: %s", exc)
+            swarm.close()
+            return 2
+        trainer.averaging = BackgroundAveraging(
+            averager, args.average_every, args.redownload_after, changed=trainer.guard.measure
+        )
     servicer = TrainerServicer(
-        trainer, args.model_module or args.model, dataset.name, identity.public_key
+        trainer, args.model_module or args.model, dataset.name, identity.public_key, run
     )
+
+    def register(server: Any) -> list[str]:
+        names = registrar(servicer)(server)
+        return names + (averager.averager.register(server) if averager else [])
+
     running = swarm.run(
         start_server(
             "trainer",
-            registrar(servicer),
+            register,
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
@@ -375,13 +477,30 @@ def main(argv: list[str] | None = None) -> int:
             registry=registry,
             tls=tls,
             limits=ServerLimits.from_args(args),
+            links=[averager.averager.link] if averager else [],
         )
     )
-    swarm.run(running.set_serving(True))
     address = f"{announce_host(args.host, args.announce_host)}:{running.port}"
+    if averager is not None:
+        from services.trainer.averaging import digest
+
+        averager.averager.address = address
+        if args.load_state and not resumed:
+            before = digest(averager.tensors)
+            got = averager.download_state()
+            if got is None:
+                log.warning("no peer of the run offered its state: training from scratch",
+                            extra={"run_id": run})  # fmt: skip
+            else:  # the peer's step is reported; --steps keeps counting this trainer's own
+                trainer.guard.measure()  # the step guard's certificate needs the new norms
+                log.info("state downloaded", extra={
+                    "run_id": run, "peer_step": got[0], "parameters_before": before,
+                    "parameters": digest(averager.tensors)})  # fmt: skip
+        averager.offer_state()
+    swarm.run(running.set_serving(True))
     announcer = None
     if args.announce_period > 0 and args.initial_peers:
-        announcer = _announcer(args, swarm, address, dataset.name)
+        announcer = _announcer(args, swarm, address, dataset.name, run)
     log.info(
         "trainer serving",
         extra={
@@ -394,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed,
             "public_key": identity.hex,
             "trusted_keys": len(trusted) if trusted is not None else "any",
+            "run_id": run if averager is not None else None,
+            "parameters": digest_of(model),
         },
     )
     stop = threading.Event()
@@ -423,10 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if announcer is not None:
                 swarm.run(announcer.stop(), timeout=5)
+            if averager is not None:
+                averager.close()
             swarm.run(running.stop(args.shutdown_grace), timeout=args.shutdown_grace + 5)
         finally:
             swarm.close()
     return code
+
+
+def digest_of(model: Any) -> str:
+    from services.trainer.averaging import digest
+
+    return digest(list(model.parameters()))
 
 
 if __name__ == "__main__":

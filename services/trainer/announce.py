@@ -12,18 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from typing import Any
 
 from services.common.announcements import TRAINERS_KEY, TrainerAnnouncement
 
 log = logging.getLogger(__name__)
-
-
-def default_run_id(uid_prefix: str, model: str, hidden_dim: int, grid: tuple[int, ...]) -> str:
-    """A run id until trainers are given one: trainers of one grid, model and width."""
-    run_id = f"{uid_prefix}-{model}-h{hidden_dim}-{'x'.join(map(str, grid))}"[:128]
-    return re.sub(r"[^\x21-\x7e]", "_", run_id)  # printable ASCII: what readers accept
 
 
 class TrainerAnnouncer:

@@ -12,8 +12,12 @@ from services.trainer.train import Trainer
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, trainer: Trainer, model: str, dataset: str, public_key: bytes = b"") -> None:
+    def __init__(
+        self, trainer: Trainer, model: str, dataset: str, public_key: bytes = b"",
+        run_id: str = "",
+    ) -> None:  # fmt: skip
         self.trainer, self.model, self.dataset = trainer, model, dataset
+        self.run_id = run_id
         self.public_key = public_key
         self.started = time.time()
 
@@ -21,7 +25,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         self, request: trainer_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.StatusResponse:
         state = self.trainer.snapshot()
-        return trainer_pb2.StatusResponse(
+        reply = trainer_pb2.StatusResponse(
             step=state.step,
             samples_seen=state.samples_seen,
             last_loss=state.last_loss,
@@ -38,6 +42,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             uptime_seconds=time.time() - self.started,
             public_key=self.public_key,
         )
+        averaging = self.trainer.averaging
+        if averaging is not None:
+            out = reply.averaging
+            out.run_id = self.run_id
+            out.rounds_ok = averaging.rounds.get("ok", 0)
+            out.rounds_alone = averaging.rounds.get("alone", 0)
+            out.rounds_failed = averaging.rounds.get("failed", 0)
+            last = averaging.last
+            if last is not None:
+                out.last_outcome, out.last_round = last.outcome, last.slot
+                out.last_group_size, out.last_round_seconds = last.group_size, last.seconds
+                out.last_round_time, out.last_failure = last.finished_at, last.reason[:500]
+        return reply
 
 
 def registrar(servicer: TrainerServicer) -> Callable[[grpc.aio.Server], list[str]]:

@@ -105,6 +105,7 @@ class Trainer:
         history_file: str | None = None,
         eval_attempts: int = 3,
         lr_decay: bool = False,
+        averaging: Any = None,
     ) -> None:
         self.model, self.dataset, self.optimizer = model, dataset, optimizer
         self.batch_size, self.steps = batch_size, steps
@@ -125,6 +126,12 @@ class Trainer:
         self.started = time.time()
         self._step_times: deque[float] = deque(maxlen=20)
         self._lock = threading.Lock()
+        # held while parameters change (optimizer step, an averaged delta) or are read for a
+        # newcomer downloading the state from another thread
+        self.param_lock = threading.Lock()
+        # ``after_step(step, samples_seen)`` after every step: background averaging
+        # (services.trainer.averaging.BackgroundAveraging), None without
+        self.averaging = averaging
 
     # ---- loss ----------------------------------------------------------------------------
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -150,7 +157,8 @@ class Trainer:
         if not math.isfinite(float(total.detach())):
             raise self._skip("nonfinite_loss", f"loss is {value}: no backward, no step")
         total.backward()
-        self._step()
+        with self.param_lock:
+            self._step()
         with self._lock:
             self.state.step += 1
             self.state.samples_seen += len(x)
@@ -269,6 +277,8 @@ class Trainer:
                 self._step_times.append(time.perf_counter() - started)
                 self.state.steps_per_second = len(self._step_times) / sum(self._step_times)
                 step = self.state.step
+                if self.averaging is not None:
+                    self.averaging.after_step(step, self.state.samples_seen)
                 if self.progress is not None:
                     self.progress.update(
                         step, loss, self.state.test_accuracy, self.state.steps_per_second
@@ -285,6 +295,8 @@ class Trainer:
             self.state.state = "stopping"
             if self.progress is not None:
                 self.progress.close()
+            if self.averaging is not None:
+                self.averaging.close()
         if (
             self.eval_every > 0
             and self.state.last_eval_step != self.state.step
