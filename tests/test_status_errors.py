@@ -106,3 +106,36 @@ async def test_status_error_is_its_status_over_unary_and_link(
     sample = server.registry.get_sample_value
     assert sample("dmoe_test_rpc_requests_total", {"method": "Refuse", "code": "NOT_FOUND"}) == 2
     assert sample("dmoe_test_rpc_requests_total", {"method": "Broken", "code": "INTERNAL"}) == 2
+
+
+@run_async
+async def test_a_streaming_handler_refuses_by_raising(caplog: pytest.LogCaptureFixture) -> None:
+    """``dmoe.Averager/DownloadState`` (a response stream) raises its refusal before the first
+    chunk: the caller reads its code and message, no traceback is logged."""
+    from services.averaging import Averager, AveragerConfig
+    from services.common.identity import Identity
+    from services.proto import averager_pb2
+
+    caplog.set_level(logging.ERROR)
+    averager = Averager(
+        AveragerConfig(run_id="run"), size=8, dht=None, identity=Identity.generate(), address=""
+    )
+    server = await start_server(
+        "trainer", averager.register, metrics_port=None, links=[averager.link]
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    download = channel.unary_stream(
+        "/dmoe.Averager/DownloadState",
+        request_serializer=averager_pb2.StateRequest.SerializeToString,
+        response_deserializer=averager_pb2.StateChunk.FromString,
+    )
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _chunk in download(averager_pb2.StateRequest(run_id="run"), timeout=10):
+                pass
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.details() == "no state for that run here"
+    finally:
+        await channel.close()
+        await server.stop(0)
+    assert not [r for r in caplog.records if r.exc_info]
