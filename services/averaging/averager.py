@@ -219,11 +219,7 @@ class Averager:
     async def Reduce(
         self, request: averager_pb2.ReduceRequest, context: grpc.aio.ServicerContext
     ) -> averager_pb2.ReduceReply:
-        try:
-            return await self._reduce(request, context.peer())
-        except StatusError as exc:
-            await context.abort(exc.code, exc.message)
-            raise  # unreachable
+        return await self._reduce(request, context.peer())  # a StatusError: the guard answers
 
     def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.link.serve(batches, context)
@@ -578,10 +574,10 @@ class Averager:
         self, request: averager_pb2.StateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[averager_pb2.StateChunk]:
         if request.run_id != self.config.run_id or self.state_source is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no state for that run here")
+            raise StatusError(grpc.StatusCode.NOT_FOUND, "no state for that run here")
         assert self.state_source is not None
         if self._state_serves >= MAX_STATE_SERVES:  # each holds a copy of the whole state
-            await context.abort(
+            raise StatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "serving other newcomers; ask another peer"
             )
         self._state_serves += 1

@@ -2,8 +2,11 @@
 
 Each service's refusals (a DHT store with a bad signature, an expert request with a wrong
 shape, a queue that is full) are one exception type carrying the status code and the message
-the caller reads, mapped to the wire in one place per transport (the unary servicers abort
-with it; a peer link sends it as the request's error reply).
+the caller reads. Handlers raise it and never call ``context.abort`` themselves: the one
+mapping to the wire is :func:`status_of`, which both transports call (the server guard in
+``services.common.server`` for unary and streaming calls, the link server in
+``services.common.link`` for a request carried by a peer link), so a refusal reads the same
+over both, and any other exception is INTERNAL with its traceback logged.
 
 Anything a peer sent that a message repeats (a uid, a key, an address) goes through
 :func:`echo`: a 16 MiB uid echoed whole was copied a dozen times on its way out (the
@@ -14,7 +17,11 @@ larger than any client accepts. :class:`StatusError` also cuts any message to
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+log = logging.getLogger(__name__)
 
 ECHO_CHARS = 80  # of a peer's value repeated in a message
 MAX_MESSAGE_CHARS = 1024  # of any status message or rejection log line
@@ -49,3 +56,14 @@ class StatusError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def status_of(exc: BaseException, method: str, via: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status a caller gets for ``exc`` raised by the handler of ``method``: a
+    :class:`StatusError`'s own code and message, exactly; anything else is a bug, answered
+    INTERNAL with the exception's type and text, its traceback logged (``via`` says how the
+    request came, for the log: ``" over a link"``)."""
+    if isinstance(exc, StatusError):
+        return exc.code, exc.message
+    log.error("unhandled error in %s%s", method, via, exc_info=exc, extra={"method": method})
+    return grpc.StatusCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}")

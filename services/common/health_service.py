@@ -9,6 +9,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from services.common.errors import StatusError
+
 HAS_LIST = "List" in health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name
 MAX_LISTED = 100  # the proto: a server with more services answers RESOURCE_EXHAUSTED
 
@@ -21,7 +23,7 @@ class HealthServicer(health.aio.HealthServicer):
         ) -> health_pb2.HealthListResponse:
             statuses = dict(self._server_status)  # the reference servicer's own table
             if len(statuses) > MAX_LISTED:
-                await context.abort(
+                raise StatusError(  # the server guard answers it
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {MAX_LISTED} services"
                 )
             return health_pb2.HealthListResponse(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,12 +37,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.common.errors import StatusError
+from services.common.errors import StatusError, status_of
 from services.common.limits import Admission, Refused, peer_key
 from services.common.rejections import Rejections
 from services.proto.link_pb2 import LinkBatch, LinkFrame
-
-log = logging.getLogger(__name__)
 
 # (request payload, caller's context.peer() string) -> reply payload; raise StatusError to fail
 LinkMethod = Callable[[bytes, str], Awaitable[bytes]]
@@ -135,7 +132,7 @@ class LinkServer:
                 frames = await replies.take()
                 if frames is None:
                     if replies.error is not None:
-                        await context.abort(replies.error.code, replies.error.message)
+                        raise replies.error  # the server guard answers it as its status
                     return
                 yield LinkBatch(frames=frames)
         finally:
@@ -233,16 +230,13 @@ class LinkServer:
         try:
             payload = await self.methods[method](frame.payload, peer)
             reply = LinkFrame(id=frame.id, payload=payload)
-        except StatusError as exc:
-            code = exc.code
-            reply = _error(frame.id, code, exc.message)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the caller gave up: no reply
             raise
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unhandled error in %s over a link", method, extra={"method": method})
-            reply = _error(frame.id, code, f"{type(exc).__name__}: {exc}")
+            # the guard's mapping for unary calls: StatusError -> its status, else INTERNAL
+            code, details = status_of(exc, method, " over a link")
+            reply = _error(frame.id, code, details)
         finally:
             if admitted is not None:
                 self._admission.release(admitted, size, False)  # type: ignore[union-attr,arg-type]

@@ -6,8 +6,10 @@ One call, :func:`start_server`, gives a ``grpc.aio`` server with
 - message-size limits on both directions,
 - per-method request counters and latency histograms, and a guard around every handler
   (health and reflection too) that turns a request that does not parse into
-  INVALID_ARGUMENT, keeps a status the handler set, and turns an unexpected exception
-  into INTERNAL with a message (docs/conventions.md: no handler lets one escape as UNKNOWN),
+  INVALID_ARGUMENT, a raised ``StatusError`` into exactly its code and message, keeps a
+  status the handler set on its context, and turns an unexpected exception into INTERNAL
+  with a message and a logged traceback (``services.common.errors.status_of``, the mapping
+  peer links share; docs/conventions.md: no handler lets one escape as UNKNOWN),
 - admission limits (:class:`~services.common.limits.ServerLimits`): calls in flight, and per
   caller IP calls per second, open streams and request bytes held; past one,
   RESOURCE_EXHAUSTED, counted in ``dmoe_<service>_rejected_total{reason}``,
@@ -36,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from services import __version__
 from services.common.channels import channel_options
-from services.common.errors import clip
+from services.common.errors import StatusError, clip, status_of
 from services.common.health_service import HealthServicer
 from services.common.limits import Admission, Refused, ServerLimits, peer_key
 from services.common.link import LinkServer
@@ -125,9 +127,11 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
     """Admits, counts, times and guards every handler, health and reflection included.
 
     Per call: admission (:mod:`services.common.limits`: RESOURCE_EXHAUSTED past a limit),
-    bytes that do not parse -> INVALID_ARGUMENT, a status the handler set (or
-    ``NotImplementedError`` -> UNIMPLEMENTED) kept as is, any other exception -> INTERNAL with
-    a message and a logged traceback. Refusals count in ``dmoe_<service>_rejected_total``.
+    bytes that do not parse -> INVALID_ARGUMENT, a raised ``StatusError`` -> its code and
+    message (how handlers answer a refusal; they do not call ``context.abort``), a status the
+    handler set on its context (or ``NotImplementedError`` -> UNIMPLEMENTED) kept as is, any
+    other exception -> INTERNAL with a message and a logged traceback. Refusals count in
+    ``dmoe_<service>_rejected_total``.
     """
 
     def __init__(self, metrics: RpcMetrics, admission: Admission, rejections: Rejections) -> None:
@@ -194,15 +198,19 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
                               error=str(request.error)[:200])  # fmt: skip
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-        async def failed(exc: Exception, context: grpc.aio.ServicerContext) -> None:
-            code = context.code()
-            if isinstance(exc, NotImplementedError) and code in (None, grpc.StatusCode.OK):
-                code = grpc.StatusCode.UNIMPLEMENTED
-            if isinstance(code, grpc.StatusCode) and code not in _NOT_CHOSEN:
-                # the handler chose a status before raising: keep it (no traceback)
-                await context.abort(code, clip(context.details() or f"{type(exc).__name__}: {exc}"))
-            log.exception("unhandled error in %s", method, extra={"method": method})
-            await context.abort(grpc.StatusCode.INTERNAL, clip(f"{type(exc).__name__}: {exc}"))
+        async def failed(exc: Exception, context: grpc.aio.ServicerContext) -> NoReturn:
+            if not isinstance(exc, StatusError):
+                code = context.code()
+                if isinstance(exc, NotImplementedError) and code in (None, grpc.StatusCode.OK):
+                    code = grpc.StatusCode.UNIMPLEMENTED
+                if isinstance(code, grpc.StatusCode) and code not in _NOT_CHOSEN:
+                    # a status set on the context before raising (the generated stubs do):
+                    # keep it (no traceback)
+                    message = context.details() or f"{type(exc).__name__}: {exc}"
+                    await context.abort(code, clip(message))
+            # the mapping a link shares: StatusError -> its status, anything else -> INTERNAL
+            await context.abort(*status_of(exc, method))
+            raise AssertionError("context.abort returned")  # it raises; for the type checker
 
         @contextlib.asynccontextmanager
         async def guard(context: grpc.aio.ServicerContext, size: int) -> AsyncIterator[list[Any]]:

@@ -423,8 +423,9 @@ _REQUESTS = {
 
 
 class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
-    """gRPC adapter: RequestRejected -> status with its message; the same three methods over
-    a peer link (``Link``, :mod:`services.common.link`), which is what nodes use."""
+    """gRPC adapter (a RequestRejected raised is answered as its status by the server guard);
+    the same three methods over a peer link (``Link``, :mod:`services.common.link`), which is
+    what nodes use."""
 
     def __init__(self, protocol: PeerProtocol) -> None:
         self.protocol = protocol
@@ -445,12 +446,9 @@ class PeerServicer(dht_pb2_grpc.DHTPeerServicer):
 
     async def _run(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self.protocol.state.stopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
         host = caller_host(context.peer() or "")
-        try:
-            return await self.protocol.handle(method, request, caller_host=host)
-        except RequestRejected as exc:
-            await context.abort(exc.code, exc.message)
+        return await self.protocol.handle(method, request, caller_host=host)
 
     async def Ping(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._run("Ping", request, context)

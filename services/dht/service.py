@@ -118,12 +118,10 @@ class DHTServicer(dht_pb2_grpc.DHTServicer):
             clock_correction=node.clock.correction,
         )
 
-    # ---- gRPC adapters: RequestRejected -> status with its message
+    # ---- gRPC adapters: a RequestRejected (a StatusError) raised here is answered as its
+    # status by the server guard (services.common.errors.status_of), as over a link
     async def _unary(self, method: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(request, context.peer())
-        except RequestRejected as exc:
-            await context.abort(exc.code, exc.message)
+        return await method(request, context.peer())
 
     async def Put(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary(self.put, request, context)

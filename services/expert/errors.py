@@ -3,7 +3,9 @@
 Each module raises :class:`ExpertError` where it finds the problem (the handler, validation, the
 queue bounds, the batch, the optimizer step) with the status the caller gets and, for refused
 input, the ``reason`` it is counted under in ``dmoe_expert_rejected_total{reason}``.
-``ExpertServicer._abort`` (``service.py``) is the one place that turns it into a gRPC status.
+It is a ``StatusError``: the handlers raise it (``ExpertServicer._refused`` counts refused
+input first) and the server guard or the link server turns it into the gRPC status
+(``services.common.errors.status_of``, the same for every service).
 Exceptions that are not an ``ExpertError`` (out of memory, a bug) are mapped by
 :func:`from_exception` on the compute thread, where the batch that raised them ran.
 

@@ -8,10 +8,12 @@ tensors' metadata (``wire.parse``) and check them against its schemas
 
 Every check that can fail happens before a request joins a pool, so a bad request gets its own
 status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and never reaches a batch or the
-weights. Every failure is an ``ExpertError`` carrying its status, answered in one place
-(``_abort``). Forward/Backward replies are serialized on the compute thread (``Task.reply``) and
-returned as bytes, so the event loop only moves them to the wire. Every refused input is
-counted in ``dmoe_expert_rejected_total{reason}`` and logged (rate-limited) with its peer.
+weights. Every failure is an ``ExpertError`` (a ``StatusError``) carrying its status: a refused
+input is counted in ``dmoe_expert_rejected_total{reason}`` and logged (rate-limited) with its
+peer in one place (``_refused``), then the error is raised and the server guard or the link
+server answers it as its status (``services.common.errors.status_of``). Forward/Backward
+replies are serialized on the compute thread (``Task.reply``) and returned as bytes, so the
+event loop only moves them to the wire.
 
 Memory: a streamed request's announced size is checked before anything is kept for it, its
 chunks are appended to one buffer that grows in place, and all streams being received share
@@ -193,8 +195,8 @@ class ExpertServicer:
         try:
             return self.info(request)
         except ExpertError as exc:
-            await self._abort(context, "info", exc)
-            raise  # unreachable: abort raises
+            self._refused(context.peer() or "", "info", exc)
+            raise
 
     def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.link.serve(batches, context)
@@ -252,8 +254,8 @@ class ExpertServicer:
                 )
             return reply
         except ExpertError as exc:
-            await self._abort(context, method, exc)
-            raise  # unreachable: abort raises
+            self._refused(context.peer() or "", method, exc)
+            raise
 
     async def _stream(
         self,
@@ -273,21 +275,14 @@ class ExpertServicer:
                 self._hold(-size)
             reply = await self.handle(method, request, self._peer(context))
         except ExpertError as exc:
-            await self._abort(context, method, exc)
-            return
+            self._refused(context.peer() or "", method, exc)
+            raise
         for chunk in split_chunks(reply, reply_chunk):
             yield chunk
 
-    async def _abort(
-        self, context: grpc.aio.ServicerContext, method: str, exc: ExpertError
-    ) -> None:
-        """Answer ``exc`` with its status (the one place an ``ExpertError`` becomes one on a
-        unary or chunked call; a link sends it as the request's error reply); a refused input
-        is counted and logged with its peer's host."""
-        self._refused(context.peer() or "", method, exc)
-        await context.abort(exc.code, str(exc))
-
     def _refused(self, peer: str, method: str, exc: ExpertError) -> None:
+        """Count and log a refused input with its peer's host (every path calls this before
+        raising ``exc``; the guard or the link server then answers it as its status)."""
         if exc.reason is not None:
             host = peer_host(peer) or peer  # not the port: one key per host, as limits key it
             message = f"refused {method}: {exc}"
