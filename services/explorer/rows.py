@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.announcements import GridAnnouncement
-from services.common.expert_keys import make_uid, split_uid
+from services.common.expert_keys import make_uid, prefix_key, split_uid
 
 MAX_TEXT = 200  # characters kept of any error or free text field from a peer
 STATUS_FIELDS = {  # Trainer/Status fields with their own column; others go to "more"
@@ -87,7 +87,8 @@ def layout(grid: Grid, max_cells: int) -> dict[str, Any]:
         complete, uids = False, seen
     rows: list[dict[str, Any]] = []
     for uid in uids:
-        label = uid.rsplit(".", 1)[0] + "."
+        name, coords = split_uid(uid)
+        label = prefix_key(name, coords[:-1])  # the key that lists this row's cells
         if not rows or rows[-1]["label"] != label:
             rows.append({"label": label, "cells": []})
         rows[-1]["cells"].append(uid)
