@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from services.common.expert_keys import declaration_items, is_valid_uid
 from services.expert import uid as uids
-from services.expert.declare import declaration_items
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_uid_grammar_and_patterns() -> None:
-    assert uids.is_valid_uid("ffn.3.14") and uids.is_valid_uid("my_block.0")
+    assert is_valid_uid("ffn.3.14") and is_valid_uid("my_block.0")
     for bad in ("ffn", "ffn.", "ffn.03", "ffn.3.", ".3", "ffn.-1", "ffn.a", "3.4", "f f.1"):
-        assert not uids.is_valid_uid(bad), bad
+        assert not is_valid_uid(bad), bad
     assert uids.expand(["ffn.[0:2].[3:5]"]) == ["ffn.0.3", "ffn.0.4", "ffn.1.3", "ffn.1.4"]
     assert uids.expand(uids.split_patterns("a.1, a.[0:2] b.7")) == ["a.1", "a.0", "b.7"]
     for bad in ("ffn.[2:2]", "ffn.[0:4", "ffn.[00:4]", "ffn", "ffn.[0:4].x", "ffn.[1:0]"):
@@ -32,7 +32,7 @@ def test_random_choice_without_dht_is_distinct_and_bounded() -> None:
     chosen = asyncio.run(
         uids.choose_free_uids(["e.[0:100].[0:100]"], 20, None, rng=random.Random(1))
     )
-    assert len(set(chosen)) == 20 and all(uids.is_valid_uid(u) for u in chosen)
+    assert len(set(chosen)) == 20 and all(is_valid_uid(u) for u in chosen)
     with pytest.raises(ValueError, match="exceeds"):
         asyncio.run(uids.choose_free_uids(["e.[0:3]"], 4, None))
 

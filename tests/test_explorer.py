@@ -126,7 +126,7 @@ async def fake_expert(servicer: FakeExpert) -> tuple[grpc.aio.Server, str]:
 
 
 def uid_items(uid: str, address: str, expiration: float) -> list[tuple[str, str, bytes, float]]:
-    from services.expert.declare import declaration_items
+    from services.common.expert_keys import declaration_items
 
     return declaration_items([uid], address, expiration)
 

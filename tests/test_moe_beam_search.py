@@ -7,10 +7,11 @@ import time
 
 import torch
 
+from services.common.expert_keys import make_uid, parse_uid
 from services.common.identity import Identity
 from services.dht.client import DHTClient
 from services.dht.server import start_node
-from services.trainer.beam_search import beam_search, make_uid, parse_uid
+from services.trainer.beam_search import beam_search
 from services.trainer.gating import GridGating, expert_scores
 from services.trainer.swarm import Swarm
 

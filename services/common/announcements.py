@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.addresses import is_peer_address
+from services.common.expert_keys import GRID_NAME_RE, MAX_COORDINATE
 
 GRIDS_KEY = "_dmoe.grids"
 TRAINERS_KEY = "_dmoe.trainers"
@@ -35,8 +36,8 @@ MAX_VALUE_BYTES = 4096  # an announcement is a few hundred bytes; more is someon
 MAX_TEXT = 64  # characters kept of a free-text field (version, model, dataset)
 MAX_RUN_ID = 128
 MAX_DIMS = 8
-MAX_DIM_SIZE = 1 << 20  # the trainer's own bound on a coordinate (services/trainer/swarm.py)
-PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")  # an expert uid's name part
+MAX_DIM_SIZE = MAX_COORDINATE  # every reader's bound on a coordinate
+PREFIX_RE = GRID_NAME_RE  # an expert uid's name part, at most 64 characters
 _RUN_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 

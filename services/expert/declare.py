@@ -1,4 +1,5 @@
-"""Declaring hosted experts in the DHT (key scheme: docs/contracts.md).
+"""Declaring hosted experts in the DHT (key scheme: docs/contracts.md, built by
+:func:`services.common.expert_keys.declaration_items`).
 
 For uid ``ffn.3.14`` at ``host:port``: key ``ffn.3.14`` subkey ``""`` -> address; key ``ffn.3.``
 subkey ``14`` -> address; key ``ffn.`` subkey ``3`` -> address; every entry *owned* by this
@@ -13,28 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
+from services.common.expert_keys import Item, declaration_items
 from services.expert.metrics import ExpertMetrics
 
 log = logging.getLogger(__name__)
-
-Item = tuple[str, str, bytes, float]
-
-
-def declaration_items(uids: Iterable[str], address: str, expiration: float) -> list[Item]:
-    """The DHT entries announcing ``uids`` (shared prefix entries appear once)."""
-    value = address.encode()
-    items: dict[tuple[str, str], Item] = {}
-    for uid in uids:
-        items[(uid, "")] = (uid, "", value, expiration)
-        parts = uid.split(".")
-        for depth in range(1, len(parts)):
-            key = ".".join(parts[:depth]) + "."
-            subkey = parts[depth]
-            items[(key, subkey)] = (key, subkey, value, expiration)
-    return list(items.values())
 
 
 class Declarer:

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable
 
 from services import __version__
 from services.common.announcements import GRIDS_KEY, GridAnnouncement, parse_shape
+from services.common.expert_keys import Item, split_uid
 from services.expert import uid as uids
-
-Item = tuple[str, str, bytes, float]
 
 
 def grid_shapes(patterns: Iterable[str], hosted: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -25,16 +24,16 @@ def grid_shapes(patterns: Iterable[str], hosted: Iterable[str]) -> dict[str, tup
     patterns disagree on the number of dimensions keeps the first."""
     shapes: dict[str, list[int]] = {}
     for pattern in patterns:
-        name, ranges = uids._ranges(pattern)
+        name, ranges = uids.parse_pattern(pattern)
         stops = [r.stop for r in ranges]
         held = shapes.setdefault(name, stops)
         if len(held) == len(stops):
             shapes[name] = [max(a, b) for a, b in zip(held, stops, strict=True)]
     for uid in hosted:
-        name, *coords = uid.split(".")
+        name, coords = split_uid(uid)
         known = shapes.get(name)
         if known is not None and len(known) == len(coords):
-            shapes[name] = [max(a, int(c) + 1) for a, c in zip(known, coords, strict=True)]
+            shapes[name] = [max(a, c + 1) for a, c in zip(known, coords, strict=True)]
     return {name: shape for name, s in shapes.items() if (shape := parse_shape(s)) is not None}
 
 
@@ -59,7 +58,7 @@ class GridAnnouncer:
         processed: Callable[[], float],
     ) -> None:
         self.shapes = grid_shapes(patterns, hosted)
-        names = [u.split(".", 1)[0] for u in hosted]
+        names = [split_uid(u)[0] for u in hosted]
         self.per_grid = {name: names.count(name) for name in self.shapes}
         self.address = address
         self.tls = tls

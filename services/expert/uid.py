@@ -1,8 +1,10 @@
-"""Expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:4].[0:8]``).
+"""Grid patterns (``ffn.[0:4].[0:8]``): the expert server's ``--experts`` grammar, and
+choosing free uids in them.
 
-A uid is a name followed by one or more integer coordinates without leading zeros; the DHT
-key scheme (every prefix ``ffn.``, ``ffn.3.``) relies on exactly this shape, so anything else
-is refused at start-up rather than declared wrongly.
+The uid grammar itself (a name, then integer coordinates without leading zeros) lives in
+:mod:`services.common.expert_keys` with the rest of the DHT key scheme, which relies on exactly
+that shape; a pattern that describes anything else is refused at start-up rather than
+declared wrongly.
 """
 
 from __future__ import annotations
@@ -12,18 +14,14 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Iterable
 
-_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
-_INT = r"(?:0|[1-9][0-9]*)"
-UID_RE = re.compile(rf"^{_NAME}(?:\.{_INT})+$")
-_PATTERN_RE = re.compile(rf"^({_NAME})((?:\.(?:{_INT}|\[{_INT}:{_INT}\]))+)$")
-_DIM_RE = re.compile(rf"\.(?:({_INT})|\[({_INT}):({_INT})\])")
+from services.common.expert_keys import INT, NAME, is_valid_uid, make_uid, split_uid
+
+_PATTERN_RE = re.compile(rf"^({NAME})((?:\.(?:{INT}|\[{INT}:{INT}\]))+)$")
+_DIM_RE = re.compile(rf"\.(?:({INT})|\[({INT}):({INT})\])")
 
 
-def is_valid_uid(uid: str) -> bool:
-    return bool(UID_RE.match(uid))
-
-
-def _ranges(pattern: str) -> tuple[str, list[range]]:
+def parse_pattern(pattern: str) -> tuple[str, list[range]]:
+    """``ffn.[0:4].7`` -> ``("ffn", [range(0, 4), range(7, 8)])``; ValueError when bad."""
     match = _PATTERN_RE.match(pattern)
     if not match:
         raise ValueError(
@@ -51,7 +49,7 @@ def split_patterns(text: str | Iterable[str]) -> list[str]:
 def grid_size(patterns: Iterable[str]) -> int:
     total = 0
     for pattern in patterns:
-        _, ranges = _ranges(pattern)
+        _, ranges = parse_pattern(pattern)
         size = 1
         for r in ranges:
             size *= len(r)
@@ -63,13 +61,13 @@ def in_grid(patterns: Iterable[str], uid: str) -> bool:
     """Whether ``uid`` is one of the uids the patterns describe."""
     if not is_valid_uid(uid):
         return False
-    name, *coords = uid.split(".")
+    name, coords = split_uid(uid)
     for pattern in patterns:
-        pattern_name, ranges = _ranges(pattern)
+        pattern_name, ranges = parse_pattern(pattern)
         if (
             pattern_name == name
             and len(ranges) == len(coords)
-            and all(int(c) in r for c, r in zip(coords, ranges, strict=True))
+            and all(c in r for c, r in zip(coords, ranges, strict=True))
         ):
             return True
     return False
@@ -79,9 +77,9 @@ def expand(patterns: Iterable[str]) -> list[str]:
     """Every uid the patterns describe, in order, without duplicates."""
     seen: dict[str, None] = {}
     for pattern in patterns:
-        name, ranges = _ranges(pattern)
+        name, ranges = parse_pattern(pattern)
         for coords in itertools.product(*ranges):
-            seen[name + "".join(f".{c}" for c in coords)] = None
+            seen[make_uid(name, coords)] = None
     return list(seen)
 
 
@@ -89,13 +87,13 @@ def sample(patterns: list[str], rng: random.Random) -> str:
     """One uid drawn uniformly from the union of the grids (duplicates weigh more)."""
     sizes = []
     for pattern in patterns:
-        name, ranges = _ranges(pattern)
+        name, ranges = parse_pattern(pattern)
         size = 1
         for r in ranges:
             size *= len(r)
         sizes.append((name, ranges, size))
     (name, ranges, _) = rng.choices(sizes, weights=[s for *_, s in sizes])[0]
-    return name + "".join(f".{rng.choice(r)}" for r in ranges)
+    return make_uid(name, [rng.choice(r) for r in ranges])
 
 
 async def choose_free_uids(

@@ -41,6 +41,7 @@ from services.common.announcements import (
     parse_grid,
     parse_trainer,
 )
+from services.common.expert_keys import parse_coordinate, prefix_key
 from services.common.rejections import Rejections
 from services.dht.client import DHTClient, DHTUnavailable, Found
 from services.explorer.peers import CallFailed, Peers
@@ -52,7 +53,6 @@ from services.explorer.rows import (
     fingerprint,
     finite,
     layout,
-    parse_coordinate,
     server_row,
     text,
 )
@@ -142,7 +142,7 @@ class Collector:
     async def _walk(self, grid: Grid) -> None:
         """The uids under ``grid.prefix`` and the servers declaring each (module doc, 2.)."""
         depth = len(grid.declared_shape) if grid.declared_shape else None
-        level = [grid.prefix + "."]
+        level = [prefix_key(grid.prefix)]
         for dim in itertools.count():
             if not level or dim >= 8:
                 return

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.announcements import GridAnnouncement
+from services.common.expert_keys import make_uid, prefix_key, split_uid
 
-MAX_COORDINATE = 1 << 20
 MAX_TEXT = 200  # characters kept of any error or free text field from a peer
 STATUS_FIELDS = {  # Trainer/Status fields with their own column; others go to "more"
     "step", "samples_seen", "last_loss", "test_loss", "test_accuracy", "last_eval_step",
@@ -29,16 +29,6 @@ def fingerprint(public_key: bytes) -> str:
     """A short name for a public key: its first 16 hex digits, the start of what every
     service logs at start as ``public_key``, so a volunteer finds their own server."""
     return public_key[:8].hex()
-
-
-def parse_coordinate(subkey: bytes) -> int | None:
-    """``b"14"`` -> 14; None for anything that is not a grid coordinate."""
-    if not subkey or len(subkey) > 7 or not subkey.isdigit() or not subkey.isascii():
-        return None
-    if len(subkey) > 1 and subkey[:1] == b"0":
-        return None
-    coord = int(subkey)
-    return coord if coord < MAX_COORDINATE else None
 
 
 def finite(value: float) -> float | None:
@@ -77,27 +67,28 @@ def layout(grid: Grid, max_cells: int) -> dict[str, Any]:
     """The cells to draw: the whole declared (or observed) grid when it has at most
     ``max_cells`` cells, dead ones included; else only the uids seen. Rows are grouped by
     all coordinates but the last."""
-    seen = sorted(grid.uids, key=lambda u: tuple(int(c) for c in u.split(".")[1:]))
-    dims = {u.count(".") for u in seen}
+    coords_of = {u: split_uid(u)[1] for u in grid.uids}
+    seen = sorted(grid.uids, key=coords_of.__getitem__)
+    dims = {len(coords_of[u]) for u in seen}
     shape = list(grid.declared_shape) if grid.declared_shape else None
     if shape is None and len(dims) == 1:
         (ndim,) = dims
-        shape = [1 + max(int(u.split(".")[1 + d]) for u in seen) for d in range(ndim)]
-    if shape is not None and all(u.count(".") == len(shape) for u in seen):
+        shape = [1 + max(coords_of[u][d] for u in seen) for d in range(ndim)]
+    if shape is not None and all(len(coords_of[u]) == len(shape) for u in seen):
         for uid in seen:  # widen to cover what is declared outside the announced shape
-            coords = [int(c) for c in uid.split(".")[1:]]
-            shape = [max(s, c + 1) for s, c in zip(shape, coords, strict=True)]
+            shape = [max(s, c + 1) for s, c in zip(shape, coords_of[uid], strict=True)]
     complete = shape is not None and math.prod(shape) <= max_cells
-    if complete and shape is not None and all(u.count(".") == len(shape) for u in seen):
+    if complete and shape is not None and all(len(coords_of[u]) == len(shape) for u in seen):
         uids = [
-            grid.prefix + "".join(f".{c}" for c in coords)
+            make_uid(grid.prefix, coords)
             for coords in itertools.product(*(range(n) for n in shape))
         ]
     else:
         complete, uids = False, seen
     rows: list[dict[str, Any]] = []
     for uid in uids:
-        label = uid.rsplit(".", 1)[0] + "."
+        name, coords = split_uid(uid)
+        label = prefix_key(name, coords[:-1])  # the key that lists this row's cells
         if not rows or rows[-1]["label"] != label:
             rows.append({"label": label, "cells": []})
         rows[-1]["cells"].append(uid)

@@ -21,31 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.expert_keys import make_uid, normalize_prefix, prefix_key
+
 # prefix ("ffn.3.") -> {coordinate: [server address, ...]}: the servers that declared it
 # (on the last level, the replicas hosting that expert).
 ChildrenFn = Callable[[list[str]], Awaitable[dict[str, dict[int, list[str]]]]]
-
-
-def normalize_prefix(uid_prefix: str) -> str:
-    """``"ffn"`` and ``"ffn."`` both name the grid whose uids look like ``ffn.3.14``."""
-    if not uid_prefix or uid_prefix == ".":
-        raise ValueError("uid_prefix must name the grid, e.g. 'ffn.'")
-    return uid_prefix if uid_prefix.endswith(".") else uid_prefix + "."
-
-
-def make_uid(uid_prefix: str, coords: Sequence[int]) -> str:
-    return normalize_prefix(uid_prefix) + ".".join(str(int(c)) for c in coords)
-
-
-def parse_uid(uid_prefix: str, uid: str) -> tuple[int, ...] | None:
-    """``ffn.3.14`` -> ``(3, 14)``; None when ``uid`` is not under ``uid_prefix``."""
-    prefix = normalize_prefix(uid_prefix)
-    if not uid.startswith(prefix):
-        return None
-    try:
-        return tuple(int(part) for part in uid[len(prefix) :].split("."))
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -61,10 +41,6 @@ class BeamSearchResult:
     valid: torch.Tensor  # [batch, k] bool
     uids: list[list[str]]
     addresses: dict[str, str]  # uid -> host:port
-
-
-def _prefix_key(uid_prefix: str, coords: Sequence[int]) -> str:
-    return uid_prefix + "".join(f"{int(c)}." for c in coords)
 
 
 async def beam_search(
@@ -111,7 +87,7 @@ async def beam_search(
             inverse[flat_valid] = inverse_valid
         else:
             unique = torch.zeros(0, t, dtype=torch.long)
-        keys = [_prefix_key(prefix, row.tolist()) for row in unique]
+        keys = [prefix_key(prefix, row.tolist()) for row in unique]
         found = await children(keys) if keys else {}
         alive = torch.zeros(len(keys) + 1, grid, dtype=torch.bool)  # last row: invalid beams
         for u, key in enumerate(keys):

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from services.trainer.beam_search import BeamSearchResult, beam_search, normalize_prefix
+from services.common.expert_keys import normalize_prefix
+from services.trainer.beam_search import BeamSearchResult, beam_search
 from services.trainer.dispatch import CallPolicy, Replan, call_experts, plan_jobs
 from services.trainer.gating import (
     GridGating,

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from services.common.addresses import is_peer_address
+from services.common.expert_keys import parse_coordinate
 from services.common.identity import Identity
 from services.common.rejections import RateLimitedLog, Rejections
 from services.common.tls import TLSConfig
@@ -36,21 +37,9 @@ from services.trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_COORDINATE = 1 << 20  # no grid is that wide: a larger subkey is garbage
 
 # coordinate -> [(address, expiration)]: every server that declared it
 Children = dict[int, list[tuple[str, float]]]
-
-
-def parse_coordinate(subkey: bytes) -> int | None:
-    """``b"14"`` -> 14; None for anything that is not a grid coordinate (non-ASCII, sign,
-    leading zeros, too large), which a stranger may have written."""
-    if not subkey or len(subkey) > 7 or not subkey.isdigit():
-        return None
-    if len(subkey) > 1 and subkey[:1] == b"0":
-        return None
-    coord = int(subkey)
-    return coord if coord < MAX_COORDINATE else None
 
 
 class Swarm:
