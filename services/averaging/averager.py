@@ -65,8 +65,15 @@ from services.averaging.wire import (
 from services.common.channels import aio_channel, channel_options
 from services.common.errors import StatusError
 from services.common.identity import Identity, verify
-from services.common.link import LinkError, LinkPool, LinkServer, protobuf_method
+from services.common.link import (
+    LinkError,
+    LinkPool,
+    LinkServer,
+    link_method_handler,
+    protobuf_method,
+)
 from services.common.rejections import RateLimitedLog
+from services.common.server import add_service
 from services.common.tls import TLSConfig
 from services.proto import averager_pb2
 from services.proto.link_pb2 import LinkBatch
@@ -204,17 +211,9 @@ class Averager:
                 request_deserializer=averager_pb2.StateRequest.FromString,
                 response_serializer=averager_pb2.StateChunk.SerializeToString,
             ),
-            "Link": grpc.stream_stream_rpc_method_handler(
-                self.Link,
-                request_deserializer=LinkBatch.FromString,
-                response_serializer=LinkBatch.SerializeToString,
-            ),
+            "Link": link_method_handler(self.Link),
         }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        return [SERVICE_NAME]
+        return add_service(server, SERVICE_NAME, handlers)
 
     async def Reduce(
         self, request: averager_pb2.ReduceRequest, context: grpc.aio.ServicerContext

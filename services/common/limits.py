@@ -127,13 +127,8 @@ class Admission:
                 f"server busy: {self.in_flight} calls in flight, the limit "
                 f"(--max-concurrent-rpcs); retry later",
             )
-        key = self._keys.get(peer)
-        if key is None:
-            key = self._key(peer)
         now = time.monotonic()
-        state = self._peers.get(key)
-        if state is None:
-            state = self._add(key, now)
+        state = self._state(peer, now)
         rate = limits.max_peer_rps
         if rate:
             tokens = state.tokens + (now - state.stamp) * rate
@@ -144,7 +139,7 @@ class Admission:
                 state.tokens = tokens
                 return Refused(
                     "peer_rate",
-                    f"too many calls from {key}: over {rate:g}/s after a burst of "
+                    f"too many calls from {state.key}: over {rate:g}/s after a burst of "
                     f"{self._burst:g} (--max-peer-rps, --max-peer-burst); retry later",
                 )
             state.tokens = tokens - 1.0
@@ -153,7 +148,7 @@ class Admission:
         if stream and limits.max_peer_streams and state.streams >= limits.max_peer_streams:
             return Refused(
                 "peer_streams",
-                f"{key} has {state.streams} streaming calls open, the limit "
+                f"{state.key} has {state.streams} streaming calls open, the limit "
                 f"(--max-peer-streams); finish one first",
             )
         refused = self._bytes_over(state, size)
@@ -172,13 +167,8 @@ class Admission:
         rate = self.limits.max_peer_rps
         if not rate:
             return None
-        key = self._keys.get(peer)
-        if key is None:
-            key = self._key(peer)
         now = time.monotonic()
-        state = self._peers.get(key)
-        if state is None:
-            state = self._add(key, now)
+        state = self._state(peer, now)
         tokens = min(self._burst, state.tokens + (now - state.stamp) * rate)
         state.tokens = max(-60.0 * rate, tokens - count)
         state.stamp = now
@@ -186,7 +176,7 @@ class Admission:
             return None
         return Refused(
             "peer_rate",
-            f"too many calls from {key}: over {rate:g}/s after a burst of "
+            f"too many calls from {state.key}: over {rate:g}/s after a burst of "
             f"{self._burst:g} (--max-peer-rps, --max-peer-burst); retry later",
         )
 
@@ -215,6 +205,14 @@ class Admission:
             f"{state.key} would hold {state.bytes + size} request bytes in calls in flight, "
             f"over the limit of {limit} (--max-peer-bytes-in-flight); retry when calls finish",
         )
+
+    def _state(self, peer: str, now: float) -> Peer:
+        """The bucket of ``peer``'s host, made on first sight."""
+        key = self._keys.get(peer)
+        if key is None:
+            key = self._key(peer)
+        state = self._peers.get(key)
+        return self._add(key, now) if state is None else state
 
     def _key(self, peer: str) -> str:
         if len(self._keys) >= _KEY_CACHE:

@@ -78,6 +78,16 @@ def protobuf_method(request_type: Any, handle: Callable[[Any, str], Awaitable[An
     return serve
 
 
+def link_method_handler(serve: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """The ``<Service>/Link`` method handler: a stream of ``LinkBatch`` each way, ``serve``
+    being the servicer's ``Link`` (which hands the stream to its :class:`LinkServer`)."""
+    return grpc.stream_stream_rpc_method_handler(
+        serve,
+        request_deserializer=LinkBatch.FromString,
+        response_serializer=LinkBatch.SerializeToString,
+    )
+
+
 class LinkServer:
     """Serves one service's ``Link`` method: each frame is one request to ``methods[name]``.
 

@@ -337,6 +337,16 @@ class _GuardInterceptor(grpc.aio.ServerInterceptor):
 _NOT_CHOSEN = (None, grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
 
 
+def add_service(
+    server: grpc.aio.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> list[str]:
+    """Register a servicer written without generated stubs (its handlers by method name) and
+    return the service names, as a ``start_server`` register function does."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+    return [name]
+
+
 @dataclass
 class RunningServer:
     """A started service: its gRPC server, ports, health state and metrics registry."""

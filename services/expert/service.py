@@ -36,8 +36,9 @@ from google.protobuf.message import DecodeError
 from services.common.addresses import peer_host
 from services.common.errors import echo
 from services.common.limits import peer_key
-from services.common.link import LinkServer, protobuf_method
+from services.common.link import LinkServer, link_method_handler, protobuf_method
 from services.common.rejections import Rejections
+from services.common.server import add_service
 from services.common.tensor_codec import TORCH_TO_WIRE, TensorDecodeError, encode
 from services.expert.backend import ExpertBackend
 from services.expert.caller_share import CallerShare
@@ -47,7 +48,6 @@ from services.expert.metrics import ExpertMetrics
 from services.expert.task_pool import BACKWARD, FORWARD, TaskPool
 from services.expert.wire import parse
 from services.proto import expert_pb2, tensor_pb2
-from services.proto.link_pb2 import LinkBatch
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +175,9 @@ class ExpertServicer:
             "BackwardStream": grpc.stream_stream_rpc_method_handler(
                 self.BackwardStream, request_deserializer=chunk_in, response_serializer=chunk_out
             ),
-            "Link": grpc.stream_stream_rpc_method_handler(
-                self.Link,
-                request_deserializer=LinkBatch.FromString,
-                response_serializer=LinkBatch.SerializeToString,
-            ),
+            "Link": link_method_handler(self.Link),
         }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        return [SERVICE_NAME]
+        return add_service(server, SERVICE_NAME, handlers)
 
     # ---- RPCs ----
 
