@@ -1,7 +1,7 @@
 """One DHT node: who it talks to, and the lookups its operations are built on.
 
 The node holds the parts (routing table, storage, cache, clock, identity: the
-:class:`~services.dht.protocol.PeerState` its peer handlers get) and does three things:
+:class:`~services.dht.peer_state.PeerState` its peer handlers get) and does three things:
 - **contacts**: a peer enters the routing table only once it proved, at the address it
   claimed, that its id is the hash of a key it holds (a signed ping); a claim alone (a
   caller's ``sender``, an answer's ``peer``) only triggers that check, so a forged claim never
@@ -39,19 +39,16 @@ from services.dht.coalescer import Coalescer
 from services.dht.config import NodeConfig
 from services.dht.lookup import KeyLookup, run_rounds, start_lookups
 from services.dht.metrics import NullMetrics
-from services.dht.protocol import (
-    PeerProtocol,
-    PeerState,
-    entry_to_proto,
-    parse_wire_entry,
-    proven_id,
-)
+from services.dht.peer_state import PeerState
+from services.dht.ping_proof import proven_id
+from services.dht.protocol import PeerProtocol
 from services.dht.records import Entry, ownership_problem
 from services.dht.replicated_store import ReplicatedStore
 from services.dht.replication import hand_off
 from services.dht.routing import ID_BYTES, id_from_bytes, id_to_bytes
 from services.dht.storage import StorageFull, merge_entries
 from services.dht.transport import Transport, TransportError
+from services.dht.wire import entry_to_proto, parse_wire_entry
 from services.proto import dht_pb2
 
 log = logging.getLogger(__name__)
