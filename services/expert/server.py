@@ -138,7 +138,7 @@ class ExpertServer:
 
     @property
     def address(self) -> str:
-        from services.common.config import announce_host
+        from services.common.flags import announce_host
 
         return f"{announce_host(self.config.host, self.config.announce_host)}:{self.port}"
 

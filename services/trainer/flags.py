@@ -2,7 +2,7 @@
 
 Defaults come from the dataclasses in-process layers use (:mod:`services.trainer.options`), so
 the CLI and the library agree; every flag also reads a ``DMOE_*`` environment variable through
-the common :func:`~services.common.config.service_parser`.
+the common :func:`~services.common.flags.service_parser`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from services.common.config import parse_bool, peer_list, service_parser
+from services.common.flags import parse_bool, peer_list, service_parser
 from services.proto import tensor_pb2
 from services.trainer.options import CallPolicy, MoEOptions
 
