@@ -6,8 +6,8 @@ client process sends ``--calls`` requests of ``--request-bytes`` with ``--concur
 in flight. Both are separate OS processes, like the services and their callers. ``--api sync``
 measures grpcio's synchronous API instead (thread-pool server, blocking/future client), for
 comparison: the services use ``grpc.aio``. ``--guard on`` serves through the services' own
-bootstrap (``services.common.server``: guard interceptor, metrics, admission limits) and
-``--guard unlimited`` the same with the limits off: the difference is what they cost.
+bootstrap (``services.common.server`` and ``.guard``: guard interceptor, metrics, admission
+limits) and ``--guard unlimited`` the same with the limits off: the difference is what they cost.
 ``--api link`` sends the same requests over one peer link (``services.common.link``: one
 long-lived bidirectional stream carrying every request, through the services' bootstrap), the
 path DHT nodes and expert clients use between themselves. Reports wall

@@ -10,7 +10,7 @@ from helpers import run_async, serve_expert
 
 from services.common.addresses import is_peer_address, peer_host
 from services.common.limits import peer_key
-from services.dht.protocol import caller_host
+from services.dht.validation import caller_host
 
 
 @pytest.mark.parametrize(

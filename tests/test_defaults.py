@@ -12,7 +12,7 @@ import pytest
 from services.expert.__main__ import build_parser as expert_parser
 from services.expert.__main__ import config_from_args
 from services.expert.server import ExpertConfig
-from services.trainer.__main__ import build_parser as trainer_parser
+from services.trainer.flags import build_parser as trainer_parser
 from services.trainer.options import CallPolicy, MoEOptions
 
 # per-process settings the common parser owns (a service's well-known ports, bind address,

@@ -138,7 +138,7 @@ async def test_concurrent_requests_to_one_peer_share_an_rpc() -> None:
 
 @run_async
 async def test_loopback_announce_is_replaced_by_the_observed_host() -> None:
-    from services.dht.protocol import caller_host
+    from services.dht.validation import caller_host
     from services.proto import dht_pb2
 
     transport = InProcessTransport()

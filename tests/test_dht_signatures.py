@@ -10,10 +10,10 @@ from helpers import run_async
 
 from services.common.identity import Identity, parse_public_key
 from services.dht.client import DHTClient
-from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry, ownership_problem, record_message, sign_entry
 from services.dht.routing import id_to_bytes, key_to_id
 from services.dht.server import start_node
+from services.dht.wire import entry_to_proto
 from services.proto import dht_pb2, dht_pb2_grpc
 
 OWNER, OTHER = Identity.generate(), Identity.generate()

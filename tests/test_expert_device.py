@@ -82,7 +82,7 @@ def test_parallelism_follows_the_affinity_mask_on_every_device() -> None:
     """A container's CPU set, not the host's cores (os.cpu_count), sizes the torch threads."""
     import os
 
-    from services.expert.runtime import default_parallelism
+    from services.expert.scheduler import default_parallelism
 
     cores = len(os.sched_getaffinity(0))
     assert default_parallelism("cuda", 4) == (1, cores)
@@ -157,7 +157,7 @@ async def test_work_runs_once_on_every_compute_thread() -> None:
     while the threads keep the torch settings of compute threads."""
     import threading
 
-    from services.expert.runtime import DeviceScheduler
+    from services.expert.scheduler import DeviceScheduler
 
     scheduler = DeviceScheduler("cpu", workers=3, torch_threads=1)
     scheduler.start()

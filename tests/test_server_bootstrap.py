@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import run_async
 
-from services.common.config import service_parser
+from services.common.flags import service_parser
 from services.common.server import start_server
 from services.proto import tensor_pb2
 

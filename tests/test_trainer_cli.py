@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer.__main__ import build_parser, grid
+from services.trainer.flags import build_parser, grid
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

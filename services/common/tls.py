@@ -159,7 +159,7 @@ def add_tls_flags(parser: argparse.ArgumentParser, *, from_env: bool = False) ->
     for flag in FLAGS:
         default, text = None, helps[flag]
         if from_env:
-            from services.common.config import env_name
+            from services.common.flags import env_name
 
             default, text = os.environ.get(env_name(flag)) or None, f"{text} [env {env_name(flag)}]"
         metavar = "NAME" if flag == "--tls-server-name" else "PATH"

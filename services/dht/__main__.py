@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from services.common.config import announce_host, peer_list, service_parser
+from services.common.flags import announce_host, peer_list, service_parser
 from services.common.identity import default_identity_path, load_trusted_keys, resolve_identity
 from services.common.limits import ServerLimits
 from services.common.logs import setup_logging

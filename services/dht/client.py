@@ -36,9 +36,9 @@ from services.common.link import LinkError, LinkPool
 from services.common.rejections import RateLimitedLog
 from services.common.tls import TLSConfig
 from services.dht.clock import ReplyClock
-from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry, ownership_problem, sign_entry
 from services.dht.routing import id_to_bytes, key_to_id
+from services.dht.wire import entry_to_proto
 from services.proto import dht_pb2, dht_pb2_grpc
 
 log = logging.getLogger(__name__)

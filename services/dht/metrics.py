@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.server import LATENCY_BUCKETS
+from services.common.guard import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from services.dht.node import DHTNode

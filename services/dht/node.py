@@ -1,19 +1,19 @@
 """One DHT node: who it talks to, and the lookups its operations are built on.
 
 The node holds the parts (routing table, storage, cache, clock, identity: the
-:class:`~services.dht.protocol.PeerState` its peer handlers get) and does three things:
+:class:`~services.dht.peer_state.PeerState` its peer handlers get) and does three things:
 - **contacts**: a peer enters the routing table only once it proved, at the address it
   claimed, that its id is the hash of a key it holds (a signed ping); a claim alone (a
   caller's ``sender``, an answer's ``peer``) only triggers that check, so a forged claim never
   evicts anyone. Peers that fail a call are removed and blacklisted with exponential backoff;
   a proven new contact gets the records it is now a replica of (hand-off);
 - **lookups** (:mod:`services.dht.lookup`): many keys at once, in rounds, with calls to one
-  peer in one event-loop turn merged into one RPC (:mod:`services.dht.batching`);
+  peer in one event-loop turn merged into one RPC (:mod:`services.dht.coalescer`);
 - **get** with caching: a plain get stops at the first hit, a ``latest`` get asks on until
   the beam has answered (in a small swarm, all at once) and merges (later expiration wins
   per slot); the merged value is then cached, in the background, on the nearest answered
   node that lacked it.
-Put is :mod:`services.dht.store`, republish and hand-off :mod:`services.dht.replication`,
+Put is :mod:`services.dht.replicated_store`, republish and hand-off :mod:`services.dht.replication`,
 bootstrap and upkeep :mod:`services.dht.maintenance`.
 """
 
@@ -33,25 +33,22 @@ from services.common.addresses import is_peer_address
 from services.common.identity import Identity
 from services.common.rejections import Rejections
 from services.dht import maintenance
-from services.dht.batching import Coalescer
 from services.dht.blacklist import Blacklist
 from services.dht.clock import DHTClock
+from services.dht.coalescer import Coalescer
 from services.dht.config import NodeConfig
 from services.dht.lookup import KeyLookup, run_rounds, start_lookups
 from services.dht.metrics import NullMetrics
-from services.dht.protocol import (
-    PeerProtocol,
-    PeerState,
-    entry_to_proto,
-    parse_wire_entry,
-    proven_id,
-)
+from services.dht.peer_state import PeerState
+from services.dht.ping_proof import proven_id
+from services.dht.protocol import PeerProtocol
 from services.dht.records import Entry, ownership_problem
+from services.dht.replicated_store import ReplicatedStore
 from services.dht.replication import hand_off
 from services.dht.routing import ID_BYTES, id_from_bytes, id_to_bytes
 from services.dht.storage import StorageFull, merge_entries
-from services.dht.store import ReplicatedStore
 from services.dht.transport import Transport, TransportError
+from services.dht.wire import entry_to_proto, parse_wire_entry
 from services.proto import dht_pb2
 
 log = logging.getLogger(__name__)
@@ -457,7 +454,7 @@ class DHTNode:
         self, items: Sequence[tuple[int, Entry]], source: str = ""
     ) -> tuple[list[int], bool]:
         """Store each (key id, entry) on the ``num_replicas`` nearest nodes
-        (:mod:`services.dht.store`; ``source``: the client's IP, charged for this node's
+        (:mod:`services.dht.replicated_store`; ``source``: the client's IP, charged for this node's
         copy). Returns the replica count per item and whether storage was full somewhere."""
         return await ReplicatedStore(self, items, source).run()
 

@@ -19,8 +19,8 @@ import time
 from typing import TYPE_CHECKING
 
 from services.dht.records import Entry
+from services.dht.replicated_store import store_items
 from services.dht.storage import StorageFull
-from services.dht.store import store_items
 from services.dht.transport import TransportError
 
 if TYPE_CHECKING:

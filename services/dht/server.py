@@ -20,7 +20,7 @@ from services.common.tls import TLSConfig
 from services.dht.config import NodeConfig
 from services.dht.metrics import NodeMetrics
 from services.dht.node import DHTNode
-from services.dht.protocol import PeerServicer
+from services.dht.peer_servicer import PeerServicer
 from services.dht.service import DHTServicer
 from services.dht.transport import GrpcTransport
 from services.proto import dht_pb2_grpc

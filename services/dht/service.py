@@ -16,17 +16,17 @@ import grpc
 from services.common.limits import peer_key
 from services.common.link import LinkServer, protobuf_method
 from services.dht.node import DHTNode
-from services.dht.protocol import (
+from services.dht.records import PROBLEMS, ownership_problem
+from services.dht.routing import id_to_bytes, key_to_id
+from services.dht.validation import (
     ReplyBudget,
     RequestRejected,
     check_batch,
     check_unique,
-    entry_to_proto,
     invalid,
     parse_entry,
 )
-from services.dht.records import PROBLEMS, ownership_problem
-from services.dht.routing import id_to_bytes, key_to_id
+from services.dht.wire import entry_to_proto
 from services.proto import dht_pb2, dht_pb2_grpc
 
 

@@ -23,7 +23,7 @@ import grpc
 from services.common.channels import aio_channel, channel_options
 from services.common.link import LinkError, LinkPool
 from services.common.tls import TLSConfig
-from services.dht.protocol import RequestRejected
+from services.dht.validation import RequestRejected
 from services.proto import dht_pb2, dht_pb2_grpc
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from services.common.config import peer_list, service_parser
+from services.common.flags import peer_list, service_parser
 from services.common.limits import ServerLimits
 from services.common.logs import setup_logging
 from services.common.server import run_until_signal

@@ -10,12 +10,13 @@ Values that pass validation can still be hostile (finite but huge gradients), so
 all-or-nothing: a gradient norm that overflows refuses it before it is taken, and a step that
 leaves any parameter or optimizer-state value non-finite is undone exactly (``StepGuard``).
 Either raises :class:`~services.expert.errors.StepRejected`, which the batch runner
-(``batch.py``) answers by isolating the culprit request. A backward that fails half-way (out of
-memory in autograd or in the step) leaves no gradient behind for the next batch's step.
+(``batch_runner.py``) answers by isolating the culprit request. A backward that fails half-way
+(out of memory in autograd or in the step) leaves no gradient behind for the next batch's step.
 
 Tensors: ``forward`` and ``backward`` take inputs on any device (the batch runner hands them
 over already on the expert's device) and return their outputs on the expert's device; moving
-them back to the host is the caller's (``batch.py`` stages them through pinned memory on CUDA).
+them back to the host is the caller's (``batch_runner.py`` stages them through pinned memory on
+CUDA).
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class ExpertBackend:
                 param.grad = None
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
-        # non_blocking: from pinned host memory (batch.py) the copy overlaps with the launch
+        # non_blocking: from pinned host memory (batch_runner.py) the copy overlaps with the launch
         return x.to(self.device, non_blocking=True)
 
     def _input_grads(

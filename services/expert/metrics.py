@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.server import LATENCY_BUCKETS
+from services.common.guard import LATENCY_BUCKETS
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)

@@ -31,7 +31,7 @@ from services.common.tls import TLSConfig
 from services.expert import assignment
 from services.expert import uid as uids
 from services.expert.backend import ExpertBackend, OptimizerConfig, preload_autograd
-from services.expert.batch import BatchRunner
+from services.expert.batch_runner import BatchRunner
 from services.expert.checkpoints import Checkpointer
 from services.expert.declare import Declarer
 from services.expert.faults import with_faults
@@ -39,7 +39,7 @@ from services.expert.grad_monitor import GradNormMonitor
 from services.expert.grid_declaration import GridAnnouncer
 from services.expert.layers import get_expert_class, load_custom_module
 from services.expert.metrics import ExpertMetrics
-from services.expert.runtime import DeviceScheduler, default_parallelism
+from services.expert.scheduler import DeviceScheduler, default_parallelism
 from services.expert.service import ExpertServicer
 from services.expert.task_pool import BACKWARD, FORWARD, TaskPool
 
@@ -138,7 +138,7 @@ class ExpertServer:
 
     @property
     def address(self) -> str:
-        from services.common.config import announce_host
+        from services.common.flags import announce_host
 
         return f"{announce_host(self.config.host, self.config.announce_host)}:{self.port}"
 

@@ -4,7 +4,7 @@ A Forward (Backward the same) goes ``Forward`` -> ``_unary`` -> ``handle`` (``_c
 by ``faults.py`` only when failures or latency are simulated): look up the expert, parse the
 tensors' metadata (``wire.parse``) and check them against its schemas
 (``ExpertBackend.validate``), then ``TaskPool.submit`` and await the future that the scheduler
-(``runtime.py``) resolves once the batch ran (``batch.py``).
+(``scheduler.py``) resolves once the batch ran (``batch_runner.py``).
 
 Every check that can fail happens before a request joins a pool, so a bad request gets its own
 status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and never reaches a batch or the

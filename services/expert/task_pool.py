@@ -2,7 +2,7 @@
 
 A pool is a bounded queue and nothing else: it never computes and knows no scheduler. It calls
 ``on_ready(pool)`` when it becomes *ready*, and its owner (``runtime.DeviceScheduler``) then
-takes a batch from it with :meth:`TaskPool.take` and runs it (``batch.py``).
+takes a batch from it with :meth:`TaskPool.take` and runs it (``batch_runner.py``).
 
 Readiness (dynamic batching as in Triton, with hivemind's minimum batch size, bounded):
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.common.announcements import PREFIX_RE
-from services.common.config import peer_list, service_parser
+from services.common.flags import peer_list, service_parser
 from services.common.identity import load_trusted_keys
 from services.common.limits import ServerLimits
 from services.common.logs import setup_logging

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.server import LATENCY_BUCKETS
+from services.common.guard import LATENCY_BUCKETS
 
 
 class TrainerMetrics:

@@ -103,7 +103,7 @@ def build_parser(service: str) -> argparse.ArgumentParser:
 def parse_service(service: str, argv: list[str], env: dict[str, str]) -> argparse.Namespace:
     """What ``python -m services.<service>`` makes of ``argv`` and ``env``, as its ``main``
     checks it before starting (files are not opened). Raises :class:`FlagError`."""
-    from services.common.config import env_name
+    from services.common.flags import env_name
 
     parser = build_parser(service)
 

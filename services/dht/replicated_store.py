@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from services.dht.lookup import KeyLookup
-from services.dht.protocol import entry_to_proto
 from services.dht.records import Entry
 from services.dht.routing import id_to_bytes
 from services.dht.storage import StorageFull
 from services.dht.transport import TransportError
+from services.dht.wire import entry_to_proto
 from services.proto import dht_pb2
 
 if TYPE_CHECKING:

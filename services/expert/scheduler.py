@@ -3,9 +3,9 @@
 The scheduler lives on the event loop (pools are only touched there, so they need no locks).
 A pool tells it when it is ready (``TaskPool.on_ready``); the scheduler takes a batch from the
 ready pool with the oldest waiting request whose expert is not computing, and hands it with the
-pool's :class:`~services.expert.batch.BatchRunner` to a small thread pool. Compute never blocks
-the loop, which keeps receiving, decoding and answering other requests while a batch runs; when
-a batch ends, its requests' futures get their replies or errors and the next batch is picked.
+pool's :class:`~services.expert.batch_runner.BatchRunner` to a small thread pool. Compute never
+blocks the loop, which keeps receiving, decoding and answering other requests while a batch runs;
+when a batch ends, its requests' futures get their replies or errors and the next batch is picked.
 
 On CPU it runs ``workers`` batches at once, each with ``torch_threads`` intra-op threads, and
 never two batches of one expert at a time: single-threaded batches of different experts side by
@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import torch
 
-from services.expert.batch import BatchRunner
+from services.expert.batch_runner import BatchRunner
 from services.expert.errors import ExpertError, from_exception, unavailable
 from services.expert.task_pool import Task, TaskPool
 
