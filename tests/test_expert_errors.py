@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import run_async, until
 
+from services.common.errors import CallError
 from services.common.tensor_codec import encode
 from services.expert.client import ExpertClient
 from services.expert.server import ExpertConfig, ExpertServer
@@ -22,6 +23,15 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def _expect(call, code: grpc.StatusCode, *fragments: str) -> None:
+    with pytest.raises(CallError) as err:
+        await call
+    assert err.value.code == code, err.value.message
+    for fragment in fragments:
+        assert fragment in err.value.message, err.value.message
+
+
+async def _expect_raw(call, code: grpc.StatusCode, *fragments: str) -> None:
+    """The same for a raw gRPC call (the server's answer, as grpc raises it)."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call
     assert err.value.code() == code, err.value.details()
@@ -80,17 +90,17 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
         # malformed messages, sent raw
         short = encode(x)
         short.buffer = short.buffer[:-4]
-        await _expect(raw_forward(_request(short)), INVALID, "buffer has")
+        await _expect_raw(raw_forward(_request(short)), INVALID, "buffer has")
         bad_dtype = encode(x)
         bad_dtype.dtype = 0
-        await _expect(raw_forward(_request(bad_dtype)), INVALID, "dtype")
+        await _expect_raw(raw_forward(_request(bad_dtype)), INVALID, "dtype")
         bad_comp = encode(x)
         bad_comp.compression = 42
-        await _expect(raw_forward(_request(bad_comp)), INVALID, "compression")
-        await _expect(
+        await _expect_raw(raw_forward(_request(bad_comp)), INVALID, "compression")
+        await _expect_raw(
             raw_forward(_request(encode(x), reply_compression=9)), INVALID, "reply_compression"
         )
-        await _expect(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
+        await _expect_raw(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
 
         async def chunks(*items: expert_pb2.Chunk):
             for item in items:
@@ -102,11 +112,11 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
 
         body = _request(encode(x))
         truncated = expert_pb2.Chunk(data=body[:10], total_bytes=len(body))
-        await _expect(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
+        await _expect_raw(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
         huge = expert_pb2.Chunk(data=b"x", total_bytes=1 << 30)
-        await _expect(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
+        await _expect_raw(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
         garbage = expert_pb2.Chunk(data=b"\xff" * 8, total_bytes=8)
-        await _expect(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
+        await _expect_raw(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
 
         # nothing reached the weights or the optimizer
         after = backend.module.state_dict()
