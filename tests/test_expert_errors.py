@@ -146,6 +146,38 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
 
 
 @run_async
+async def test_every_client_path_raises_the_same_call_error() -> None:
+    """A refusal reads the same whichever path ExpertClient took: over the link, as a unary
+    call or as a stream, the caller gets a CallError with the server's code and message
+    (never the raw AioRpcError of the unary and streamed calls)."""
+    server = await ExpertServer(ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=5)).start()
+    address = f"127.0.0.1:{server.port}"
+    clients = {
+        "link": ExpertClient(address),
+        "unary": ExpertClient(address, link_max_bytes=0),
+        "stream": ExpertClient(
+            address, link_max_bytes=0, max_message_bytes=(64 << 10) + 1, stream_chunk_bytes=256
+        ),
+    }
+    seen: dict[str, tuple[grpc.StatusCode, str]] = {}
+    try:
+        for path, client in clients.items():
+            with pytest.raises(CallError) as err:
+                await client.forward("ffn.9", [torch.randn(4, H)], timeout=60)
+            seen[path] = (err.value.code, err.value.message)
+        with pytest.raises(CallError) as err:
+            await clients["unary"].info("nope.1", timeout=60)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and "nope.1" in err.value.message
+        assert str(err.value).startswith("NOT_FOUND: ")
+    finally:
+        for client in clients.values():
+            await client.close()
+        await server.stop(0.5)
+    assert seen["link"][0] == grpc.StatusCode.NOT_FOUND and "ffn.9" in seen["link"][1], seen
+    assert seen["unary"] == seen["link"] and seen["stream"] == seen["link"], seen
+
+
+@run_async
 async def test_overload_is_resource_exhausted_and_queued_requests_still_complete() -> None:
     # batches wait 1.5 s to fill; the queue holds at most 64 samples
     config = ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=0, max_batch_size=64,
