@@ -169,6 +169,7 @@ async def check_out_of_memory(address: str, device: str) -> dict[str, Any]:
     import grpc
     import torch
 
+    from services.common.errors import CallError
     from services.expert.client import ExpertClient
 
     local = twin("oom", "oom.0", 0, HIDDEN)
@@ -185,12 +186,10 @@ async def check_out_of_memory(address: str, device: str) -> dict[str, Any]:
             try:
                 await call
                 out[name] = "answered (expected RESOURCE_EXHAUSTED)"
-            except grpc.aio.AioRpcError as exc:
+            except CallError as exc:
                 expected = f"ran out of {torch.device(device).type} memory"
-                fine = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and expected in (
-                    exc.details() or ""
-                )
-                out[name] = "ok" if fine else f"{exc.code().name}: {exc.details()}"
+                fine = exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and expected in exc.message
+                out[name] = "ok" if fine else f"{exc.code.name}: {exc.message}"
         x, g = torch.randn(4, HIDDEN, generator=gen), torch.randn(4, HIDDEN, generator=gen)
         grads = (await client.backward("oom.0", [x], [g], timeout=120))[0]
         out["grad_inputs_diff"] = diff(grads, local.backward([x], [g])[0])

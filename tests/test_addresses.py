@@ -9,6 +9,7 @@ import pytest
 from helpers import run_async, serve_expert
 
 from services.common.addresses import is_peer_address, peer_host
+from services.common.errors import CallError
 from services.common.limits import peer_key
 from services.dht.validation import caller_host
 
@@ -64,8 +65,8 @@ async def test_expert_rejection_log_keys_the_caller_by_its_ip(
 
     caplog.set_level(logging.WARNING)
     async with serve_expert(experts=["ffn.0"], hidden_dim=8) as (_server, client):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(CallError) as err:
             await client.forward("ffn.0", [torch.randn(2, 9)], timeout=60)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     sources = [getattr(r, "source", None) for r in caplog.records if hasattr(r, "reason")]
     assert sources and set(sources) == {"127.0.0.1"}, sources

@@ -15,6 +15,7 @@ import grpc
 import torch
 from helpers import relay_from, serve_expert
 
+from services.common.errors import CallError
 from services.expert.client import ExpertClient
 
 H = 16
@@ -64,16 +65,16 @@ async def _drift_run(max_caller_share: float) -> tuple[float, int, int, list[str
                 x = torch.randn(ROWS, H, generator=gen)
                 try:
                     await client.backward("ffn.0", [x], [g], timeout=60)
-                except grpc.aio.AioRpcError:
+                except CallError:
                     honest_refused += 1
             for _ in range(10):
                 x = torch.randn(ROWS, H, generator=gen)
                 try:
                     await hostile.backward("ffn.0", [x], [push], timeout=60)
                     accepted += 1
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
-                    messages.append(exc.details())
+                except CallError as exc:
+                    assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message
+                    messages.append(exc.message)
         rejected = server.registry.get_sample_value(
             "dmoe_expert_rejected_total", {"reason": "caller_share"}
         )

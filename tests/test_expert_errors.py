@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import run_async, until
 
+from services.common.errors import CallError
 from services.common.tensor_codec import encode
 from services.expert.client import ExpertClient
 from services.expert.server import ExpertConfig, ExpertServer
@@ -22,6 +23,15 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def _expect(call, code: grpc.StatusCode, *fragments: str) -> None:
+    with pytest.raises(CallError) as err:
+        await call
+    assert err.value.code == code, err.value.message
+    for fragment in fragments:
+        assert fragment in err.value.message, err.value.message
+
+
+async def _expect_raw(call, code: grpc.StatusCode, *fragments: str) -> None:
+    """The same for a raw gRPC call (the server's answer, as grpc raises it)."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call
     assert err.value.code() == code, err.value.details()
@@ -80,17 +90,17 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
         # malformed messages, sent raw
         short = encode(x)
         short.buffer = short.buffer[:-4]
-        await _expect(raw_forward(_request(short)), INVALID, "buffer has")
+        await _expect_raw(raw_forward(_request(short)), INVALID, "buffer has")
         bad_dtype = encode(x)
         bad_dtype.dtype = 0
-        await _expect(raw_forward(_request(bad_dtype)), INVALID, "dtype")
+        await _expect_raw(raw_forward(_request(bad_dtype)), INVALID, "dtype")
         bad_comp = encode(x)
         bad_comp.compression = 42
-        await _expect(raw_forward(_request(bad_comp)), INVALID, "compression")
-        await _expect(
+        await _expect_raw(raw_forward(_request(bad_comp)), INVALID, "compression")
+        await _expect_raw(
             raw_forward(_request(encode(x), reply_compression=9)), INVALID, "reply_compression"
         )
-        await _expect(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
+        await _expect_raw(raw_forward(b"\xff\xfe not a protobuf"), INVALID, "malformed")
 
         async def chunks(*items: expert_pb2.Chunk):
             for item in items:
@@ -102,11 +112,11 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
 
         body = _request(encode(x))
         truncated = expert_pb2.Chunk(data=body[:10], total_bytes=len(body))
-        await _expect(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
+        await _expect_raw(drain(raw_stream(chunks(truncated))), INVALID, "stream ended")
         huge = expert_pb2.Chunk(data=b"x", total_bytes=1 << 30)
-        await _expect(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
+        await _expect_raw(drain(raw_stream(chunks(huge))), INVALID, "exceeds the limit")
         garbage = expert_pb2.Chunk(data=b"\xff" * 8, total_bytes=8)
-        await _expect(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
+        await _expect_raw(drain(raw_stream(chunks(garbage))), INVALID, "malformed")
 
         # nothing reached the weights or the optimizer
         after = backend.module.state_dict()
@@ -133,6 +143,38 @@ async def test_bad_inputs_get_clear_errors_and_change_nothing() -> None:
         await channel.close()
         await client.close()
         await server.stop(0.5)
+
+
+@run_async
+async def test_every_client_path_raises_the_same_call_error() -> None:
+    """A refusal reads the same whichever path ExpertClient took: over the link, as a unary
+    call or as a stream, the caller gets a CallError with the server's code and message
+    (never the raw AioRpcError of the unary and streamed calls)."""
+    server = await ExpertServer(ExpertConfig(experts=["ffn.0"], hidden_dim=H, seed=5)).start()
+    address = f"127.0.0.1:{server.port}"
+    clients = {
+        "link": ExpertClient(address),
+        "unary": ExpertClient(address, link_max_bytes=0),
+        "stream": ExpertClient(
+            address, link_max_bytes=0, max_message_bytes=(64 << 10) + 1, stream_chunk_bytes=256
+        ),
+    }
+    seen: dict[str, tuple[grpc.StatusCode, str]] = {}
+    try:
+        for path, client in clients.items():
+            with pytest.raises(CallError) as err:
+                await client.forward("ffn.9", [torch.randn(4, H)], timeout=60)
+            seen[path] = (err.value.code, err.value.message)
+        with pytest.raises(CallError) as err:
+            await clients["unary"].info("nope.1", timeout=60)
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and "nope.1" in err.value.message
+        assert str(err.value).startswith("NOT_FOUND: ")
+    finally:
+        for client in clients.values():
+            await client.close()
+        await server.stop(0.5)
+    assert seen["link"][0] == grpc.StatusCode.NOT_FOUND and "ffn.9" in seen["link"][1], seen
+    assert seen["unary"] == seen["link"] and seen["stream"] == seen["link"], seen
 
 
 @run_async

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import metric, run_async, serve_expert, until
 
+from services.common.errors import CallError
 from services.common.tensor_codec import encode
 from services.proto import expert_pb2
 
@@ -26,6 +27,16 @@ async def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 async def _expect(call, code: grpc.StatusCode, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    """An ExpertClient call fails with ``code`` and a message holding ``fragments``."""
+    with pytest.raises(CallError) as err:
+        await call
+    assert err.value.code == code, err.value.message
+    for fragment in fragments:
+        assert fragment in err.value.message, err.value.message
+
+
+async def _expect_raw(call, code: grpc.StatusCode, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    """The same for a raw gRPC call (the server's answer, as grpc raises it)."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call
     assert err.value.code() == code, err.value.details()
@@ -70,7 +81,7 @@ async def test_streamed_request_size_is_bounded_before_allocation() -> None:
             base = tracemalloc.get_traced_memory()[0]
             over = HeldStream(channel)
             call = over.start(expert_pb2.Chunk(data=b"x" * 1024, total_bytes=64 * MIB + 1))
-            await _expect(_reply(call), INVALID, "exceeds", "--max-stream-bytes")
+            await _expect_raw(_reply(call), INVALID, "exceeds", "--max-stream-bytes")
             over.finish()
 
             held = HeldStream(channel)
@@ -82,7 +93,7 @@ async def test_streamed_request_size_is_bounded_before_allocation() -> None:
             _, peak = tracemalloc.get_traced_memory()
             assert peak - base < 8 * MIB, f"{(peak - base) / MIB:.1f} MiB allocated"
             held.finish()  # ends short of the announced total
-            await _expect(_reply(call), INVALID, "stream ended")
+            await _expect_raw(_reply(call), INVALID, "stream ended")
         finally:
             tracemalloc.stop()
             await channel.close()
@@ -119,7 +130,7 @@ async def test_bytes_of_streams_being_received_are_bounded() -> None:
             )
             second = HeldStream(channel)
             refused = second.start(expert_pb2.Chunk(data=body[:cut], total_bytes=len(body)))
-            await _expect(_reply(refused), EXHAUSTED, "--max-receive-bytes")
+            await _expect_raw(_reply(refused), EXHAUSTED, "--max-receive-bytes")
             second.finish()
             first.finish(expert_pb2.Chunk(data=body[cut:]))
             reply = await _reply(call)

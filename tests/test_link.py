@@ -8,9 +8,9 @@ import grpc
 import pytest
 from helpers import run_async
 
-from services.common.errors import StatusError
+from services.common.errors import CallError, StatusError
 from services.common.limits import ServerLimits
-from services.common.link import LinkError, LinkPool, LinkServer
+from services.common.link import LinkPool, LinkServer
 from services.common.server import start_server
 from services.proto.link_pb2 import LinkBatch
 
@@ -101,7 +101,7 @@ async def test_many_requests_one_stream_any_order_own_status_and_deadline() -> N
         ]
         assert "bad: b'x'" in results[0].message and results[3] == b"OK"
         # a deadline: the caller gets DEADLINE_EXCEEDED, the callee drops the request
-        with pytest.raises(LinkError) as err:
+        with pytest.raises(CallError) as err:
             await links.call(address, "Slow", b"late", 0.2)
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         for _ in range(50):
@@ -137,7 +137,7 @@ async def test_requests_are_admitted_one_by_one_and_the_link_reopens() -> None:
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
         assert server.rejections.count("peer_rate") >= 1
         await server.stop(0)
-        with pytest.raises(LinkError) as err:
+        with pytest.raises(CallError) as err:
             await links.call(address, "Echo", b"x", 2)
         assert err.value.code in (
             grpc.StatusCode.UNAVAILABLE,
@@ -148,7 +148,7 @@ async def test_requests_are_admitted_one_by_one_and_the_link_reopens() -> None:
             try:
                 assert await links.call(address, "Echo", b"back", 2) == b"BACK"
                 break
-            except LinkError:
+            except CallError:
                 await asyncio.sleep(0.1)
         else:
             raise AssertionError("the link did not reopen")

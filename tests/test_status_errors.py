@@ -8,8 +8,8 @@ import grpc
 import pytest
 from helpers import run_async
 
-from services.common.errors import StatusError
-from services.common.link import LinkError, LinkPool, LinkServer
+from services.common.errors import CallError, StatusError
+from services.common.link import LinkPool, LinkServer
 from services.common.server import start_server
 from services.proto.link_pb2 import LinkBatch
 
@@ -59,7 +59,7 @@ async def unary_status(channel: grpc.aio.Channel, method: str) -> tuple[grpc.Sta
 
 
 async def link_status(links: LinkPool, address: str, method: str) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(LinkError) as err:
+    with pytest.raises(CallError) as err:
         await links.call(address, method, b"x", 10)
     return err.value.code, err.value.message
 

@@ -63,10 +63,9 @@ from services.averaging.wire import (
     signed_message,
 )
 from services.common.channels import aio_channel, channel_options
-from services.common.errors import StatusError
+from services.common.errors import CallError, StatusError
 from services.common.identity import Identity, verify
 from services.common.link import (
-    LinkError,
     LinkPool,
     LinkServer,
     link_method_handler,
@@ -368,7 +367,7 @@ class Averager:
         self._rounds[slot] = round_
         try:
             result = await self._round(round_, vector, float(weight))
-        except (ConnectionError, TimeoutError, grpc.aio.AioRpcError, ValueError) as exc:
+        except (ConnectionError, TimeoutError, CallError, ValueError) as exc:
             result = RoundResult("failed", slot, reason=f"dht: {type(exc).__name__}: {exc}")
         finally:
             round_.formed.set()  # handlers waiting on a round that never formed give up now
@@ -528,7 +527,7 @@ class Averager:
         radius = 0.0
         for c, reply in enumerate(replies):
             if isinstance(reply, BaseException):
-                code = reply.code.name if isinstance(reply, LinkError) else type(reply).__name__
+                code = reply.code.name if isinstance(reply, CallError) else type(reply).__name__
                 return f"part {part}: {code} {reply}"[:200]
             try:
                 msg = averager_pb2.ReduceReply.FromString(reply)
@@ -683,6 +682,8 @@ class Averager:
                     raise ValueError("more bytes than the state announced")
             if header is None or len(data) != total:
                 raise ValueError(f"state ended after {len(data)} of {total} bytes")
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.of_rpc(exc) from None
         finally:
             await channel.close()
         arrays, offset = [], 0

@@ -58,6 +58,22 @@ class StatusError(Exception):
         return self.message
 
 
+class CallError(StatusError):
+    """A call to a peer failed with ``code`` (a ``grpc.StatusCode``, an attribute) and
+    ``message``: the one exception every dmoe client raises, whether the request went over a
+    peer link, a unary call or a stream (a ``grpc.aio.AioRpcError`` is wrapped by
+    :meth:`of_rpc` at the client boundary), so callers match one type and read ``code`` the
+    same way the server raised it."""
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @classmethod
+    def of_rpc(cls, exc: grpc.aio.AioRpcError) -> CallError:
+        """The same failure as a gRPC call raised it (its code and details)."""
+        return cls(exc.code(), exc.details() or "")
+
+
 def status_of(exc: BaseException, method: str, via: str = "") -> tuple[grpc.StatusCode, str]:
     """The status a caller gets for ``exc`` raised by the handler of ``method``: a
     :class:`StatusError`'s own code and message, exactly; anything else is a bug, answered

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.common.errors import StatusError, status_of
+from services.common.errors import CallError, StatusError, status_of
 from services.common.limits import Admission, Refused, peer_key
 from services.common.rejections import Rejections
 from services.proto.link_pb2 import LinkBatch, LinkFrame
@@ -50,15 +50,6 @@ MAX_BATCH_FRAMES = 256  # frames a caller puts in one stream message (a server t
 
 def _forget(tasks: dict[int, asyncio.Task[None]], frame_id: int, _done: object) -> None:
     tasks.pop(frame_id, None)
-
-
-class LinkError(StatusError):
-    """A request over a link failed with ``code`` (a ``grpc.StatusCode``)."""
-
-    def as_rpc_error(self) -> grpc.aio.AioRpcError:
-        """The same failure as a unary call raises it (code, details)."""
-        empty = grpc.aio.Metadata()
-        return grpc.aio.AioRpcError(self.code, empty, empty, self.message)
 
 
 def protobuf_method(request_type: Any, handle: Callable[[Any, str], Awaitable[Any]]) -> LinkMethod:
@@ -354,7 +345,7 @@ class LinkClient:
     def _ensure(self) -> Any:
         if self._call is None:
             if self.closed:
-                raise LinkError(grpc.StatusCode.UNAVAILABLE, "link closed")
+                raise CallError(grpc.StatusCode.UNAVAILABLE, "link closed")
             self._call = self._open_call()
             self._outbox = _Outbox()
             self._reader = asyncio.ensure_future(self._read(self._call))
@@ -375,7 +366,7 @@ class LinkClient:
             self._broken(call, f"link write failed: {type(exc).__name__}: {exc}")
 
     async def call(self, method: str, payload: bytes, timeout: float) -> bytes:
-        """The reply payload; raises :class:`LinkError` (DEADLINE_EXCEEDED after ``timeout``)."""
+        """The reply payload; raises :class:`CallError` (DEADLINE_EXCEEDED after ``timeout``)."""
         call = self._ensure()
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
@@ -388,7 +379,7 @@ class LinkClient:
             )
             return await future
         except BaseException as exc:
-            if not isinstance(exc, LinkError) or exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if not isinstance(exc, CallError) or exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._cancel(call, request_id)
             raise
         finally:
@@ -415,7 +406,7 @@ class LinkClient:
                         future.set_result(frame.payload)
                     else:
                         code = _CODES.get(frame.code, grpc.StatusCode.UNKNOWN)
-                        future.set_exception(LinkError(code, frame.details))
+                        future.set_exception(CallError(code, frame.details))
         except grpc.aio.AioRpcError as exc:
             reason = f"link failed: {exc.code().name} {exc.details()}"
         except asyncio.CancelledError:
@@ -434,7 +425,7 @@ class LinkClient:
             call.cancel()
         for future in list(self._pending.values()):
             if not future.done():
-                future.set_exception(LinkError(grpc.StatusCode.UNAVAILABLE, reason))
+                future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason))
 
     async def close(self) -> None:
         self.closed = True
@@ -451,7 +442,7 @@ class LinkClient:
 def _expire(future: asyncio.Future[bytes], timeout: float) -> None:
     if not future.done():
         future.set_exception(
-            LinkError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s")
+            CallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s")
         )
 
 
@@ -484,7 +475,7 @@ class LinkPool:
     async def call(self, address: str, method: str, payload: bytes, timeout: float) -> bytes:
         try:
             return await self.get(address).call(method, payload, timeout)
-        except LinkError as exc:
+        except CallError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
                 self.drop(address)
             raise

@@ -8,7 +8,8 @@ nodes are tried in the order given. Requests travel over the node's peer link
 cached per node and dropped after a connection failure (closed once calls still on it had
 their deadline), so the next attempt dials again and re-resolves DNS (a restarted container
 with a new IP is found). Invalid input is a ``ValueError`` carrying
-the server's message; no node answering is :class:`DHTUnavailable`.
+the server's message; no node answering is :class:`DHTUnavailable`; any other refusal is the
+:class:`~services.common.errors.CallError` the node answered (``.code``, ``.message``).
 
 Owned entries (:mod:`services.dht.records`): ``put(..., owned=True)`` signs every item with
 the client's identity, into the client's own slot of each key; ``get`` checks every owned
@@ -31,8 +32,9 @@ from typing import Any, NamedTuple
 import grpc
 
 from services.common.channels import aio_channel, channel_options
+from services.common.errors import CallError
 from services.common.identity import Identity
-from services.common.link import LinkError, LinkPool
+from services.common.link import LinkPool
 from services.common.rejections import RateLimitedLog
 from services.common.tls import TLSConfig
 from services.dht.clock import ReplyClock
@@ -162,12 +164,7 @@ class DHTClient:
             task.add_done_callback(self._closing.discard)
 
     async def _over_link(self, address: str, method: str, request: Any) -> Any:
-        try:
-            payload = await self._links.call(
-                address, method, request.SerializeToString(), self.timeout
-            )
-        except LinkError as exc:
-            raise exc.as_rpc_error() from None
+        payload = await self._links.call(address, method, request.SerializeToString(), self.timeout)
         return _REPLIES[method].FromString(payload)
 
     async def _call(self, method: str, request: Any) -> Any:
@@ -181,13 +178,13 @@ class DHTClient:
                     raise
                 errors.append(f"{address}: call cancelled")  # channel closed under us
                 continue
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
+            except CallError as exc:
+                code = exc.code
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ValueError(exc.details()) from None
+                    raise ValueError(exc.message) from None
                 if code not in _RETRY_NEXT:
                     raise
-                errors.append(f"{address}: {code.name} {exc.details()}")
+                errors.append(f"{address}: {code.name} {exc.message}")
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self._drop(address)
         raise DHTUnavailable("no DHT node answered: " + "; ".join(errors))
@@ -226,10 +223,10 @@ class DHTClient:
         sent = self.clock.source()
         try:
             reply = await self._call("Put", request)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        except CallError as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-            log.warning("DHT storage full, items not stored", extra={"details": exc.details()})
+            log.warning("DHT storage full, items not stored", extra={"details": exc.message})
             return [False] * len(request.items)
         self._clock(reply.dht_time, sent)
         return list(reply.stored)

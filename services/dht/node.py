@@ -29,7 +29,10 @@ from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from services.common.addresses import is_peer_address
+from services.common.errors import CallError
 from services.common.identity import Identity
 from services.common.rejections import Rejections
 from services.dht import maintenance
@@ -47,11 +50,15 @@ from services.dht.replicated_store import ReplicatedStore
 from services.dht.replication import hand_off
 from services.dht.routing import ID_BYTES, id_from_bytes, id_to_bytes
 from services.dht.storage import StorageFull, merge_entries
-from services.dht.transport import Transport, TransportError
+from services.dht.transport import Transport
 from services.dht.wire import entry_to_proto, parse_wire_entry
 from services.proto import dht_pb2
 
 log = logging.getLogger(__name__)
+# a peer that answers with these is gone (or too slow to count on), not just refusing
+_UNREACHABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 Answer = tuple[list[Entry], list[tuple[int, str]]]  # a peer's (entries, nearest peers) per key
 
@@ -269,8 +276,8 @@ class DHTNode:
         started = time.perf_counter()
         try:
             reply = await self.transport.call(address, method, request, self.config.rpc_timeout)
-        except TransportError as exc:
-            self.metrics.rpc(method, exc.code, time.perf_counter() - started)
+        except CallError as exc:
+            self.metrics.rpc(method, exc.code.name, time.perf_counter() - started)
             raise
         self.metrics.rpc(method, "OK", time.perf_counter() - started)
         return reply
@@ -285,7 +292,7 @@ class DHTNode:
             reply = await self._call(
                 address, "Ping", dht_pb2.PingRequest(sender=self.info, nonce=nonce)
             )
-        except TransportError:
+        except CallError:
             return None
         peer_id = proven_id(reply.peer, nonce, reply.signature)
         if peer_id is None:
@@ -308,13 +315,13 @@ class DHTNode:
         )
         try:
             reply = await self._call(address, "Find", request)
-        except TransportError as exc:
-            if exc.code != "RESOURCE_EXHAUSTED":  # busy, or a reply too large: not dead
+        except CallError as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy or too large: not dead
                 self.on_failure(peer_id, address)
             raise
         if len(reply.results) != len(asked):
             self.on_failure(peer_id, address)
-            raise TransportError("INTERNAL", "peer answered the wrong number of results")
+            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of results")
         self._answered(reply.peer, address)
         answers = {
             target: (self._believable(target, result.entries, address), _peers(result.nearest))
@@ -356,17 +363,17 @@ class DHTNode:
         )
         try:
             reply = await self._call(address, "Store", request)
-        except TransportError as exc:
-            if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"):
+        except CallError as exc:
+            if exc.code in _UNREACHABLE:
                 self.on_failure(node_id, address)
             raise
         self._answered(reply.peer, address)
         if len(reply.stored) != len(items):
-            raise TransportError("INTERNAL", "peer answered the wrong number of flags")
+            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of flags")
         if not replicas:
             return [(ok, False, [], b"") for ok in reply.stored]
         if len(reply.declined) != len(items) or len(reply.nearest) != len(items):
-            raise TransportError("INTERNAL", "peer answered the wrong number of results")
+            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of results")
         tokens = list(reply.demote_tokens)
         if len(tokens) != len(items):
             tokens = [b""] * len(items)  # nothing to demote with: copies stay replicas
@@ -496,5 +503,5 @@ class DHTNode:
             dht_pb2.StoreItem(key_id=id_to_bytes(k), entry=entry_to_proto(e), in_cache=True)
             for k, e in cached[: self.config.max_keys_per_request]
         ]
-        with contextlib.suppress(TransportError):
+        with contextlib.suppress(CallError):
             await self.store_rpc(node_id, address, items)

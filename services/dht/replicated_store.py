@@ -25,11 +25,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import grpc
+
+from services.common.errors import CallError
 from services.dht.lookup import KeyLookup
 from services.dht.records import Entry
 from services.dht.routing import id_to_bytes
 from services.dht.storage import StorageFull
-from services.dht.transport import TransportError
 from services.dht.wire import entry_to_proto
 from services.proto import dht_pb2
 
@@ -110,8 +112,8 @@ class ReplicatedStore:
             answers = await node.store_rpc(
                 node_id, address, store_items(self.items, indices), self.replicas
             )
-        except TransportError as exc:
-            if exc.code != "RESOURCE_EXHAUSTED":
+        except CallError as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 for state in group:
                     state.drop(node_id)
                 return
@@ -166,8 +168,8 @@ class ReplicatedStore:
         """A plain store; True when the callee was full."""
         try:
             answers = await self.node.store_rpc(node_id, address, store_items(self.items, indices))
-        except TransportError as exc:
-            return exc.code == "RESOURCE_EXHAUSTED"
+        except CallError as exc:
+            return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         for i, (stored, _, _, _) in zip(indices, answers, strict=True):
             self.counts[i] += stored
         return False
@@ -176,5 +178,5 @@ class ReplicatedStore:
         items = store_items(self.items, [index for index, _ in held], demote=True)
         for item, (_, token) in zip(items, held, strict=True):
             item.demote_token = token
-        with contextlib.suppress(TransportError):
+        with contextlib.suppress(CallError):
             await self.node.store_rpc(node_id, address, items)

@@ -18,10 +18,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from services.common.errors import CallError
 from services.dht.records import Entry
 from services.dht.replicated_store import store_items
 from services.dht.storage import StorageFull
-from services.dht.transport import TransportError
 
 if TYPE_CHECKING:
     from services.dht.node import DHTNode
@@ -72,7 +72,7 @@ async def hand_off(node: DHTNode, newcomer: int, address: str) -> int:
     sent = 0
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        with contextlib.suppress(TransportError):
+        with contextlib.suppress(CallError):
             await node.store_rpc(newcomer, address, store_items(chunk, range(len(chunk))))
             sent += len(chunk)
     if sent:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from services.common.channels import aio_channel, channel_options
-from services.common.link import LinkError, LinkPool
+from services.common.errors import CallError
+from services.common.link import LinkPool
 from services.common.tls import TLSConfig
 from services.dht.validation import RequestRejected
 from services.proto import dht_pb2, dht_pb2_grpc
@@ -39,21 +40,13 @@ REPLIES: dict[str, Any] = {  # method -> its reply message class
 }
 
 
-class TransportError(Exception):
-    """A peer call failed; ``code`` is a gRPC status name (UNAVAILABLE, DEADLINE_EXCEEDED...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
 class Transport(ABC):
     name: str = "abstract"
 
     @abstractmethod
     async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
-        """Send ``request`` to ``dmoe.DHTPeer/<method>`` at ``address``; raise TransportError."""
+        """Send ``request`` to ``dmoe.DHTPeer/<method>`` at ``address``; raise
+        :class:`~services.common.errors.CallError` (its ``code`` a ``grpc.StatusCode``)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -106,18 +99,16 @@ class GrpcTransport(Transport):
         try:
             payload = await self._links.call(address, method, request.SerializeToString(), timeout)
             return REPLIES[method].FromString(payload)
-        except LinkError as exc:
-            raise TransportError(exc.code.name, exc.message) from None
         except asyncio.CancelledError:
             # grpc.aio raises CancelledError for a call cancelled under us (peer going away,
             # channel closed); only our own task's cancellation may propagate as such
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            raise TransportError("CANCELLED", "call cancelled") from None
+            raise CallError(grpc.StatusCode.CANCELLED, "call cancelled") from None
         except ValueError as exc:  # an address gRPC cannot parse, a reply that does not parse
             self.forget(address)
-            raise TransportError("INVALID_ARGUMENT", str(exc)) from None
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     def forget(self, address: str) -> None:
         held = self._stubs.pop(address, None)
@@ -157,9 +148,9 @@ class InProcessTransport(Transport):
         self.calls += 1
         protocol = self._nodes.get(address)
         if protocol is None:
-            raise TransportError("UNAVAILABLE", f"no node at {address}")
+            raise CallError(grpc.StatusCode.UNAVAILABLE, f"no node at {address}")
         await asyncio.sleep(0)  # let others run, as a network round trip would
         try:
             return await protocol.handle(method, request, caller_host="127.0.0.1")
         except RequestRejected as exc:
-            raise TransportError(exc.code.name, exc.message) from None
+            raise CallError(exc.code, exc.message) from None

@@ -8,17 +8,20 @@ larger ones as their own unary ``Forward``/``Backward`` call while they fit the 
 so they do not hold up the small ones behind them; beyond it as chunks over
 ``ForwardStream``/``BackwardStream``. The reply tensors are zero-copy, read-only views of the
 received message (``clone()`` one before writing into it in place). Errors surface as
-``grpc.aio.AioRpcError`` carrying the server's status code, whichever path was taken.
+``services.common.errors.CallError`` carrying the server's status code (``.code``) and
+message, whichever path was taken: a gRPC call's ``AioRpcError`` is wrapped here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import grpc
 import torch
 
 from services.common.channels import aio_channel, channel_options
-from services.common.link import LinkClient, LinkError
+from services.common.errors import CallError
+from services.common.link import LinkClient
 from services.common.tensor_codec import decode, encode
 from services.common.tls import TLSConfig
 from services.proto import expert_pb2, tensor_pb2
@@ -84,17 +87,17 @@ class ExpertClient:
         self._link = LinkClient(lambda: open_link())
 
     async def _linked(self, method: str, data: bytes, timeout: float | None) -> bytes:
-        try:
-            return await self._link.call(method, data, timeout or _NO_DEADLINE)
-        except LinkError as exc:
-            raise exc.as_rpc_error() from None
+        return await self._link.call(method, data, timeout or _NO_DEADLINE)
 
     async def info(self, uid: str, timeout: float | None = None) -> expert_pb2.InfoResponse:
         request = expert_pb2.InfoRequest(uid=uid)
         if self.link_max_bytes:
             reply = await self._linked("Info", request.SerializeToString(), timeout)
             return expert_pb2.InfoResponse.FromString(reply)
-        return await self._info(request, timeout=timeout)
+        try:
+            return await self._info(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise CallError.of_rpc(exc) from None
 
     async def forward(
         self,
@@ -153,10 +156,14 @@ class ExpertClient:
         if len(data) <= self.link_max_bytes and reply_estimate <= self.link_max_bytes:
             reply = await self._linked(method, data, timeout)
             response = expert_pb2.ExpertResponse.FromString(reply)
-        elif len(data) <= limit and reply_estimate <= limit:
-            response = await self._unary[method](data, timeout=timeout)
         else:
-            response = await self._call_stream(method, data, timeout)
+            try:
+                if len(data) <= limit and reply_estimate <= limit:
+                    response = await self._unary[method](data, timeout=timeout)
+                else:
+                    response = await self._call_stream(method, data, timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise CallError.of_rpc(exc) from None
         return [decode(t) for t in response.tensors]
 
     async def _call_stream(

@@ -29,8 +29,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, cast
 
-import grpc
-
 from services.common.addresses import is_peer_address
 from services.common.announcements import (
     GRIDS_KEY,
@@ -41,6 +39,7 @@ from services.common.announcements import (
     parse_grid,
     parse_trainer,
 )
+from services.common.errors import CallError
 from services.common.expert_keys import parse_coordinate, prefix_key
 from services.common.rejections import Rejections
 from services.dht.client import DHTClient, DHTUnavailable, Found
@@ -64,7 +63,7 @@ GET_CHUNK = 256  # keys per DHT get
 DHT_CONCURRENCY = 8  # DHT gets in flight at once
 # what a DHT get raises when the DHT cannot answer (a node refusing past its admission limits
 # answers RESOURCE_EXHAUSTED, which the client passes on)
-DHT_ERRORS = (DHTUnavailable, ValueError, grpc.aio.AioRpcError)
+DHT_ERRORS = (DHTUnavailable, ValueError, CallError)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import torch
 
+from services.common.errors import CallError
 from services.trainer.expert_calls import OK, CallOutcome, call_many, remaining_timeout
 from services.trainer.options import CallPolicy
 from services.trainer.swarm import Swarm
@@ -103,8 +104,8 @@ def _forward_call(
                 return await swarm.forward(
                     job.uid, job.address, rows, max(0.001, deadline - time.monotonic())
                 )
-            except grpc.aio.AioRpcError as exc:
-                if attempt == retries or exc.code() not in TRANSIENT:
+            except CallError as exc:
+                if attempt == retries or exc.code not in TRANSIENT:
                     raise
                 swarm.record_failure("forward", "retried")
         raise AssertionError("unreachable")

@@ -23,6 +23,8 @@ import grpc
 import numpy as np
 import torch
 
+from services.common.errors import CallError
+
 OK, TIMEOUT, ERROR, ANOMALY = "ok", "timeout", "error", "anomaly"
 
 
@@ -49,10 +51,9 @@ def classify(exc: BaseException) -> tuple[str, str, str]:
     """(reason, gRPC code name, detail) of a failed call."""
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return TIMEOUT, "DEADLINE_EXCEEDED", "timed out"
-    if isinstance(exc, grpc.aio.AioRpcError):
-        code = exc.code()
-        reason = TIMEOUT if code == grpc.StatusCode.DEADLINE_EXCEEDED else ERROR
-        return reason, code.name, exc.details() or ""
+    if isinstance(exc, CallError):
+        reason = TIMEOUT if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED else ERROR
+        return reason, exc.code.name, exc.message
     return ERROR, type(exc).__name__, str(exc)
 
 

@@ -25,11 +25,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import grpc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.errors import CallError
 from services.common.files import atomic_write
 from services.expert.step_guard import StepGuard
 from services.trainer import checkpoint
@@ -46,7 +46,7 @@ SWARM_ERRORS: tuple[type[BaseException], ...] = (
     ExpertsUnavailableError,
     ConnectionError,
     TimeoutError,
-    grpc.aio.AioRpcError,
+    CallError,
 )
 
 
