@@ -81,10 +81,15 @@ async def test_node_started_before_its_bootstrap_peer_joins_when_it_appears() ->
         assert await health(early) == health_pb2.HealthCheckResponse.NOT_SERVING
         late = await start_node(port=port)
         await asyncio.wait_for(early.node.joined.wait(), 20)
-        await asyncio.sleep(0.05)
-        assert await health(early) == health_pb2.HealthCheckResponse.SERVING
-        assert late.node.node_id in early.node.table
-        assert early.node.node_id in late.node.table  # it learned about the caller
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        async def is_serving() -> bool:
+            return await health(early) == serving
+
+        await until(is_serving, 20, "early serving", every=0.05)
+        # each adds the other once a background ping has verified it
+        await until(lambda: late.node.node_id in early.node.table, 20, "late in early's table")
+        await until(lambda: early.node.node_id in late.node.table, 20, "early in late's table")
         async with DHTClient([early.address]) as client:
             assert await client.put([("late.key", None, b"x", time.time() + 30)]) == [True]
         async with DHTClient([late.address]) as client:
