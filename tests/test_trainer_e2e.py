@@ -158,9 +158,10 @@ def test_sigterm_checkpoints_and_resume_continues(swarm) -> None:
 
 def test_two_trainers_train_the_same_experts(swarm) -> None:
     dht, _experts, logdir = swarm
-    # both start from their own random init: a trainer that started a moment after the other
-    # would download its model (--load-state) and begin near the accuracy checked below
-    common = ("--steps", "80", "--uid-prefix", "two", "--load-state", "false")
+    # the experts are what they share: each trains its own layers from its own init (with
+    # averaging on, the later one would download the other's model and begin near the accuracy
+    # checked below, or, started together, the two would average two different inits)
+    common = ("--steps", "80", "--uid-prefix", "two", "--average", "false")
     trainers = [start_trainer(f"pair{i}", dht, logdir, *common, "--seed", str(i)) for i in range(2)]
     try:
         for trainer in trainers:
