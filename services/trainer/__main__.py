@@ -42,6 +42,14 @@ def default_run_id(args: argparse.Namespace) -> str:
     return f"{prefix}-{digest}"
 
 
+def run_init_seed(run_id: str) -> int:
+    """The seed of a fresh model's initial parameters when it averages: drawn from the run id,
+    so trainers of one run that start together (none has a state to download yet) start from
+    the same model and averaging mixes one model's copies, not unrelated ones. Their data order
+    still follows ``--seed``."""
+    return int.from_bytes(hashlib.sha256(f"dmoe-init:{run_id}".encode()).digest()[:4], "big") >> 1
+
+
 def _announcer(
     args: argparse.Namespace, swarm: Any, address: str, dataset: str, run_id: str
 ) -> Any:
@@ -147,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             max_expert_rms_ratio=args.max_expert_rms_ratio,
         ),
     )
+    run = args.run_id or default_run_id(args)  # whom it averages with, and what it announces
+    averaging = bool(args.average and args.initial_peers)
+    init_seed = run_init_seed(run) if averaging else seed
+    torch.manual_seed(init_seed)  # the initial model; data order and the rest follow --seed
     model = build_model(
         args.model,
         swarm,
@@ -157,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         model_module=args.model_module,
         final_norm=args.final_norm,
+    )
+    torch.manual_seed(seed)
+    log.info(
+        "initial parameters",
+        extra={"init_seed": init_seed, "from": "run id" if averaging else "seed"},
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         max_consecutive_failures=args.max_consecutive_failures,
         history_file=args.history_file,
         lr_decay=args.lr_decay,
+        lr_decay_steps=args.lr_decay_steps,
     )
     try:
         resumed = trainer.restore(saved)
@@ -184,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         swarm.close()
         return 2
     averager = None
-    run = args.run_id or default_run_id(args)  # whom it averages with, and what it announces
-    if args.average and args.initial_peers:
+    if averaging:
         from services.averaging import Aggregation, AveragerConfig
         from services.averaging.metrics import AveragerMetrics
         from services.trainer.averaging import BackgroundAveraging, TensorAverager

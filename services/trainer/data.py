@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class Dataset:
     num_classes: int  # classes, or the vocabulary size of a character LM
     seed: int = 0  # the split's
     order_seed: int | None = None  # the batch order's; None: ``seed``
+    _cached: tuple[int, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_seed(self) -> int:
@@ -57,13 +58,20 @@ class Dataset:
         parts, position, need = [], samples_seen, batch_size
         while need > 0:
             epoch, offset = divmod(position, n)
-            seed = self.batch_seed * 7919 + epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            take = order[offset : offset + need]
+            take = self._order(epoch)[offset : offset + need]
             parts.append(take)
             position, need = position + len(take), need - len(take)
         index = torch.cat(parts)
         return self.train_x[index], self.train_y[index]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample order, kept while the epoch lasts (a permutation of 60,000
+        costs about as much as the rest of a small model's step)."""
+        seed = self.batch_seed * 7919 + epoch
+        if self._cached is None or self._cached[0] != seed:
+            generator = torch.Generator().manual_seed(seed)
+            self._cached = (seed, torch.randperm(len(self.train_x), generator=generator))
+        return self._cached[1]
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.test_x), batch_size):

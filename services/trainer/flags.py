@@ -222,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decay the learning rate linearly to 0 at --steps",
     )  # fmt: skip
     train.add_argument(
+        "--lr-decay-steps", type=int, default=0,
+        help="> 0: decay the learning rate linearly to 0 at this step, also when the trainer "
+        "runs until stopped (--steps 0); the share of a run's updates this trainer will do",
+    )  # fmt: skip
+    train.add_argument(
         "--balancing-weight", type=float, default=0.01, help="switch balancing loss weight"
     )
     train.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps; 0 never")

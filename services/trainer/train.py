@@ -105,6 +105,7 @@ class Trainer:
         history_file: str | None = None,
         eval_attempts: int = 3,
         lr_decay: bool = False,
+        lr_decay_steps: int = 0,
         averaging: Any = None,
     ) -> None:
         self.model, self.dataset, self.optimizer = model, dataset, optimizer
@@ -118,7 +119,10 @@ class Trainer:
         self.max_consecutive_failures = max_consecutive_failures
         self.history_file = history_file
         self.eval_attempts = max(1, eval_attempts)
-        self.lr_decay = lr_decay and steps > 0
+        # linear decay to 0 at ``lr_decay_steps`` (else at ``steps``): a trainer that runs until
+        # stopped (``steps`` 0) can still decay over the part of a run it is expected to do
+        self.decay_steps = lr_decay_steps or (steps if lr_decay else 0)
+        self.lr_decay = self.decay_steps > 0
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.guard = StepGuard(self.params, optimizer)
@@ -147,7 +151,7 @@ class Trainer:
         self.model.train()
         x, y = self.dataset.batch_at(self.state.samples_seen, self.batch_size)
         if self.lr_decay:  # linear to 0 at the last step; derived from the step, so resumable
-            factor = max(0.0, 1.0 - self.state.step / self.steps)
+            factor = max(0.0, 1.0 - self.state.step / self.decay_steps)
             for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base * factor
         self.optimizer.zero_grad(set_to_none=True)
