@@ -18,6 +18,10 @@ ones at DEBUG, and the first success after a streak at INFO with its length: a D
 hour writes two lines, not one per retry. Counting every failure is the caller's job (its own
 metrics, labelled by reason).
 
+Not ``services/trainer/backoff.py``: that one decides which experts a trainer skips (records
+per uid and server, failure thresholds, a clock read at each call); this one only times one
+loop, so sharing it would buy a one-line formula at the price of coupling the two.
+
 Stopping: :meth:`Renewal.stop` ends a wait at once; an attempt in flight is awaited (up to
 ``grace`` s, then cancelled), so no renewal lands after ``stop()`` returns and a finished
 attempt is not thrown away halfway. Cancelling the caller's loop (a task cancelled from
