@@ -12,12 +12,12 @@ experts vanish, and after shutdown they vanish within two periods because nobody
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from services.common.expert_keys import Item, declaration_items
+from services.common.renewal import Renewal, RenewalFailed
 from services.expert.metrics import ExpertMetrics
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 class Declarer:
     """Re-declares the experts every ``period`` seconds until stopped.
 
-    After a failed round it retries sooner (1 s, doubling up to ``period``), so the experts
-    reappear quickly when the DHT comes back from an outage.
+    The timing is :class:`services.common.renewal.Renewal`'s: after a failed round it retries
+    sooner (about 1 s, doubling up to ``period``), so the experts reappear quickly when the DHT
+    comes back from an outage; a streak of failures is logged once, every failure is counted
+    in ``dmoe_expert_dht_declaration_failures_total{reason}``.
     """
 
     def __init__(
@@ -46,17 +48,25 @@ class Declarer:
         self.period = period
         self.metrics = metrics
         self.first_success = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.renewal = Renewal(self._round, period, name="DHT declaration", logger=log)
         self._last_expiration = 0.0
         self._one_at_a_time = asyncio.Lock()
 
     async def declare_once(self) -> bool:
-        """One round; False when the DHT failed or refused part of it.
+        """One round; False when the DHT failed or refused part of it (counted and logged).
 
         Rounds never overlap and never carry an earlier expiration than the round before:
         the DHT refuses a renewal older than what it holds (a round that overtook another,
         or a DHT clock correction that moved ``now`` back, would look like one)."""
+        try:
+            await self._round()
+        except RenewalFailed as exc:
+            log.warning(str(exc), extra=exc.fields)
+            return False
+        return True
+
+    async def _round(self) -> None:
+        """One round; raises :class:`RenewalFailed` (already counted) when it failed."""
         async with self._one_at_a_time:
             expiration = max(self.client.now() + 2 * self.period, self._last_expiration)
             self._last_expiration = expiration
@@ -66,44 +76,28 @@ class Declarer:
                     items += self.extra(expiration)
                 except Exception as exc:  # never let the announcement stop the declarations
                     log.warning("grid announcement failed", extra={"error": repr(exc)})
-            return await self._put(items)
+            await self._put(items)
 
-    async def _put(self, items: list[Item]) -> bool:
+    async def _put(self, items: list[Item]) -> None:
         try:
             stored = await self.client.put(items, owned=True)
         except Exception as exc:
             reason = "unavailable" if isinstance(exc, ConnectionError) else type(exc).__name__
             self.metrics.declaration_failures.labels(reason).inc()
-            log.warning("DHT declaration failed", extra={"reason": reason, "error": str(exc)})
-            return False
+            raise RenewalFailed("DHT declaration failed", reason=reason, error=str(exc)) from exc
         if not all(stored):
             self.metrics.declaration_failures.labels("not_stored").inc()
-            log.warning(
-                "DHT stored only part of the declaration",
-                extra={"stored": sum(stored), "items": len(items)},
+            raise RenewalFailed(
+                "DHT stored only part of the declaration", stored=sum(stored), items=len(items)
             )
-            return False
         self.metrics.declarations.inc()
         self.first_success.set()
         log.debug("declared experts", extra={"experts": len(self.uids), "items": len(items)})
-        return True
-
-    async def _loop(self) -> None:
-        retry = 1.0
-        while not self._stop.is_set():
-            ok = await self.declare_once()
-            delay = self.period if ok else min(retry, self.period)
-            retry = 1.0 if ok else min(retry * 2, self.period)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="declare")
+        self.renewal.start()
 
     async def stop(self) -> None:
-        """Stop renewing; the entries expire by themselves within ``2 * period``."""
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop renewing (a round in flight may finish); the entries expire by themselves
+        within ``2 * period``."""
+        await self.renewal.stop()

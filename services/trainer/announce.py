@@ -3,18 +3,19 @@ run id) saying where its read-only ``Trainer/Status`` answers and what it trains
 (:mod:`services.common.announcements`), so the swarm's explorer finds trainers without flags.
 
 Renewed every ``period`` seconds with expiration ``DHT time + 3 * period``: a stopped trainer
-disappears within three periods; a missed round (DHT down) does not hide a live one. The entry
-is signed with the trainer's identity, so nobody else can overwrite or remove it.
+disappears within three periods; a missed round (DHT down) does not hide a live one, and a
+failed round is retried sooner (about 1 s, doubling up to the period:
+:class:`services.common.renewal.Renewal`, the expert declarations' timing). The entry is
+signed with the trainer's identity, so nobody else can overwrite or remove it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from services.common.announcements import TRAINERS_KEY, TrainerAnnouncement
+from services.common.renewal import Renewal, RenewalFailed
 
 log = logging.getLogger(__name__)
 
@@ -27,34 +28,33 @@ class TrainerAnnouncer:
         self.value = announcement.encode()
         self.run_id = announcement.run_id
         self.period = period
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.renewal = Renewal(self._announce, period, name="trainer announcement", logger=log)
         self._last_expiration = 0.0
 
     async def announce_once(self) -> bool:
+        """One round; False when the DHT failed or refused it (logged)."""
+        try:
+            await self._announce()
+        except RenewalFailed as exc:
+            log.warning(str(exc), extra=exc.fields)
+            return False
+        return True
+
+    async def _announce(self) -> None:
         expiration = max(self.client.now() + 3 * self.period, self._last_expiration)
         self._last_expiration = expiration
         try:
             (stored,) = await self.client.put(
                 [(TRAINERS_KEY, self.run_id, self.value, expiration)], owned=True
             )
-        except Exception as exc:  # the DHT down or refusing: try again next round
-            log.warning("trainer announcement failed", extra={"error": repr(exc)})
-            return False
-        return bool(stored)
-
-    async def _loop(self) -> None:
-        while not self._stop.is_set():
-            await self.announce_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.period)
+        except Exception as exc:  # the DHT down or refusing: retried soon
+            raise RenewalFailed("trainer announcement failed", error=repr(exc)) from exc
+        if not stored:
+            raise RenewalFailed("trainer announcement not stored")
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="announce")
+        self.renewal.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop renewing (a round in flight may finish); the entry expires within 3 periods."""
+        await self.renewal.stop()
