@@ -14,7 +14,9 @@ The node holds the parts (routing table, storage, cache, clock, identity: the
   per slot); the merged value is then cached, in the background, on the nearest answered
   node that lacked it.
 Put is :mod:`services.dht.replicated_store`, republish and hand-off :mod:`services.dht.replication`,
-bootstrap and upkeep :mod:`services.dht.maintenance`.
+bootstrap and upkeep :mod:`services.dht.maintenance`. Each peer RPC, the request this node
+builds and the handler that answers it, is one module: :mod:`services.dht.ping_rpc`,
+:mod:`services.dht.find_rpc`, :mod:`services.dht.store_rpc`.
 """
 
 from __future__ import annotations
@@ -22,56 +24,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from services.common.addresses import is_peer_address
 from services.common.errors import CallError
 from services.common.identity import Identity
 from services.common.rejections import Rejections
-from services.dht import maintenance
+from services.dht import find_rpc, maintenance, ping_rpc, store_rpc
 from services.dht.blacklist import Blacklist
 from services.dht.clock import DHTClock
 from services.dht.coalescer import Coalescer
 from services.dht.config import NodeConfig
+from services.dht.find_rpc import Answer
 from services.dht.lookup import KeyLookup, run_rounds, start_lookups
 from services.dht.metrics import NullMetrics
 from services.dht.peer_state import PeerState
-from services.dht.ping_proof import proven_id
 from services.dht.protocol import PeerProtocol
-from services.dht.records import Entry, ownership_problem
+from services.dht.records import Entry
 from services.dht.replicated_store import ReplicatedStore
 from services.dht.replication import hand_off
-from services.dht.routing import ID_BYTES, id_from_bytes, id_to_bytes
+from services.dht.routing import id_from_bytes, id_to_bytes
 from services.dht.storage import StorageFull, merge_entries
+from services.dht.store_rpc import StoreAnswer, store_items
 from services.dht.transport import Transport
-from services.dht.wire import entry_to_proto, parse_wire_entry
 from services.proto import dht_pb2
 
 log = logging.getLogger(__name__)
-# a peer that answers with these is gone (or too slow to count on), not just refusing
-_UNREACHABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-
-Answer = tuple[list[Entry], list[tuple[int, str]]]  # a peer's (entries, nearest peers) per key
-
-
-def _peers(infos: Iterable[dht_pb2.NodeInfo]) -> list[tuple[int, str]]:
-    """(id, address) of well-formed peer infos; malformed ones (and addresses that are not
-    ``host:port``: a stranger's list must not make us dial ``unix:`` sockets) are skipped."""
-    peers = []
-    for info in infos:
-        raw = info.node_id
-        if len(raw) == ID_BYTES and is_peer_address(info.address):
-            peers.append((int.from_bytes(raw, "big"), info.address))
-    return peers
 
 
 class DHTNode:
@@ -124,10 +106,10 @@ class DHTNode:
         self._main: list[asyncio.Task[Any]] = []
         self.address = address
         self._finds: Coalescer[Any, int, Answer] = Coalescer(
-            self._find_rpc, config.max_keys_per_request, self._spawn
+            partial(find_rpc.send, self), config.max_keys_per_request, self._spawn
         )
         self._stores: Coalescer[Any, Any, Any] = Coalescer(
-            self._store_rpc, config.max_keys_per_request, self._spawn
+            partial(store_rpc.send, self), config.max_keys_per_request, self._spawn
         )
         self.value_beam = max(config.value_beam or config.num_replicas, 1)
 
@@ -232,14 +214,16 @@ class DHTNode:
         finally:
             self._verifying.discard(address)
 
-    def _proved(self, address: str, node_id: int) -> None:
+    def proved(self, address: str, node_id: int) -> None:
+        """``address`` signed our ping nonce as ``node_id`` (:mod:`services.dht.ping_rpc`)."""
         self.verified[address] = node_id
         self.verified.move_to_end(address)
         while len(self.verified) > 4 * self.config.k * 64:
             self.verified.popitem(last=False)
         self._unverifiable.pop(address, None)
 
-    def _unproved(self, address: str) -> None:
+    def unproved(self, address: str) -> None:
+        """``address`` answered a ping without proving its id: not asked again for a while."""
         self.metrics.verification("refused")
         self.rejections.reject(
             "unproven_id", "peer did not prove its id (ping signature)", source=address
@@ -267,12 +251,13 @@ class DHTNode:
         else:
             self.on_contact(node_id, address)
 
-    def _answered(self, peer: dht_pb2.NodeInfo, address: str) -> None:
+    def answered(self, peer: dht_pb2.NodeInfo, address: str) -> None:
         with contextlib.suppress(ValueError):
             self.on_contact(id_from_bytes(peer.node_id), address)
 
     # ------------------------------------------------------------------ outgoing RPCs
-    async def _call(self, address: str, method: str, request: Any) -> Any:
+    async def call(self, address: str, method: str, request: Any) -> Any:
+        """One ``DHTPeer`` call through the transport, timed and counted by outcome."""
         started = time.perf_counter()
         try:
             reply = await self.transport.call(address, method, request, self.config.rpc_timeout)
@@ -283,106 +268,16 @@ class DHTNode:
         return reply
 
     async def ping(self, address: str) -> dht_pb2.PingResponse | None:
-        """Ping ``address``; the reply must prove the peer's id (it signs our nonce). A proven
-        peer enters the routing table and its clock is compared with ours; None when it
-        does not answer or cannot prove its id."""
-        nonce = os.urandom(16)
-        sent = self.clock.source()
-        try:
-            reply = await self._call(
-                address, "Ping", dht_pb2.PingRequest(sender=self.info, nonce=nonce)
-            )
-        except CallError:
-            return None
-        peer_id = proven_id(reply.peer, nonce, reply.signature)
-        if peer_id is None:
-            self._unproved(address)
-            return None
-        self.metrics.verification("proved")
-        self.clock.observe(address, reply.dht_time, sent, self.clock.source())
-        self._proved(address, peer_id)
-        self.on_contact(peer_id, address)
-        return reply
-
-    async def _find_rpc(self, dest: tuple[int, str, bool, int], targets: list[int]) -> list[Answer]:
-        peer_id, address, nodes_only, beam = dest
-        asked = list(dict.fromkeys(targets))  # lookups batched together may share a key
-        request = dht_pb2.FindRequest(
-            sender=self.info,
-            key_ids=[id_to_bytes(t) for t in asked],
-            nodes_only=nodes_only,
-            max_nearest=beam,
-        )
-        try:
-            reply = await self._call(address, "Find", request)
-        except CallError as exc:
-            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy or too large: not dead
-                self.on_failure(peer_id, address)
-            raise
-        if len(reply.results) != len(asked):
-            self.on_failure(peer_id, address)
-            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of results")
-        self._answered(reply.peer, address)
-        answers = {
-            target: (self._believable(target, result.entries, address), _peers(result.nearest))
-            for target, result in zip(asked, reply.results, strict=True)
-        }
-        return [answers[t] for t in targets]
-
-    def _believable(
-        self, key_id: int, entries: Iterable[dht_pb2.ValueEntry], source: str
-    ) -> list[Entry]:
-        """A peer's answer for ``key_id`` without what it could have forged: entries whose
-        ownership does not hold would otherwise shadow real ones in the merge."""
-        key = id_to_bytes(key_id)
-        kept = []
-        for e in entries:
-            entry = parse_wire_entry(e)
-            problem = ownership_problem(key, entry, self.trusted)
-            if problem:
-                self.rejections.reject(problem, "dropped an entry a peer returned", source)
-                continue
-            kept.append(entry)
-        return kept
+        """Ping ``address``: None unless it answers and proves its id (:func:`ping_rpc.ping`)."""
+        return await ping_rpc.ping(self, address)
 
     async def store_rpc(
         self, node_id: int, address: str, items: list[dht_pb2.StoreItem], replicas: int = 0
-    ) -> list[tuple[bool, bool, list[tuple[int, str]], bytes]]:
+    ) -> list[StoreAnswer]:
         """Store ``items`` at one peer (conditional when ``replicas``), sharing the RPC with
         other stores to that peer in this loop turn; per item (stored, declined, nearest
         peers, demote token)."""
         return await self._stores.submit((node_id, address, replicas), items)
-
-    async def _store_rpc(
-        self, dest: tuple[int, str, int], items: list[dht_pb2.StoreItem]
-    ) -> list[tuple[bool, bool, list[tuple[int, str]], bytes]]:
-        """One Store call. A peer that is unreachable or too slow is reported failed."""
-        node_id, address, replicas = dest
-        request = dht_pb2.StoreRequest(
-            sender=self.info, items=items, replicas=replicas, dht_time=self.clock.now()
-        )
-        try:
-            reply = await self._call(address, "Store", request)
-        except CallError as exc:
-            if exc.code in _UNREACHABLE:
-                self.on_failure(node_id, address)
-            raise
-        self._answered(reply.peer, address)
-        if len(reply.stored) != len(items):
-            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of flags")
-        if not replicas:
-            return [(ok, False, [], b"") for ok in reply.stored]
-        if len(reply.declined) != len(items) or len(reply.nearest) != len(items):
-            raise CallError(grpc.StatusCode.INTERNAL, "peer answered the wrong number of results")
-        tokens = list(reply.demote_tokens)
-        if len(tokens) != len(items):
-            tokens = [b""] * len(items)  # nothing to demote with: copies stay replicas
-        return [
-            (ok, declined, _peers(result.nearest), token)
-            for ok, declined, result, token in zip(
-                reply.stored, reply.declined, reply.nearest, tokens, strict=True
-            )
-        ]
 
     # ------------------------------------------------------------------ lookups
     def start_lookups(
@@ -423,7 +318,7 @@ class DHTNode:
         await run_rounds(
             states,
             find=find,
-            on_failure=lambda peer, address: None,  # _find_rpc already reported it
+            on_failure=lambda peer, address: None,  # find_rpc.send already reported it
             is_blocked=self.blacklist.blocked,
             alpha=alpha or self.config.alpha,
         )
@@ -499,9 +394,8 @@ class DHTNode:
         return [found[k] for k in key_ids]
 
     async def _cache_on(self, node_id: int, address: str, cached: list[tuple[int, Entry]]) -> None:
-        items = [
-            dht_pb2.StoreItem(key_id=id_to_bytes(k), entry=entry_to_proto(e), in_cache=True)
-            for k, e in cached[: self.config.max_keys_per_request]
-        ]
+        batch = cached[: self.config.max_keys_per_request]
         with contextlib.suppress(CallError):
-            await self.store_rpc(node_id, address, items)
+            await self.store_rpc(
+                node_id, address, store_items(batch, range(len(batch)), cache=True)
+            )

@@ -30,26 +30,13 @@ import grpc
 from services.common.errors import CallError
 from services.dht.lookup import KeyLookup
 from services.dht.records import Entry
-from services.dht.routing import id_to_bytes
 from services.dht.storage import StorageFull
-from services.dht.wire import entry_to_proto
-from services.proto import dht_pb2
+from services.dht.store_rpc import store_items
 
 if TYPE_CHECKING:
     from services.dht.node import DHTNode
 
 Items = Sequence[tuple[int, Entry]]
-
-
-def store_items(
-    items: Items, indices: Sequence[int], *, demote: bool = False
-) -> list[dht_pb2.StoreItem]:
-    return [
-        dht_pb2.StoreItem(
-            key_id=id_to_bytes(items[i][0]), entry=entry_to_proto(items[i][1]), demote=demote
-        )
-        for i in indices
-    ]
 
 
 class ReplicatedStore:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from services.common.errors import CallError
 from services.dht.records import Entry
-from services.dht.replicated_store import store_items
 from services.dht.storage import StorageFull
+from services.dht.store_rpc import store_items
 
 if TYPE_CHECKING:
     from services.dht.node import DHTNode

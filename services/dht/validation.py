@@ -3,19 +3,20 @@
 Every byte from a peer may be hostile, so ids, sizes, expirations and key counts are checked
 before anything is stored or looked up; a failed check is a :class:`RequestRejected`, answered
 with its gRPC status and message (the server guard and the link map it alike). Shared by the
-peer handlers (:mod:`services.dht.protocol`) and the client-facing servicer
-(:mod:`services.dht.service`).
+peer handlers (:mod:`services.dht.ping_rpc`, :mod:`~services.dht.store_rpc`,
+:mod:`~services.dht.find_rpc`) and the client-facing servicer (:mod:`services.dht.service`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.addresses import peer_host
+from services.common.addresses import check_peer_address, peer_host
 from services.common.errors import StatusError
 from services.common.identity import PUBLIC_KEY_BYTES
 from services.dht.records import Entry
@@ -23,6 +24,7 @@ from services.dht.routing import id_from_bytes
 from services.proto import dht_pb2
 
 if TYPE_CHECKING:
+    from services.common.rejections import Rejections
     from services.dht.config import NodeConfig
 
 
@@ -39,6 +41,39 @@ def parse_id(raw: bytes, what: str) -> int:
         return id_from_bytes(raw)
     except ValueError as exc:
         raise invalid(f"{what}: {exc}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_sender(
+    sender: dht_pb2.NodeInfo, caller_host: str, rejections: Rejections
+) -> tuple[int, str] | None:
+    """Validate a peer request's caller: (claimed id, address to reach it), or None for a
+    non-node caller. The claim is only a claim: the node verifies it before trusting it.
+
+    A caller that announces a loopback host but called from elsewhere (a container
+    started without ``--announce-host``) is recorded under the host it called from.
+    """
+    if not sender.node_id and not sender.address:
+        return None
+    node_id = parse_id(sender.node_id, "sender.node_id")
+    try:
+        check_peer_address(sender.address)
+    except ValueError as exc:
+        rejections.reject(
+            "bad_address", "peer announced an address it cannot be reached at",
+            source=caller_host, address=sender.address[:100],
+        )  # fmt: skip
+        raise invalid(f"sender.address {sender.address[:100]!r}: {exc}") from None
+    if sender.public_key and hashlib.sha1(sender.public_key).digest() != sender.node_id:
+        raise invalid("sender.node_id is not the SHA-1 of sender.public_key")
+    address = sender.address
+    host, _, port = address.rpartition(":")
+    if _is_loopback(host) and caller_host and not _is_loopback(caller_host):
+        address = f"[{caller_host}]:{port}" if ":" in caller_host else f"{caller_host}:{port}"
+    return node_id, address
 
 
 def parse_entry(
