@@ -89,7 +89,8 @@ def test_merge_later_expiration_per_subkey() -> None:
             Entry(b"b", b"3", now + 1),
             Entry(b"c", b"gone", now - 1),
             Entry(None, b"plain", now + 3),
-        ]
+        ],
+        now=now,  # read at the same instant: a stall cannot expire the 1 s entry
     )
     assert merged == [Entry(b"a", b"2", now + 9), Entry(b"b", b"3", now + 1)]
     assert merge_entries([Entry(None, b"p", now + 10), Entry(b"a", b"1", now + 5)]) == [
