@@ -40,12 +40,20 @@ async def test_churn_kill_10_percent_and_restart_bootstrap() -> None:
         victims = rng.sample(nodes[1:], 5)
         await asyncio.gather(*(v.stop(0) for v in victims))
         alive = [x for x in nodes if x not in victims]
+        # who holds a victim as a contact now: noticing a dead peer drops it from the table,
+        # and nothing puts it back (only a peer that answers re-enters)
+        held = [
+            (x, v.node.node_id) for x in alive for v in victims if v.node.node_id in x.node.table
+        ]
+        assert held
         keys = list(values)
         for survivor in alive:
             found = await survivor.node.get_many([key_to_id(k.encode()) for k in keys])
             for key, entries in zip(keys, found, strict=True):
                 assert [e.value for e in entries] == [values[key]], (survivor.address, key)
-        assert sum(len(x.node.blacklist) for x in alive) > 0  # the dead were noticed
+        # the dead were noticed: dropped from tables (their blacklist bans last only 1 s, so
+        # counting bans in force raced a loaded machine)
+        assert any(v not in x.node.table for x, v in held)
 
         # restart the bootstrap node on the same port: new nodes still join through it
         boot = nodes[0]
@@ -136,18 +144,15 @@ async def _state_file_scenario(path) -> None:
         await asyncio.wait_for(asyncio.gather(*(x.node.joined.wait() for x in others)), 30)
         async with DHTClient([others[0].address]) as client:
             assert await client.put([("kept", "s", b"v", time.time() + 120)]) == [True]
-        for _ in range(100):
-            if len(seed.node.table) >= 3:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: len(seed.node.table) >= 3, 60, "the seed knows the others")
         await seed.stop(0)  # writes the state file
         # the seed comes back on another port, with no initial peers: it rejoins from its file
         again = await start_node(state_file=path)
-        for _ in range(100):
-            if {x.node.node_id for x in others} <= set(again.node.table.contacts()):
-                break
-            await asyncio.sleep(0.05)
-        assert {x.node.node_id for x in others} <= set(again.node.table.contacts())
+        await until(
+            lambda: {x.node.node_id for x in others} <= set(again.node.table.contacts()),
+            60,
+            "the seed back in touch with the others",
+        )
         (found,) = await again.node.get_many([key_to_id(b"kept")])
         assert [e.value for e in found] == [b"v"]
         await again.stop(0)

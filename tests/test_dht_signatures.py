@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from helpers import run_async
+from helpers import run_async, until
 
 from services.common.identity import Identity, parse_public_key
 from services.dht.client import DHTClient
@@ -102,10 +102,8 @@ async def test_forged_answers_are_dropped_by_the_merging_node_and_by_the_client(
         async with DHTClient([honest.address], identity=OWNER) as client:
             assert await client.put([("ffn.3.", "14", genuine.value, genuine.expiration)],
                                     owned=True) == [True]  # fmt: skip
-        for _ in range(100):  # both nodes hold it (replicas of a two-node swarm)
-            if hostile.node.storage.get(key_to_id(b"ffn.3.")):
-                break
-            await asyncio.sleep(0.05)
+        # both nodes hold it (replicas of a two-node swarm)
+        await until(lambda: hostile.node.storage.get(key_to_id(b"ffn.3.")), 60, "the copy")
         forged = entry_to_proto(genuine._replace(value=b"10.6.6.6:1", expiration=time.time() + 600))
         real_find = hostile.node.protocol.find
 

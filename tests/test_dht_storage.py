@@ -7,6 +7,17 @@ import pytest
 from services.dht.storage import Entry, Storage, StorageFull, merge_entries
 
 
+class ManualClock:
+    """Storage time that moves only when a test says so: expiry is checked without sleeping,
+    and a loaded machine's stall cannot expire a 0.2 s entry before it is read."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_later_expiration_wins_and_older_is_refused() -> None:
     s, now = Storage(), time.time()
     assert s.store(1, Entry(None, b"a", now + 10))
@@ -19,12 +30,13 @@ def test_later_expiration_wins_and_older_is_refused() -> None:
 
 
 def test_subkeys_keep_separate_expirations() -> None:
-    s, now = Storage(), time.time()
+    clock = ManualClock()
+    s, now = Storage(clock=clock), clock.now
     assert s.store(7, Entry(b"x", b"1", now + 10))
     assert s.store(7, Entry(b"y", b"2", now + 0.2))
     assert not s.store(7, Entry(b"x", b"stale", now + 5))  # older than the held x
     assert {e.subkey: e.value for e in s.get(7)} == {b"x": b"1", b"y": b"2"}
-    time.sleep(0.3)
+    clock.now += 0.3
     assert s.get(7) == [Entry(b"x", b"1", now + 10)]  # y expired, x untouched
     # a plain value replaces the dictionary only with a later expiration
     assert not s.store(7, Entry(None, b"plain", now + 9))
@@ -36,12 +48,13 @@ def test_subkeys_keep_separate_expirations() -> None:
 
 
 def test_expired_entries_are_purged_and_counted() -> None:
-    s, now = Storage(), time.time()
+    clock = ManualClock()
+    s, now = Storage(clock=clock), clock.now
     s.store(1, Entry(None, b"a", now + 0.1))
     s.store(2, Entry(b"k", b"b", now + 0.1))
     s.store(3, Entry(None, b"c", now + 60))
     assert len(s) == 3
-    time.sleep(0.2)
+    clock.now += 0.2
     assert s.purge() == 2
     assert len(s) == 1 and s.keys() == [3]
 
@@ -76,7 +89,8 @@ def test_merge_later_expiration_per_subkey() -> None:
             Entry(b"b", b"3", now + 1),
             Entry(b"c", b"gone", now - 1),
             Entry(None, b"plain", now + 3),
-        ]
+        ],
+        now=now,  # read at the same instant: a stall cannot expire the 1 s entry
     )
     assert merged == [Entry(b"a", b"2", now + 9), Entry(b"b", b"3", now + 1)]
     assert merge_entries([Entry(None, b"p", now + 10), Entry(b"a", b"1", now + 5)]) == [
@@ -120,10 +134,11 @@ def test_merge_keeps_owned_entries_and_the_latest_per_slot() -> None:
 
 
 def test_keep_until_shortens_an_entry_from_a_skewed_peer() -> None:
-    s, now = Storage(), time.time()
+    clock = ManualClock()
+    s, now = Storage(clock=clock), clock.now
     assert s.store(1, Entry(b"x", b"v", now + 60), keep_until=now + 0.1)
     assert s.get(1)
-    time.sleep(0.15)
+    clock.now += 0.15
     assert s.get(1) == []
 
 
