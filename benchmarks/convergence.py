@@ -281,6 +281,8 @@ class Swarm:
             self.started = self.first_serving()
         accuracy = self.evaluator.accuracy(snap, self.args.eval_samples)
         self.curve.append([snap.updates, round(accuracy, 4), round(snap.time - self.started, 1)])
+        print(f"    seed {self.seed}: {snap.updates} updates, accuracy {accuracy:.3f} "
+              f"({snap.time - self.started:.0f} s)", flush=True)  # fmt: skip
         if snap.updates < self.args.updates:
             return False
         answered = [0.0, 0.0]
@@ -431,7 +433,7 @@ def run_local(args: argparse.Namespace, seed: int) -> dict:
         )
     run = train_local(
         dataset, hidden=args.hidden_dim, layers=args.layers, grid=[args.grid],
-        k_best=args.k_best, lr=args.lr, batch_size=args.batch_size, updates=args.updates,
+        k_best=args.k_best, lr=args.local_lr, batch_size=args.batch_size, updates=args.updates,
         eval_every=max(1, args.updates // 40), seed=seed, evaluate=lambda m: accuracy(m, subset),
         decay=True,
     )  # fmt: skip
@@ -509,7 +511,7 @@ def delay_study(args: argparse.Namespace, measured: dict) -> list[dict]:
             dataset = load_data(args, order_seed=1000 * seed)
             run = train_stale(
                 dataset, model, tau, hidden=args.hidden_dim, layers=args.layers,
-                grid=args.grid, k_best=args.k_best, lr=args.lr, batch_size=args.batch_size,
+                grid=args.grid, k_best=args.k_best, lr=args.local_lr, batch_size=args.batch_size,
                 updates=args.delay_updates, eval_every=max(1, args.delay_updates // 40),
                 seed=seed, eval_samples=args.eval_samples,
             )  # fmt: skip
@@ -522,6 +524,10 @@ def delay_study(args: argparse.Namespace, measured: dict) -> list[dict]:
             "model": model, "latency_ms": args.delay_ms, "failure_rate": 0.0, "emulated": True,
             "trainers": trainers, "staleness": tau, "final_accuracy": spread(finals),
             "updates": args.delay_updates,
+            # the real swarm's pace at this delay (measured with --trainers trainers only)
+            "updates_per_s": measured["updates_per_s"] if trainers == args.trainers else None,
+            "samples_per_s": round(measured["updates_per_s"] * args.batch_size, 1)
+            if trainers == args.trainers else None,
             "dropped_fraction": measured["dropped_fraction"] if model == "dmoe" else 0.0,
             "curve": resample(runs), "runs": runs,
         })  # fmt: skip
@@ -530,6 +536,10 @@ def delay_study(args: argparse.Namespace, measured: dict) -> list[dict]:
 
 
 # ---- summary ------------------------------------------------------------------------------
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def spread(values: list[float], digits: int = 4) -> dict:
@@ -566,9 +576,10 @@ def summarize(setting: Setting, runs: list[dict]) -> dict:
         "latency_ms": setting.latency_ms,
         "failure_rate": setting.failure,
         "final_accuracy": spread([r["final_accuracy"] for r in runs]),
-        "updates": spread([r["updates"] for r in runs], 0),
-        "updates_per_s": spread([r["updates_per_s"] for r in runs], 2),
-        "samples_per_s": spread([r["samples_per_s"] for r in runs], 1),
+        "updates": round(mean([r["updates"] for r in runs])),
+        "updates_per_s": round(mean([r["updates_per_s"] for r in runs]), 2),
+        "samples_per_s": round(mean([r["samples_per_s"] for r in runs]), 1),
+        "updates_per_s_range": spread([r["updates_per_s"] for r in runs], 2),
         "dropped_fraction": round(sum(dropped) / len(dropped), 4) if dropped else None,
         "staleness": {
             key: spread([s[key] for s in stale if s.get(key) is not None], 2)
@@ -588,7 +599,7 @@ def targets(results: list[dict]) -> dict:
     if base:
         out["dmoe_0ms_final_accuracy"] = base["final_accuracy"]["mean"]
         out["dmoe_0ms_at_least_0.85"] = base["final_accuracy"]["mean"] >= 0.85
-        out["dmoe_0ms_updates_per_s"] = base["updates_per_s"]["mean"]
+        out["dmoe_0ms_updates_per_s"] = base["updates_per_s"]
         for r in results:
             if r is base or r["model"] != "dmoe" or r.get("emulated"):
                 continue
@@ -679,6 +690,7 @@ def main() -> int:
     parser.add_argument("--hidden-dim", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="trainers' Adam (decays to 0)")
+    parser.add_argument("--local-lr", type=float, default=1e-3, help="the reference's Adam")
     parser.add_argument("--expert-lr", type=float, default=1e-3, help="experts' Adam (decays)")
     parser.add_argument("--average-every", type=int, default=10, help="trainer steps")
     parser.add_argument("--servers", type=int, default=2, help="expert server processes")
@@ -724,9 +736,9 @@ def main() -> int:
             f = result["final_accuracy"]
             print(
                 f"{setting.name:28s} final acc {f['mean']:.4f} [{f['min']:.4f}..{f['max']:.4f}]"
-                f"  updates {result['updates']['mean']:.0f}"
-                f"  {result['updates_per_s']['mean']:.1f} upd/s"
-                f"  {result['samples_per_s']['mean']:.0f} samples/s"
+                f"  updates {result['updates']}"
+                f"  {result['updates_per_s']:.1f} upd/s"
+                f"  {result['samples_per_s']:.0f} samples/s"
                 f"  dropped {result['dropped_fraction']}"
                 f"  staleness {result['staleness'].get('expert_staleness', {}).get('mean')}"
                 f"  ({time.monotonic() - t0:.0f} s)",

@@ -97,45 +97,80 @@ def test_hivemind_baseline_help_needs_no_hivemind() -> None:
     assert "--runs" in done.stdout and "--hivemind-expert" in done.stdout
 
 
-def test_convergence_smoke_reports_curves_staleness_and_a_plot(tmp_path: Path) -> None:
-    """Two trainers on the digits set, one small DMoE setting and its dense counterpart."""
+def test_convergence_smoke_reports_the_averaged_model_the_reference_and_the_delay_study(
+    tmp_path: Path,
+) -> None:
+    """Two averaging trainers on the digits set, the local reference, and a short delay study:
+    every setting carries the issue's JSON fields, the plots are written and can be redrawn."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/convergence.py"), "--dataset", "digits",
-         "--updates", "16",
-         "--trainers", "2", "--seeds", "0", "--settings", "dmoe:0:0,dense:0:0", "--layers", "1",
-         "--grid", "4", "--k-best", "2", "--hidden-dim", "16", "--eval-every", "4",
-         "--log-every", "2", "--poll-every", "0.5", "--out", str(tmp_path), "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+         "--updates", "24", "--trainers", "2", "--seeds", "0", "--settings", "dmoe:0:0,local",
+         "--layers", "1", "--grid", "4", "--k-best", "2", "--hidden-dim", "16",
+         "--eval-period", "0.5", "--delay-ms", "50", "--delay-measure-s", "4",
+         "--delay-updates", "16", "--log-every", "2", "--poll-every", "0.5",
+         "--out", str(tmp_path), "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == json.loads((tmp_path / "convergence.json").read_text())
-    assert [s["model"] for s in report["settings"]] == ["dmoe", "dense"]
-    assert report["config"]["x_axis"].startswith("total updates")
+    assert report["wall_s"] > 0
+    models = [s["model"] for s in report["settings"]]
+    assert models == ["dmoe", "local", "dmoe", "dense", "dmoe", "dense"]
+    assert report["swarm_settings"] == 2
     for setting in report["settings"]:
-        (run,) = setting["runs"]
-        assert len(set(run["trainer_seeds"])) == 2  # every trainer its own seed
-        assert run["evaluator_steps"] == 8 and run["total_updates"] >= 8
+        for key in ("latency_ms", "failure_rate", "updates", "updates_per_s", "samples_per_s"):
+            assert key in setting, key
         final = setting["final_accuracy"]
         assert 0.0 <= final["min"] <= final["mean"] <= final["max"] <= 1.0
         curve = setting["curve"]
-        assert len(curve["updates"]) == len(curve["mean"]) == len(curve["min"]) > 1
+        assert len(curve["x"]) == len(curve["mean"]) == len(curve["min"]) > 1
         assert all(math.isfinite(a) for a in curve["mean"])
-        assert setting["staleness"]["step_time_s"]["mean"] > 0
-    assert any(k.startswith("early_dmoe_accuracy") for k in report["targets"])
-    png = Path(report["png"])
-    assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size < 150_000
-    png.unlink()
-    replot = [
-        sys.executable,
-        str(ROOT / "benchmarks/convergence.py"),
-        "--replot",
-        str(tmp_path / "convergence.json"),
-    ]
-    assert subprocess.run(replot, timeout=120).returncode == 0 and png.stat().st_size > 1000
+    dmoe, local = report["settings"][:2]
+    (run,) = dmoe["runs"]
+    assert run["updates"] >= 24 and len(run["trainer_steps"]) == 2  # the snapshot's steps
+    assert sum(run["trainer_steps"]) == run["updates"]
+    assert dmoe["updates_per_s"] > 0 and 0.0 <= dmoe["dropped_fraction"] <= 1.0
+    assert dmoe["staleness"]["step_time_s"]["mean"] > 0
+    assert len(dmoe["wall_curve"]["x"]) > 1 and local["runs"][0]["updates"] == 24
+    measured = report["delay_measurement"]
+    assert measured["latency_ms"] == 50 and measured["updates"] > 0
+    assert measured["staleness"]["dense_staleness"] >= 0
+    emulated = report["settings"][2:]
+    assert all(s["emulated"] for s in emulated)
+    assert [s["trainers"] for s in emulated] == [2, 2, 64, 64]
+    assert "dmoe_0ms_final_accuracy" in report["targets"]
+    pngs = [Path(p) for p in report["png"]]
+    assert [p.name for p in pngs] == ["convergence.png", "delay_study.png"]
+    for png in pngs:
+        assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 200_000
+        png.unlink()
+    replot = [sys.executable, str(ROOT / "benchmarks/convergence.py"), "--replot",
+              str(tmp_path / "convergence.json")]  # fmt: skip
+    assert subprocess.run(replot, timeout=120).returncode == 0
+    assert all(p.stat().st_size > 1000 for p in pngs)
     produced = sorted(p.name for p in tmp_path.iterdir())
-    assert produced == ["convergence.json", "convergence.png", "logs"]
+    assert produced == ["convergence.json", "convergence.png", "delay_study.png", "logs"]
+
+
+def test_swarm_throughput_smoke_reports_the_cpu_budget(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/swarm_throughput.py"), "--dataset", "digits",
+         "--trainers", "2", "--layers", "1", "--grid", "4", "--hidden-dim", "16",
+         "--warmup", "2", "--seconds", "4", "--out", str(tmp_path), "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["updates"] > 0 and report["updates_per_s"] > 0
+    budget = report["cpu_ms_per_update"]
+    assert budget["total"] == pytest.approx(
+        budget["trainers"] + budget["expert servers"] + budget["dht"], abs=0.05
+    )
+    assert 0 < report["expert_compute_ms_per_update"] < budget["expert servers"]
+    assert report["expert_calls_per_update"] >= 2  # a forward and a backward at least
+    assert report["ceiling_updates_per_s"] > 0
 
 
 def test_averaging_benchmark_reports_the_issue_figures(tmp_path: Path) -> None:
