@@ -458,9 +458,19 @@ class LinkPool:
         self._forget = forget  # drop the address's channel: the next one resolves DNS again
         self.max_links = max_links
         self._links: OrderedDict[str, LinkClient] = OrderedDict()
-        self._closing: set[asyncio.Future[None]] = set()
+        self._closing: dict[asyncio.Future[None], LinkClient] = {}  # closed once idle
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, address: str) -> LinkClient:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None and not self._loop.is_running():
+                # used again after its loop stopped (two asyncio.run calls): the old links'
+                # streams and tasks belong to that loop; start afresh (the channel cache
+                # drops the old loop's channels likewise: services.common.channel_cache)
+                self._links.clear()
+                self._closing.clear()
+            self._loop = loop
         link = self._links.get(address)
         if link is not None:
             self._links.move_to_end(address)
@@ -495,12 +505,19 @@ class LinkPool:
             await link.close()
 
         task = asyncio.ensure_future(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing[task] = link
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Future[None]) -> None:
+        self._closing.pop(task, None)
 
     async def close(self) -> None:
+        """Close every link now, those waiting for their last requests too (their streams
+        would otherwise keep their channels' delayed closes waiting)."""
         links = list(self._links.values())
         self._links.clear()
-        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
-        for task in list(self._closing):
+        closing, self._closing = self._closing, {}
+        for task in closing:
             task.cancel()
+        links += closing.values()
+        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
