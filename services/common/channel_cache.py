@@ -9,10 +9,10 @@ back-off would keep the old channel looking dead). This module is that idea, onc
 - :meth:`ChannelCache.get` returns the address's stub (whatever ``stub(channel)`` builds: a
   generated ``*Stub``, or the channel itself), dialling on first use; at most ``max_channels``
   are kept (None: no bound), the least recently used evicted first.
-- A dropped channel (:meth:`forget`, or evicted) is closed ``grace`` seconds later at most:
-  calls still in flight on it (other requests to the same peer, a link stream) finish or meet
-  their deadline instead of being cancelled by the drop. Trade-off: a dropped channel's
-  sockets live up to ``grace`` longer.
+- A dropped channel (:meth:`forget`, or evicted) is closed once the calls still in flight on
+  it (other requests to the same peer, a link stream) are done, ``grace`` seconds at most:
+  they finish or meet their deadline instead of being cancelled by the drop. Trade-off: a
+  dropped channel's sockets live up to ``grace`` longer.
 - :meth:`close` closes every cached channel now (calls on them cancelled) and awaits the
   dropped ones' delayed closes (``grace`` at most: a grace cannot be cut short, as gRPC closes
   a channel once), so nothing is left for gRPC's poller once the loop ends. The owner closes

@@ -27,6 +27,7 @@ ones behind it (head-of-line blocking): callers send large payloads over their o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import time
@@ -46,6 +47,7 @@ from services.proto.link_pb2 import LinkBatch, LinkFrame
 LinkMethod = Callable[[bytes, str], Awaitable[bytes]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 MAX_BATCH_FRAMES = 256  # frames a caller puts in one stream message (a server takes 4x)
+CLOSE_WAIT = 2.0  # seconds a closing link waits for its callee to end the stream
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], frame_id: int, _done: object) -> None:
@@ -428,14 +430,28 @@ class LinkClient:
                 future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason))
 
     async def close(self) -> None:
+        """End the stream: half-close it and wait (``CLOSE_WAIT`` at most) until the callee
+        ends it, so gRPC reports every operation of the stream while this loop still runs
+        (a report arriving after the loop closed is logged by the next loop that runs: "Event
+        loop is closed"); then cancel whatever is left. Requests still waiting get their
+        replies until then, or UNAVAILABLE."""
         self.closed = True
         call, self._call = self._call, None
-        self._outbox.close()
-        if call is not None:
-            call.cancel()
+        self._outbox.close()  # the writer sends what is queued, then ends
         tasks = [t for t in (self._reader, self._writer) if t is not None]
-        for task in tasks:
-            task.cancel()
+        try:
+            if call is not None:
+                with contextlib.suppress(Exception):  # the stream failed already, too slow
+                    async with asyncio.timeout(CLOSE_WAIT):
+                        if self._writer is not None:
+                            await asyncio.wait({self._writer})
+                        await call.done_writing()
+                        await call.code()  # the callee's status: the stream is over
+        finally:
+            if call is not None:
+                call.cancel()
+            for task in tasks:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

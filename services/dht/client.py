@@ -7,9 +7,12 @@ nodes are tried in the order given. Requests travel over the node's peer link
 ``dmoe.DHT/Put`` and ``/Get`` stay for other clients (grpcurl, other languages). A channel is
 cached per node and dropped after a connection failure (closed once calls still on it had
 their deadline), so the next attempt dials again and re-resolves DNS (a restarted container
-with a new IP is found). Invalid input is a ``ValueError`` carrying
-the server's message; no node answering is :class:`DHTUnavailable`; any other refusal is the
-:class:`~services.common.errors.CallError` the node answered (``.code``, ``.message``).
+with a new IP is found; :mod:`services.common.channel_cache`). One client may serve successive
+event loops (``asyncio.run`` calls): on a new loop it dials afresh; close it before each loop
+ends (``async with`` inside the run; it can be used again) so nothing of it outlives the loop.
+Invalid input is a ``ValueError`` carrying the server's message; no node answering is
+:class:`DHTUnavailable`; any other refusal is the :class:`~services.common.errors.CallError`
+the node answered (``.code``, ``.message``).
 
 Owned entries (:mod:`services.dht.records`): ``put(..., owned=True)`` signs every item with
 the client's identity, into the client's own slot of each key; ``get`` checks every owned
