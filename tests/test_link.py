@@ -3,12 +3,14 @@ its own status, deadline and admission; the stream survives bad requests and reo
 the peer comes back."""
 
 import asyncio
+import threading
 from typing import Any
 
 import grpc
 import pytest
 from helpers import run_async
 
+from services.common.channel_cache import ChannelCache, bare_channel
 from services.common.errors import CallError, StatusError
 from services.common.limits import ServerLimits
 from services.common.link import LinkClient, LinkPool, LinkServer, link_method_handler
@@ -223,3 +225,41 @@ async def test_close_ends_the_stream_with_the_callee_and_bounds_a_callee_that_do
     finally:
         await channel.close()
         await server.stop(0)
+
+
+def test_a_pool_used_on_a_new_event_loop_starts_afresh() -> None:
+    # the callee lives on a loop of its own (a thread), so it outlives the caller's loops
+    server_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(echo_server([])), server_loop).result(60)
+    address = f"127.0.0.1:{server.port}"
+    channels = ChannelCache(bare_channel, [], grace=1.0)
+
+    def open_call(address: str) -> Any:
+        return channels.get(address).stream_stream(
+            f"/{SERVICE}/Link",
+            request_serializer=LinkBatch.SerializeToString,
+            response_deserializer=LinkBatch.FromString,
+        )()
+
+    links = LinkPool(open_call, channels.forget)
+    try:
+        # a first loop stopped without closing anything: the link's stream and tasks stay
+        # with it (before, the pool handed that link to the next loop, where no task ever sent
+        # the request: DEADLINE_EXCEEDED)
+        first = asyncio.new_event_loop()
+        assert first.run_until_complete(links.call(address, "Echo", b"one", 10)) == b"ONE"
+
+        async def twice() -> bytes:
+            reply = await links.call(address, "Echo", b"two", 10)
+            await links.close()
+            await channels.close()
+            return reply
+
+        assert asyncio.run(twice()) == b"TWO"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), server_loop).result(60)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        thread.join(60)
+        server_loop.close()
