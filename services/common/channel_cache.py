@@ -63,7 +63,7 @@ class ChannelCache(Generic[S]):
         self.grace = grace  # read at each drop, so an owner may change it
         self.max_channels = max_channels
         self._held: OrderedDict[str, tuple[grpc.aio.Channel, S]] = OrderedDict()
-        self._dropped: dict[asyncio.Future[None], grpc.aio.Channel] = {}  # closing late
+        self._dropped: set[asyncio.Future[None]] = set()  # delayed closes still running
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
@@ -102,11 +102,8 @@ class ChannelCache(Generic[S]):
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         task = asyncio.ensure_future(channel.close(grace=self.grace))
-        self._dropped[task] = channel
-        task.add_done_callback(self._closed)
-
-    def _closed(self, task: asyncio.Future[None]) -> None:
-        self._dropped.pop(task, None)
+        self._dropped.add(task)
+        task.add_done_callback(self._dropped.discard)
 
     async def close(self) -> None:
         """Close every cached channel now (calls on them cancelled) and wait until the dropped

@@ -480,7 +480,9 @@ class LinkPool:
     def get(self, address: str) -> LinkClient:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            if self._loop is not None and not self._loop.is_running():
+            if self._loop is not None:
+                if self._loop.is_running():
+                    raise RuntimeError("a LinkPool is used from two event loops at once")
                 # used again after its loop stopped (two asyncio.run calls): the old links'
                 # streams and tasks belong to that loop; start afresh (the channel cache
                 # drops the old loop's channels likewise: services.common.channel_cache)
