@@ -61,3 +61,22 @@ def test_readme_layer_example_closes_its_swarm_quietly(dht: Proc) -> None:
     assert result.returncode == 0, result.stderr
     assert "children {'ffn.': {}}" in result.stdout
     assert result.stderr == ""
+
+
+def test_a_dht_client_closed_on_each_loop_is_reused_quietly(dht: Proc) -> None:
+    # one client, several asyncio.run calls, closed at the end of each (and so reusable): its
+    # link streams end before each loop does, so no gRPC event is left to reach a closed loop
+    # (the next loop would log "Event loop is closed" for it)
+    code = f"""
+import asyncio, time
+from services.dht.client import DHTClient
+client = DHTClient("{dht.address}")
+async def once(i):
+    async with client:
+        return await client.put([("reused", None, b"%d" % i, time.time() + 60)])
+print(sum(asyncio.run(once(i)) == [True] for i in range(10)))
+"""
+    result = run_script(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "10\n"
+    assert result.stderr == ""

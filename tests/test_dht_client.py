@@ -5,7 +5,7 @@ import socket
 import time
 
 import pytest
-from helpers import run_async
+from helpers import Proc, run_async
 
 from services.dht.client import DHTClient, DHTUnavailable, ValueWithExpiration
 from services.dht.clock import ReplyClock
@@ -89,3 +89,29 @@ def test_reply_clock_ignores_round_trip_noise_and_follows_a_real_skew() -> None:
     for _ in range(4):
         clock.observe(host[0] + 1.0, sent=host[0])
     assert clock.offset == 0.0
+
+
+def test_one_client_across_successive_asyncio_runs(tmp_path) -> None:
+    # a script that drives one client from several asyncio.run calls (a notebook, a sync
+    # wrapper): each run is a new event loop and a gRPC channel belongs to the loop that made
+    # it, so the client dials afresh on the new one (it raised "Event loop is closed" before).
+    # The node is a process of its own: it must outlive the test's loops.
+    node = Proc("dht", ["services.dht", "--metrics-port", "-1"], tmp_path)
+    try:
+        node.wait_healthy()
+        client = DHTClient(node.address, timeout=10.0)
+        now = time.time()
+        assert asyncio.run(client.put([("loops", None, b"first", now + 60)])) == [True]
+        found = asyncio.run(client.get(["loops"]))["loops"]
+        assert found is not None and found.value == b"first"
+        assert asyncio.run(client.put([("loops", None, b"second", now + 70)])) == [True]
+
+        async def last() -> bytes:
+            async with client:  # closing it on this loop, not the first one
+                found = (await client.get(["loops"]))["loops"]
+                assert isinstance(found, ValueWithExpiration)
+                return found.value
+
+        assert asyncio.run(last()) == b"second"
+    finally:
+        node.stop()

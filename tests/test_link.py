@@ -3,14 +3,17 @@ its own status, deadline and admission; the stream survives bad requests and reo
 the peer comes back."""
 
 import asyncio
+import threading
+from typing import Any
 
 import grpc
 import pytest
 from helpers import run_async
 
+from services.common.channel_cache import ChannelCache, bare_channel
 from services.common.errors import CallError, StatusError
 from services.common.limits import ServerLimits
-from services.common.link import LinkPool, LinkServer
+from services.common.link import LinkClient, LinkPool, LinkServer, link_method_handler
 from services.common.server import start_server
 from services.proto.link_pb2 import LinkBatch
 
@@ -161,3 +164,102 @@ async def test_requests_are_admitted_one_by_one_and_the_link_reopens() -> None:
         for channel in channels.values():
             await channel.close()
         await server.stop(0)
+
+
+@run_async
+async def test_close_ends_the_stream_with_the_callee_and_bounds_a_callee_that_does_not() -> None:
+    # an honest callee: close() half-closes the stream and returns once the callee ended it
+    # (the stream's status is the callee's OK, not a local cancellation)
+    server = await serve(echo_server([]))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    calls: list[Any] = []
+
+    def open_call() -> Any:
+        calls.append(
+            channel.stream_stream(
+                f"/{SERVICE}/Link",
+                request_serializer=LinkBatch.SerializeToString,
+                response_deserializer=LinkBatch.FromString,
+            )()
+        )
+        return calls[-1]
+
+    link = LinkClient(open_call)
+    try:
+        assert await link.call("Echo", b"x", 5) == b"X"
+        await asyncio.wait_for(link.close(), 30)
+        assert await calls[0].code() == grpc.StatusCode.OK
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+    # a callee that never ends the stream: close() gives up after CLOSE_WAIT and cancels it
+    ended = asyncio.Event()
+
+    async def stuck(batches: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for _ in batches:
+                pass
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+        yield LinkBatch()  # never reached: makes this a response stream
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Link": link_method_handler(stuck)}),)
+        )
+        return [SERVICE]
+
+    server = await start_server("test", register, port=0, metrics_port=None)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    calls.clear()
+    link = LinkClient(open_call)
+    try:
+        with pytest.raises(CallError) as err:  # the stream opens; the request is never answered
+            await link.call("Echo", b"x", 0.5)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.wait_for(link.close(), 30)
+        assert calls[0].cancelled()
+        await asyncio.wait_for(ended.wait(), 30)  # the callee saw the stream cancelled
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+def test_a_pool_used_on_a_new_event_loop_starts_afresh() -> None:
+    # the callee lives on a loop of its own (a thread), so it outlives the caller's loops
+    server_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(serve(echo_server([])), server_loop).result(60)
+    address = f"127.0.0.1:{server.port}"
+    channels = ChannelCache(bare_channel, [], grace=1.0)
+
+    def open_call(address: str) -> Any:
+        return channels.get(address).stream_stream(
+            f"/{SERVICE}/Link",
+            request_serializer=LinkBatch.SerializeToString,
+            response_deserializer=LinkBatch.FromString,
+        )()
+
+    links = LinkPool(open_call, channels.forget)
+    try:
+        # a first loop stopped without closing anything: the link's stream and tasks stay
+        # with it (before, the pool handed that link to the next loop, where no task ever sent
+        # the request: DEADLINE_EXCEEDED)
+        first = asyncio.new_event_loop()
+        assert first.run_until_complete(links.call(address, "Echo", b"one", 10)) == b"ONE"
+
+        async def twice() -> bytes:
+            reply = await links.call(address, "Echo", b"two", 10)
+            await links.close()
+            await channels.close()
+            return reply
+
+        assert asyncio.run(twice()) == b"TWO"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), server_loop).result(60)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        thread.join(60)
+        server_loop.close()

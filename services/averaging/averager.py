@@ -62,6 +62,7 @@ from services.averaging.wire import (
     encode,
     signed_message,
 )
+from services.common.channel_cache import ChannelCache, bare_channel
 from services.common.channels import aio_channel, channel_options
 from services.common.errors import CallError, StatusError
 from services.common.identity import Identity, verify
@@ -181,10 +182,10 @@ class Averager:
         self.chunk = chunk_elements(self.compression, config.chunk_bytes)
         self._tls = tls
         self._options = channel_options(max_message_bytes)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._links = LinkPool(self._open_link, self._forget, 64)
+        # a channel per peer, closed 1 s after it is dropped (a failed link) or at close()
+        self._channels = ChannelCache(bare_channel, self._options, tls, grace=1.0)
+        self._links = LinkPool(self._open_link, self._channels.forget, 64)
         self._rounds: dict[int, _Round] = {}
-        self._closing: set[asyncio.Future[None]] = set()
         self._state_serves = 0
         self._warn = RateLimitedLog(log)
         self._offer_task: asyncio.Task[None] | None = None
@@ -223,21 +224,11 @@ class Averager:
         return self.link.serve(batches, context)
 
     def _open_link(self, address: str) -> Any:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(address, self._options, self._tls)
-        return channel.stream_stream(
+        return self._channels.get(address).stream_stream(
             f"/{SERVICE_NAME}/Link",
             request_serializer=LinkBatch.SerializeToString,
             response_deserializer=LinkBatch.FromString,
         )()
-
-    def _forget(self, address: str) -> None:
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            task = asyncio.ensure_future(channel.close(grace=1.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self._offer_task is not None:
@@ -249,9 +240,7 @@ class Averager:
                 round_.reduction.cancel()
         self._rounds.clear()
         await self._links.close()
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()
+        await self._channels.close()
 
     def _refuse(self, reason: str, message: str, source: str) -> StatusError:
         if self.metrics is not None:

@@ -27,6 +27,7 @@ ones behind it (head-of-line blocking): callers send large payloads over their o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import time
@@ -46,6 +47,7 @@ from services.proto.link_pb2 import LinkBatch, LinkFrame
 LinkMethod = Callable[[bytes, str], Awaitable[bytes]]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 MAX_BATCH_FRAMES = 256  # frames a caller puts in one stream message (a server takes 4x)
+CLOSE_WAIT = 2.0  # seconds a closing link waits for its callee to end the stream
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], frame_id: int, _done: object) -> None:
@@ -428,14 +430,28 @@ class LinkClient:
                 future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason))
 
     async def close(self) -> None:
+        """End the stream: half-close it and wait (``CLOSE_WAIT`` at most) until the callee
+        ends it, so gRPC reports every operation of the stream while this loop still runs
+        (a report arriving after the loop closed is logged by the next loop that runs: "Event
+        loop is closed"); then cancel whatever is left. Requests still waiting get their
+        replies until then, or UNAVAILABLE."""
         self.closed = True
         call, self._call = self._call, None
-        self._outbox.close()
-        if call is not None:
-            call.cancel()
+        self._outbox.close()  # the writer sends what is queued, then ends
         tasks = [t for t in (self._reader, self._writer) if t is not None]
-        for task in tasks:
-            task.cancel()
+        try:
+            if call is not None:
+                with contextlib.suppress(Exception):  # the stream failed already, too slow
+                    async with asyncio.timeout(CLOSE_WAIT):
+                        if self._writer is not None:
+                            await asyncio.wait({self._writer})
+                        await call.done_writing()
+                        await call.code()  # the callee's status: the stream is over
+        finally:
+            if call is not None:
+                call.cancel()
+            for task in tasks:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -458,9 +474,21 @@ class LinkPool:
         self._forget = forget  # drop the address's channel: the next one resolves DNS again
         self.max_links = max_links
         self._links: OrderedDict[str, LinkClient] = OrderedDict()
-        self._closing: set[asyncio.Future[None]] = set()
+        self._closing: dict[asyncio.Future[None], LinkClient] = {}  # closed once idle
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, address: str) -> LinkClient:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                if self._loop.is_running():
+                    raise RuntimeError("a LinkPool is used from two event loops at once")
+                # used again after its loop stopped (two asyncio.run calls): the old links'
+                # streams and tasks belong to that loop; start afresh (the channel cache
+                # drops the old loop's channels likewise: services.common.channel_cache)
+                self._links.clear()
+                self._closing.clear()
+            self._loop = loop
         link = self._links.get(address)
         if link is not None:
             self._links.move_to_end(address)
@@ -495,12 +523,19 @@ class LinkPool:
             await link.close()
 
         task = asyncio.ensure_future(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing[task] = link
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Future[None]) -> None:
+        self._closing.pop(task, None)
 
     async def close(self) -> None:
+        """Close every link now, those waiting for their last requests too (their streams
+        would otherwise keep their channels' delayed closes waiting)."""
         links = list(self._links.values())
         self._links.clear()
-        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
-        for task in list(self._closing):
+        closing, self._closing = self._closing, {}
+        for task in closing:
             task.cancel()
+        links += closing.values()
+        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)

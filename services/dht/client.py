@@ -7,9 +7,12 @@ nodes are tried in the order given. Requests travel over the node's peer link
 ``dmoe.DHT/Put`` and ``/Get`` stay for other clients (grpcurl, other languages). A channel is
 cached per node and dropped after a connection failure (closed once calls still on it had
 their deadline), so the next attempt dials again and re-resolves DNS (a restarted container
-with a new IP is found). Invalid input is a ``ValueError`` carrying
-the server's message; no node answering is :class:`DHTUnavailable`; any other refusal is the
-:class:`~services.common.errors.CallError` the node answered (``.code``, ``.message``).
+with a new IP is found; :mod:`services.common.channel_cache`). One client may serve successive
+event loops (``asyncio.run`` calls): on a new loop it dials afresh; close it before each loop
+ends (``async with`` inside the run; it can be used again) so nothing of it outlives the loop.
+Invalid input is a ``ValueError`` carrying the server's message; no node answering is
+:class:`DHTUnavailable`; any other refusal is the :class:`~services.common.errors.CallError`
+the node answered (``.code``, ``.message``).
 
 Owned entries (:mod:`services.dht.records`): ``put(..., owned=True)`` signs every item with
 the client's identity, into the client's own slot of each key; ``get`` checks every owned
@@ -31,7 +34,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from services.common.channels import aio_channel, channel_options
+from services.common.channel_cache import ChannelCache
+from services.common.channels import channel_options
 from services.common.errors import CallError
 from services.common.identity import Identity
 from services.common.link import LinkPool
@@ -107,14 +111,16 @@ class DHTClient:
             raise ValueError("DHTClient needs at least one node address")
         self.addresses = list(addresses)
         self.timeout = timeout
-        self._options = channel_options(max_message_bytes)
-        self._tls = tls
-        self._stubs: dict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTStub]] = {}
-        self._closing: set[asyncio.Future[None]] = set()
+        # a channel per node; a dropped one closes once calls still on it had their deadline
+        self._channels = ChannelCache(
+            dht_pb2_grpc.DHTStub, channel_options(max_message_bytes), tls, grace=timeout
+        )
         self.identity = identity
         self.trusted = trusted
         # one long-lived stream per node for every call (services.common.link)
-        self._links = LinkPool(lambda a: self._stub(a).Link(), self._drop, max(8, len(addresses)))
+        self._links = LinkPool(
+            lambda a: self._channels.get(a).Link(), self._channels.forget, max(8, len(addresses))
+        )
         self.clock = ReplyClock(MAX_CLOCK_SKEW)
         self.rejected: Counter[str] = Counter()  # entries dropped by get, per reason
         self._warn = RateLimitedLog(log)
@@ -141,27 +147,7 @@ class DHTClient:
 
     async def close(self) -> None:
         await self._links.close()
-        stubs, self._stubs = self._stubs, {}
-        for channel, _ in stubs.values():
-            await channel.close()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-
-    def _stub(self, address: str) -> dht_pb2_grpc.DHTStub:
-        held = self._stubs.get(address)
-        if held is None:
-            channel = aio_channel(address, self._options, self._tls)
-            held = (channel, dht_pb2_grpc.DHTStub(channel))
-            self._stubs[address] = held
-        return held[1]
-
-    def _drop(self, address: str) -> None:
-        """Forget a failed channel; close it once calls still on it had their deadline."""
-        held = self._stubs.pop(address, None)
-        if held is not None:
-            task = asyncio.ensure_future(held[0].close(grace=self.timeout))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        await self._channels.close()
 
     async def _over_link(self, address: str, method: str, request: Any) -> Any:
         payload = await self._links.call(address, method, request.SerializeToString(), self.timeout)
@@ -186,7 +172,7 @@ class DHTClient:
                     raise
                 errors.append(f"{address}: {code.name} {exc.message}")
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    self._drop(address)
+                    self._channels.forget(address)
         raise DHTUnavailable("no DHT node answered: " + "; ".join(errors))
 
     async def put(

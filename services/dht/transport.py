@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.channels import aio_channel, channel_options
+from services.common.channel_cache import ChannelCache
+from services.common.channels import channel_options
 from services.common.errors import CallError
 from services.common.link import LinkPool
 from services.common.tls import TLSConfig
@@ -68,30 +68,19 @@ class GrpcTransport(Transport):
         max_channels: int = 512,
         tls: TLSConfig | None = None,
     ) -> None:
-        self._options = channel_options(max_message_bytes)
-        self._tls = tls  # a node serving TLS dials its peers with TLS (same swarm CA)
-        self._max_channels = max_channels
-        self.close_grace = 5.0
-        self._closing: set[asyncio.Future[None]] = set()
-        self._stubs: OrderedDict[str, tuple[grpc.aio.Channel, dht_pb2_grpc.DHTPeerStub]] = (
-            OrderedDict()
+        # a node serving TLS dials its peers with TLS (same swarm CA); a dropped channel stays
+        # open 5 s for the calls still on it (never cancel them: they may be other lookups'
+        # calls to the same peer)
+        self._channels = ChannelCache(
+            dht_pb2_grpc.DHTPeerStub,
+            channel_options(max_message_bytes),
+            tls,
+            grace=5.0,
+            max_channels=max_channels,
         )
         self._links = LinkPool(
-            lambda address: self._stub(address).Link(), self.forget, max_channels
+            lambda address: self._channels.get(address).Link(), self.forget, max_channels
         )
-
-    def _stub(self, address: str) -> dht_pb2_grpc.DHTPeerStub:
-        held = self._stubs.get(address)
-        if held is not None:
-            self._stubs.move_to_end(address)
-            return held[1]
-        channel = aio_channel(address, self._options, self._tls)
-        stub = dht_pb2_grpc.DHTPeerStub(channel)
-        self._stubs[address] = (channel, stub)
-        while len(self._stubs) > self._max_channels:
-            _, (old, _) = self._stubs.popitem(last=False)
-            self._close_later(old)
-        return stub
 
     async def call(self, address: str, method: str, request: Any, timeout: float) -> Any:
         if method not in METHODS:
@@ -111,22 +100,11 @@ class GrpcTransport(Transport):
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     def forget(self, address: str) -> None:
-        held = self._stubs.pop(address, None)
-        if held is not None:
-            self._close_later(held[0])
-
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
-        """Close after the calls still in flight on it had their deadline (never cancel
-        them: they may be other lookups' calls to the same peer)."""
-        task = asyncio.ensure_future(channel.close(grace=self.close_grace))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._channels.forget(address)
 
     async def close(self) -> None:
         await self._links.close()
-        channels = [channel for channel, _ in self._stubs.values()]
-        self._stubs.clear()
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._channels.close()
 
 
 class InProcessTransport(Transport):
