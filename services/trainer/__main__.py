@@ -157,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     run = args.run_id or default_run_id(args)  # whom it averages with, and what it announces
     averaging = bool(args.average and args.initial_peers)
-    init_seed = run_init_seed(run) if averaging else seed
+    if args.init_seed is not None:
+        init_seed, init_from = args.init_seed, "flag"
+    elif averaging:
+        init_seed, init_from = run_init_seed(run), "run id"
+    else:
+        init_seed, init_from = seed, "seed"
     torch.manual_seed(init_seed)  # the initial model; data order and the rest follow --seed
     model = build_model(
         args.model,
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(seed)
     log.info(
         "initial parameters",
-        extra={"init_seed": init_seed, "from": "run id" if averaging else "seed"},
+        extra={"init_seed": init_seed, "from": init_from},
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(

@@ -233,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-batch-size", type=int, default=512, help="samples per eval batch")
     train.add_argument(
         "--seed", type=int, default=None,
-        help="initialisation and batch-order seed; unset: the resumed checkpoint's, or drawn at "
-        "random (and logged), so trainers of one swarm differ",
+        help="batch-order seed (and the initial parameters' without averaging); unset: the "
+        "resumed checkpoint's, or drawn at random (and logged), so trainers of one swarm differ",
+    )  # fmt: skip
+    train.add_argument(
+        "--init-seed", type=int, default=None,
+        help="seed of the initial parameters; unset: drawn from the run id when averaging (all "
+        "trainers of a run start from one model), else --seed",
     )  # fmt: skip
     train.add_argument(
         "--split-seed", type=int, default=0,
