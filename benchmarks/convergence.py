@@ -231,7 +231,7 @@ class Swarm:
     """``--trainers`` averaging trainers of one run, and the evaluator of their model."""
 
     def __init__(self, args: argparse.Namespace, dht: str, setting: Setting, seed: int,
-                 prefix: str, logs: Path, dataset) -> None:  # fmt: skip
+                 prefix: str, logs: Path, dataset, log_every: int = 0) -> None:  # fmt: skip
         from swarm_eval import SwarmEvaluator
 
         self.args, self.seed, self.logs = args, seed, logs
@@ -255,7 +255,8 @@ class Swarm:
                  "--lr-decay-steps", str(decay), "--seed", str(1000 * seed + t),
                  "--split-seed", "0", "--run-id", self.run_id,
                  "--average-every", str(args.average_every),
-                 "--log-format", "json", "--log-every", str(args.log_every),
+                 "--average-period", str(args.average_period),
+                 "--log-format", "json", "--log-every", str(log_every or args.log_every),
                  "--metrics-port", str(self.metric_ports[t]),
                  "--forward-timeout", str(timeout), "--backward-timeout", str(timeout),
                  "--timeout-after-k-min", str(max(0.5, delay)),
@@ -462,7 +463,7 @@ def measure_delay(args: argparse.Namespace, dht: str, index: int) -> dict:
     experts = Experts(args, dht, setting, [prefix], logs, index)
     swarm = None
     try:
-        swarm = Swarm(args, dht, setting, 0, prefix, logs, load_data(args))
+        swarm = Swarm(args, dht, setting, 0, prefix, logs, load_data(args), log_every=1)
         time.sleep(args.delay_measure_s)
         answered = [0.0, 0.0]
         for port in swarm.metric_ports:
@@ -681,18 +682,19 @@ def main() -> int:
     )
     parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
     parser.add_argument("--data-path", type=Path, default=None, help="IDX dir (default: fetch)")
-    parser.add_argument("--updates", type=int, default=3000, help="total updates per run")
+    parser.add_argument("--updates", type=int, default=4000, help="total updates per run")
     parser.add_argument("--trainers", type=int, default=8, help="trainer processes per swarm")
     parser.add_argument("--seeds", default="0,1,2", help="one independent run per seed")
     parser.add_argument("--layers", type=int, default=2, help="DMoE layers")
     parser.add_argument("--grid", type=int, default=16, help="experts per DMoE layer")
     parser.add_argument("--k-best", type=int, default=4)
     parser.add_argument("--hidden-dim", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="trainers' Adam (decays to 0)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=6e-3, help="trainers' Adam (decays to 0)")
     parser.add_argument("--local-lr", type=float, default=1e-3, help="the reference's Adam")
-    parser.add_argument("--expert-lr", type=float, default=1e-3, help="experts' Adam (decays)")
-    parser.add_argument("--average-every", type=int, default=10, help="trainer steps")
+    parser.add_argument("--expert-lr", type=float, default=5e-4, help="experts' Adam (decays)")
+    parser.add_argument("--average-every", type=int, default=5, help="trainer steps")
+    parser.add_argument("--average-period", type=float, default=1.5, help="averaging slot, s")
     parser.add_argument("--servers", type=int, default=2, help="expert server processes")
     parser.add_argument("--eval-period", type=float, default=10.0, help="s between points")
     parser.add_argument("--eval-samples", type=int, default=2000, help="curve points; 0: all")
@@ -700,7 +702,7 @@ def main() -> int:
     parser.add_argument("--poll-every", type=float, default=2.0, help="expert metrics, s")
     parser.add_argument("--delay-ms", type=float, default=1000, help="delay study; 0: none")
     parser.add_argument("--delay-measure-s", type=float, default=90, help="its real swarm")
-    parser.add_argument("--delay-updates", type=int, default=3000, help="its emulated runs")
+    parser.add_argument("--delay-updates", type=int, default=2000, help="its emulated runs")
     parser.add_argument("--timeout", type=float, default=1200, help="per group of seeds, s")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "convergence")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
