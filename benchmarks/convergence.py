@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -715,6 +716,8 @@ def main() -> int:
              argparse.Namespace(**report["config"]), args.replot.parent)  # fmt: skip
         return 0
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    # the evaluator's own swarm client logs every failed expert call; the summary counts them
+    logging.getLogger("services").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: stop the swarm
     settings = parse_settings(args.settings)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,7 @@ def test_two_trainers_train_the_same_experts(swarm) -> None:
     dht, _experts, logdir = swarm
     # the experts are what they share: each trains its own layers from its own init (with
     # averaging on, the later one would download the other's model and begin near the accuracy
-    # checked below, or, started together, the two would average two different inits)
+    # checked below)
     common = ("--steps", "80", "--uid-prefix", "two", "--average", "false")
     trainers = [start_trainer(f"pair{i}", dht, logdir, *common, "--seed", str(i)) for i in range(2)]
     try:
