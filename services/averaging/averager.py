@@ -21,15 +21,14 @@ Failure semantics (the round is all or nothing for each member):
 
 Numpy and grpc only (no torch): :mod:`services.trainer.averaging` maps a model's tensors onto
 the vector. The averager lives on one asyncio loop; its ``Reduce`` handler is served by the
-process's gRPC server (:meth:`register`, :attr:`link`).
+process's gRPC server (:meth:`register`, :attr:`link`). Its ``DownloadState`` handler and the
+state offer for newcomers are :mod:`services.averaging.state_transfer` (:attr:`state`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,21 +40,20 @@ import numpy as np
 from services.averaging.aggregate import Aggregation
 from services.averaging.matchmaking import (
     READY_SUBKEY,
-    STATE_SUBKEY,
     Member,
     group_digest,
     groups_of,
     members_from,
     next_slot,
-    parse_announce,
     part_bounds,
     round_key,
-    state_key,
 )
 from services.averaging.metrics import AveragerMetrics
 from services.averaging.reduction import Reduced, Reduction
+from services.averaging.state_transfer import LayoutCheck, State, StateTransfer
 from services.averaging.wire import (
     COMPRESSIONS,
+    SERVICE_NAME,
     WireError,
     chunk_elements,
     decode,
@@ -63,7 +61,7 @@ from services.averaging.wire import (
     signed_message,
 )
 from services.common.channel_cache import ChannelCache, bare_channel
-from services.common.channels import aio_channel, channel_options
+from services.common.channels import channel_options
 from services.common.errors import CallError, StatusError
 from services.common.identity import Identity, verify
 from services.common.link import (
@@ -79,9 +77,6 @@ from services.proto import averager_pb2
 from services.proto.link_pb2 import LinkBatch
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "dmoe.Averager"
-STATE_CHUNK_BYTES = 1 << 20
-MAX_STATE_SERVES = 2  # state downloads served at once
 
 
 @dataclass
@@ -164,7 +159,7 @@ class Averager:
         address: str,
         metrics: AveragerMetrics | None = None,
         tls: TLSConfig | None = None,
-        state_source: Callable[[], tuple[int, int, list[tuple[str, np.ndarray]]]] | None = None,
+        state_source: Callable[[], State] | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if config.compression not in COMPRESSIONS:
@@ -177,7 +172,6 @@ class Averager:
         self.identity = identity
         self.address = address
         self.metrics = metrics
-        self.state_source = state_source
         self.compression = COMPRESSIONS[config.compression]
         self.chunk = chunk_elements(self.compression, config.chunk_bytes)
         self._tls = tls
@@ -186,10 +180,13 @@ class Averager:
         self._channels = ChannelCache(bare_channel, self._options, tls, grace=1.0)
         self._links = LinkPool(self._open_link, self._channels.forget, 64)
         self._rounds: dict[int, _Round] = {}
-        self._state_serves = 0
         self._warn = RateLimitedLog(log)
-        self._offer_task: asyncio.Task[None] | None = None
-        self.step_of: Callable[[], int] = lambda: 0
+        self.step_of: Callable[[], int] = lambda: 0  # the step offered with the state
+        self.state = StateTransfer(
+            run_id=config.run_id, size=self.size, dht=dht, identity=identity, address=address,
+            offer_period=config.state_offer_period, options=self._options, metrics=metrics,
+            tls=tls, source=state_source, step_of=lambda: self.step_of(),
+        )  # fmt: skip
         self.last: RoundResult | None = None
         # how this peer's slices go on the wire (a test's hostile peer replaces it)
         self.encode: Callable[[np.ndarray], Any] = lambda v: encode(v, self.compression)
@@ -231,10 +228,7 @@ class Averager:
         )()
 
     async def close(self) -> None:
-        if self._offer_task is not None:
-            self._offer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._offer_task
+        await self.state.close()
         for round_ in self._rounds.values():
             if round_.reduction is not None:
                 round_.reduction.cancel()
@@ -536,151 +530,23 @@ class Averager:
             contributors, radius = members, msg.clip_radius
         return out, contributors or [], radius
 
-    # ---- state for newcomers -----------------------------------------------------------------
+    # ---- state for newcomers (services.averaging.state_transfer) ---------------------------
     def start_offering_state(self) -> None:
         """Announce this peer's state to newcomers every ``state_offer_period`` seconds."""
-        if self.state_source is not None and self.config.state_offer_period > 0:
-            self._offer_task = asyncio.ensure_future(self._offer_loop())
+        self.state.start_offering()
 
-    async def _offer_loop(self) -> None:
-        period = self.config.state_offer_period
-        while True:
-            offer = averager_pb2.AveragerAnnounce(
-                address=self.address, size=self.size, step=self.step_of()
-            )
-            try:
-                await self.dht.put(
-                    [(state_key(self.config.run_id), STATE_SUBKEY, offer.SerializeToString(),
-                      self.dht.now() + 3 * period)], owned=True,
-                )  # fmt: skip
-            except Exception as exc:
-                self._warn.warn("offer", "state offer failed", error=str(exc)[:200])
-            await asyncio.sleep(period)
-
-    async def DownloadState(
+    def DownloadState(
         self, request: averager_pb2.StateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[averager_pb2.StateChunk]:
-        if request.run_id != self.config.run_id or self.state_source is None:
-            raise StatusError(grpc.StatusCode.NOT_FOUND, "no state for that run here")
-        assert self.state_source is not None
-        if self._state_serves >= MAX_STATE_SERVES:  # each holds a copy of the whole state
-            raise StatusError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "serving other newcomers; ask another peer"
-            )
-        self._state_serves += 1
-        try:
-            async for chunk in self._state_chunks():
-                yield chunk
-        finally:
-            self._state_serves -= 1
-
-    async def _state_chunks(self) -> AsyncIterator[averager_pb2.StateChunk]:
-        assert self.state_source is not None
-        step, samples, tensors = self.state_source()
-        header = averager_pb2.StateChunk(step=step, samples_seen=samples)
-        for name, array in tensors:
-            header.tensors.append(averager_pb2.StateTensor(name=name, shape=list(array.shape)))
-        first = True
-        for name, array in tensors:
-            data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-            del name
-            for offset in range(0, max(1, len(data)), STATE_CHUNK_BYTES):
-                piece = data[offset : offset + STATE_CHUNK_BYTES]
-                if first:
-                    header.data = piece
-                    yield header
-                    first = False
-                else:
-                    yield averager_pb2.StateChunk(data=piece)
-        if first:
-            yield header
+        return self.state.serve(request, context)
 
     async def download_state(
         self,
-        check: Callable[[list[tuple[str, tuple[int, ...]]]], str | None],
+        check: LayoutCheck,
         timeout: float = 60.0,
         max_bytes: int = 1 << 32,
         attempts: int = 3,
-    ) -> tuple[int, int, list[tuple[str, np.ndarray]]] | None:
-        """The state of a random peer of the run that offers one, or None (none answered).
-
-        ``check(specs)`` returns a problem for a layout this peer cannot load (names,
-        shapes); such a state, a stream that breaks, more bytes than announced or non-finite
-        values make it try the next peer."""
-        found = (await self.dht.get([state_key(self.config.run_id)], latest=True)).get(
-            state_key(self.config.run_id)
-        )
-        offers = []
-        if isinstance(found, dict):
-            for entry in found.get(STATE_SUBKEY, []):
-                if entry.owner == self.identity.public_key:
-                    continue
-                member = parse_announce(entry.owner, entry.value)
-                if member is not None and member.size == self.size:
-                    offers.append(member)
-        random.shuffle(offers)
-        if not offers:
-            if self.metrics is not None:
-                self.metrics.state_downloads.labels("none").inc()
-            return None
-        for member in offers[:attempts]:
-            try:
-                state = await asyncio.wait_for(self._download(member, check, max_bytes), timeout)
-            except Exception as exc:
-                log.warning("state download failed", extra={"peer": member.address,
-                            "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
-                continue
-            if self.metrics is not None:
-                self.metrics.state_downloads.labels("ok").inc()
-            log.info("state fetched from a peer", extra={"peer": member.address, "step": state[0]})
-            return state
-        if self.metrics is not None:
-            self.metrics.state_downloads.labels("failed").inc()
-        return None
-
-    async def _download(
-        self,
-        member: Member,
-        check: Callable[[list[tuple[str, tuple[int, ...]]]], str | None],
-        max_bytes: int,
-    ) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
-        channel = aio_channel(member.address, self._options, self._tls)
-        try:
-            call = channel.unary_stream(
-                f"/{SERVICE_NAME}/DownloadState",
-                request_serializer=averager_pb2.StateRequest.SerializeToString,
-                response_deserializer=averager_pb2.StateChunk.FromString,
-            )(averager_pb2.StateRequest(run_id=self.config.run_id))
-            header: averager_pb2.StateChunk | None = None
-            data = bytearray()
-            total = 0
-            async for chunk in call:
-                if header is None:
-                    header = chunk
-                    specs = [(t.name, tuple(int(d) for d in t.shape)) for t in header.tensors]
-                    if any(d < 0 for _, shape in specs for d in shape):
-                        raise ValueError("negative dimension")
-                    total = 4 * sum(int(np.prod(s)) for _, s in specs)
-                    if total > max_bytes:
-                        raise ValueError(f"state of {total} bytes is over the limit")
-                    problem = check(specs)
-                    if problem:
-                        raise ValueError(f"state does not fit this model: {problem}")
-                data += chunk.data
-                if len(data) > total:
-                    raise ValueError("more bytes than the state announced")
-            if header is None or len(data) != total:
-                raise ValueError(f"state ended after {len(data)} of {total} bytes")
-        except grpc.aio.AioRpcError as exc:
-            raise CallError.of_rpc(exc) from None
-        finally:
-            await channel.close()
-        arrays, offset = [], 0
-        for name, shape in specs:
-            count = int(np.prod(shape))
-            array = np.frombuffer(bytes(data[offset : offset + 4 * count]), dtype="<f4")
-            offset += 4 * count
-            if not np.isfinite(array).all():
-                raise ValueError(f"{name} holds NaN or infinity")
-            arrays.append((name, array.reshape(shape).astype(np.float32)))
-        return int(header.step), int(header.samples_seen), arrays
+    ) -> State | None:
+        """The state of a random peer of the run that offers one, or None (none answered);
+        see :meth:`services.averaging.state_transfer.StateTransfer.download`."""
+        return await self.state.download(check, timeout, max_bytes, attempts)
