@@ -183,9 +183,10 @@ class Averager:
         self._warn = RateLimitedLog(log)
         self.step_of: Callable[[], int] = lambda: 0  # the step offered with the state
         self.state = StateTransfer(
-            run_id=config.run_id, size=self.size, dht=dht, identity=identity, address=address,
+            run_id=config.run_id, size=self.size, dht=dht, identity=identity,
             offer_period=config.state_offer_period, options=self._options, metrics=metrics,
             tls=tls, source=state_source, step_of=lambda: self.step_of(),
+            address_of=lambda: self.address,
         )  # fmt: skip
         self.last: RoundResult | None = None
         # how this peer's slices go on the wire (a test's hostile peer replaces it)

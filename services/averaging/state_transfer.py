@@ -49,8 +49,9 @@ class StateTransfer:
     """Offers, serves and downloads the state of a peer of ``run_id`` (vectors of ``size``).
 
     ``source`` returns this peer's state when a newcomer asks (None: offers and serves
-    nothing); ``step_of`` the step announced with the offer. ``options``: the gRPC channel
-    options a download dials with.
+    nothing); ``address_of`` and ``step_of`` the address and step announced with the offer,
+    read at each announcement (the owner may learn its address after construction).
+    ``options``: the gRPC channel options a download dials with.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class StateTransfer:
         size: int,
         dht: Any,
         identity: Identity,
-        address: str,
+        address_of: Callable[[], str],
         offer_period: float,
         options: list[tuple[str, Any]],
         metrics: AveragerMetrics | None = None,
@@ -72,7 +73,7 @@ class StateTransfer:
         self.size = size
         self.dht = dht
         self.identity = identity
-        self.address = address
+        self.address_of = address_of
         self.offer_period = offer_period
         self.metrics = metrics
         self.source = source
@@ -99,7 +100,7 @@ class StateTransfer:
         period = self.offer_period
         while True:
             offer = averager_pb2.AveragerAnnounce(
-                address=self.address, size=self.size, step=self.step_of()
+                address=self.address_of(), size=self.size, step=self.step_of()
             )
             try:
                 await self.dht.put(
