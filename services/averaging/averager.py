@@ -21,7 +21,9 @@ Failure semantics (the round is all or nothing for each member):
 
 Numpy and grpc only (no torch): :mod:`services.trainer.averaging` maps a model's tensors onto
 the vector. The averager lives on one asyncio loop; its ``Reduce`` handler is served by the
-process's gRPC server (:meth:`register`, :attr:`link`). Its ``DownloadState`` handler and the
+process's gRPC server (:meth:`register`, :attr:`link`) and answered by
+:mod:`services.averaging.reduce_handler` (:attr:`reducer`); the settings, results and this
+peer's view of a round are :mod:`services.averaging.rounds`. Its ``DownloadState`` handler and the
 state offer for newcomers are :mod:`services.averaging.state_transfer` (:attr:`state`).
 """
 
@@ -31,16 +33,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
-from services.averaging.aggregate import Aggregation
 from services.averaging.matchmaking import (
     READY_SUBKEY,
-    Member,
     group_digest,
     groups_of,
     members_from,
@@ -49,12 +48,13 @@ from services.averaging.matchmaking import (
     round_key,
 )
 from services.averaging.metrics import AveragerMetrics
+from services.averaging.reduce_handler import ReduceHandler
 from services.averaging.reduction import Reduced, Reduction
+from services.averaging.rounds import AveragerConfig, PartResult, RoundResult, RoundView
 from services.averaging.state_transfer import LayoutCheck, State, StateTransfer
 from services.averaging.wire import (
     COMPRESSIONS,
     SERVICE_NAME,
-    WireError,
     chunk_elements,
     decode,
     encode,
@@ -62,8 +62,8 @@ from services.averaging.wire import (
 )
 from services.common.channel_cache import ChannelCache, bare_channel
 from services.common.channels import channel_options
-from services.common.errors import CallError, StatusError
-from services.common.identity import Identity, verify
+from services.common.errors import CallError
+from services.common.identity import Identity
 from services.common.link import (
     LinkPool,
     LinkServer,
@@ -77,67 +77,8 @@ from services.proto import averager_pb2
 from services.proto.link_pb2 import LinkBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AveragerConfig:
-    """How a peer averages; every member of a run should use the same values."""
-
-    run_id: str
-    target_group_size: int = 8
-    window: float = 2.0  # seconds per matchmaking slot (DHT clock)
-    settle: float = 0.3  # read the slot this long after it closes
-    lead: float = 0.3  # join a slot only this long before it closes (else the next one)
-    reduce_timeout: float = 10.0  # reducers wait this long after the read for slices
-    reply_grace: float = 5.0  # members wait this much longer for the reduced parts
-    compression: str = "none"  # none | float16 on the wire
-    aggregation: Aggregation = field(default_factory=Aggregation)
-    chunk_bytes: int = 1 << 20
-    state_offer_period: float = 10.0  # re-announce the state offer this often (0: never)
-    # refuse a reduced part that moves this peer's values (RMS) more than this times the median
-    # of the other parts' moves (groups of 3 or more; 0: off)
-    result_factor: float = 10.0
-
-
-@dataclass
-class PartResult:
-    start: int
-    end: int
-    contributors: list[bytes]  # public keys of the members whose slices the part holds
-    radius: float
-
-
-@dataclass
-class RoundResult:
-    """What one round gave: ``vector`` is None unless ``outcome`` is ``ok``."""
-
-    outcome: str  # ok | alone | failed
-    slot: int
-    group: list[bytes] = field(default_factory=list)
-    vector: np.ndarray | None = None
-    parts: list[PartResult] = field(default_factory=list)
-    seconds: float = 0.0
-    reason: str = ""
-    finished_at: float = 0.0
-
-    @property
-    def group_size(self) -> int:
-        return len(self.group)
-
-
-class _Round:
-    """This peer's view of one slot; reducers' handlers wait on ``formed``."""
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-        self.formed = asyncio.Event()
-        self.digest = b""
-        self.members: list[Member] = []
-        self.index = -1
-        self.position: dict[bytes, int] = {}
-        self.bounds: list[tuple[int, int]] = []
-        self.reduction: Reduction | None = None
-        self.replies_by = 0.0  # DHT time after which a member stops waiting for reduced parts
+# the settings and results are rounds.py's; imported from here too
+__all__ = ["SERVICE_NAME", "Averager", "AveragerConfig", "PartResult", "RoundResult"]
 
 
 class Averager:
@@ -179,7 +120,7 @@ class Averager:
         # a channel per peer, closed 1 s after it is dropped (a failed link) or at close()
         self._channels = ChannelCache(bare_channel, self._options, tls, grace=1.0)
         self._links = LinkPool(self._open_link, self._channels.forget, 64)
-        self._rounds: dict[int, _Round] = {}
+        self._rounds: dict[int, RoundView] = {}
         self._warn = RateLimitedLog(log)
         self.step_of: Callable[[], int] = lambda: 0  # the step offered with the state
         self.state = StateTransfer(
@@ -191,8 +132,9 @@ class Averager:
         self.last: RoundResult | None = None
         # how this peer's slices go on the wire (a test's hostile peer replaces it)
         self.encode: Callable[[np.ndarray], Any] = lambda v: encode(v, self.compression)
+        self.reducer = ReduceHandler(config, self._rounds, self.compression, metrics, self._warn)
         self.link = LinkServer(
-            {"Reduce": protobuf_method(averager_pb2.ReduceRequest, self._reduce)}
+            {"Reduce": protobuf_method(averager_pb2.ReduceRequest, self.reducer.handle)}
         )
 
     # ---- gRPC plumbing ---------------------------------------------------------------------
@@ -216,7 +158,8 @@ class Averager:
     async def Reduce(
         self, request: averager_pb2.ReduceRequest, context: grpc.aio.ServicerContext
     ) -> averager_pb2.ReduceReply:
-        return await self._reduce(request, context.peer())  # a StatusError: the guard answers
+        # a StatusError: the guard answers
+        return await self.reducer.handle(request, context.peer())
 
     def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.link.serve(batches, context)
@@ -236,82 +179,6 @@ class Averager:
         self._rounds.clear()
         await self._links.close()
         await self._channels.close()
-
-    def _refuse(self, reason: str, message: str, source: str) -> StatusError:
-        if self.metrics is not None:
-            self.metrics.refused.labels(reason).inc()
-        self._warn.warn(("refused", reason, source), "averaging: refused", reason=reason,
-                        source=source, detail=message[:200])  # fmt: skip
-        code = grpc.StatusCode.INVALID_ARGUMENT
-        if reason in ("group", "not_averaging"):
-            code = grpc.StatusCode.FAILED_PRECONDITION
-        elif reason in ("member", "signature"):
-            code = grpc.StatusCode.PERMISSION_DENIED
-        return StatusError(code, message)
-
-    # ---- reducer side ----------------------------------------------------------------------
-    async def _reduce(
-        self, request: averager_pb2.ReduceRequest, peer: str
-    ) -> averager_pb2.ReduceReply:
-        source = request.sender.hex()[:16] or peer
-        if request.run_id != self.config.run_id:
-            raise self._refuse("group", "another run", source)
-        round_ = self._rounds.get(request.round)
-        if round_ is None:
-            raise self._refuse("not_averaging", f"not averaging in round {request.round}", source)
-        timeout = self.config.window + self.config.settle + self.config.reduce_timeout
-        try:
-            await asyncio.wait_for(round_.formed.wait(), timeout)
-        except TimeoutError:
-            raise self._refuse("not_averaging", "round not formed in time", source) from None
-        reduction = round_.reduction
-        member = round_.position.get(request.sender)
-        if reduction is None or request.group != round_.digest:
-            if reduction is not None and member is not None and self._signed(request):
-                reduction.refuse(member)  # it saw another group: do not wait for it
-            raise self._refuse("group", "this peer formed another group in that round", source)
-        if member is None:
-            raise self._refuse("member", "the sender is not a member of this group", source)
-        if request.part != round_.index:
-            raise self._refuse("shape", f"this peer reduces part {round_.index}", source)
-        if request.chunk >= reduction.chunks:
-            raise self._refuse("shape", f"part has {reduction.chunks} chunks", source)
-        weight = request.weight
-        if not (np.isfinite(weight) and 0.0 <= weight <= 1e15):
-            reduction.refuse(member)
-            raise self._refuse("weight", "weight must be finite and in [0, 1e15]", source)
-        if not self._signed(request):
-            raise self._refuse("signature", "bad signature", source)
-        start, end = reduction.bounds(request.chunk)
-        try:
-            values = decode(request.values, end - start)
-        except WireError as exc:
-            reduction.refuse(member)
-            raise self._refuse(exc.reason, str(exc), source) from None
-        if self.metrics is not None:
-            self.metrics.bytes.labels("received").inc(len(request.values.buffer))
-        problem = reduction.add(member, request.chunk, values, weight)
-        if problem is not None:
-            raise self._refuse(problem, f"chunk refused: {problem}", source)
-        try:
-            reduced = await asyncio.wait_for(asyncio.shield(reduction.done), timeout)
-        except (TimeoutError, asyncio.CancelledError):
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the part was not reduced") from None
-        reply = averager_pb2.ReduceReply(
-            values=encode(reduced.values[start:end], self.compression),
-            contributors=reduced.contributors,
-            clip_radius=reduced.radius,
-        )
-        if self.metrics is not None:
-            self.metrics.bytes.labels("sent").inc(len(reply.values.buffer))
-        return reply
-
-    def _signed(self, request: averager_pb2.ReduceRequest) -> bool:
-        message = signed_message(
-            self.config.run_id, request.round, request.group, request.part, request.chunk,
-            request.weight, request.values.buffer,
-        )  # fmt: skip
-        return verify(request.sender, request.signature, message)
 
     # ---- member side -----------------------------------------------------------------------
     async def _sleep_until(self, dht_time: float) -> None:
@@ -347,7 +214,7 @@ class Averager:
             result = RoundResult("failed", slot, reason="the slot closed before the round began")
             self._record(result)
             return result
-        round_ = _Round(slot)
+        round_ = RoundView(slot)
         self._rounds[slot] = round_
         try:
             result = await self._round(round_, vector, float(weight))
@@ -362,7 +229,7 @@ class Averager:
         self._record(result)
         return result
 
-    def _drop_round(self, round_: _Round) -> None:
+    def _drop_round(self, round_: RoundView) -> None:
         if self._rounds.get(round_.slot) is round_:
             del self._rounds[round_.slot]
         if round_.reduction is not None:
@@ -385,7 +252,7 @@ class Averager:
                 self.metrics.group_size.observe(result.group_size)
                 self.metrics.last_round.set(result.finished_at)
 
-    async def _round(self, round_: _Round, vector: np.ndarray, weight: float) -> RoundResult:
+    async def _round(self, round_: RoundView, vector: np.ndarray, weight: float) -> RoundResult:
         cfg, slot = self.config, round_.slot
         key = round_key(cfg.run_id, slot)
         announce = averager_pb2.AveragerAnnounce(address=self.address, size=self.size)
@@ -483,7 +350,7 @@ class Averager:
         return reduced.values, reduced.contributors, reduced.radius
 
     async def _remote_part(
-        self, round_: _Round, part: int, vector: np.ndarray, weight: float
+        self, round_: RoundView, part: int, vector: np.ndarray, weight: float
     ) -> tuple[np.ndarray, list[int], float] | str:
         cfg = self.config
         reducer = round_.members[part]
