@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from proc import cpu_seconds, free_ports, stop  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from services.averaging.averager import AveragerConfig  # noqa: E402
 from services.averaging.matchmaking import next_slot  # noqa: E402
+from services.averaging.rounds import AveragerConfig  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 
 from services.averaging import Aggregation, Averager, AveragerConfig
-from services.averaging.averager import _Round
 from services.averaging.matchmaking import Member, group_digest, part_bounds
 from services.averaging.reduction import Reduction
+from services.averaging.rounds import RoundView
 from services.averaging.wire import decode, encode, signed_message
 from services.common.identity import Identity
 from services.common.server import start_server
@@ -22,9 +22,9 @@ RUN, SIZE = "rpc-test", 8
 FP32 = tensor_pb2.COMPRESSION_NONE
 
 
-def form(averager: Averager, slot: int, group: list[Member], own: np.ndarray) -> _Round:
+def form(averager: Averager, slot: int, group: list[Member], own: np.ndarray) -> RoundView:
     """What ``step`` sets up once its group is read: this peer reduces part 0."""
-    round_ = _Round(slot)
+    round_ = RoundView(slot)
     round_.members, round_.digest = group, group_digest(RUN, slot, group)
     round_.position = {m.key: i for i, m in enumerate(group)}
     round_.index, round_.bounds = 0, part_bounds(SIZE, len(group))
@@ -36,7 +36,7 @@ def form(averager: Averager, slot: int, group: list[Member], own: np.ndarray) ->
     return round_
 
 
-def request(signer: Identity, sender: bytes, round_: _Round, values: np.ndarray,
+def request(signer: Identity, sender: bytes, round_: RoundView, values: np.ndarray,
             run: str = RUN, weight: float = 1.0) -> averager_pb2.ReduceRequest:  # fmt: skip
     tensor = encode(values, FP32)
     message = signed_message(run, round_.slot, round_.digest, 0, 0, weight, tensor.buffer)

@@ -5,6 +5,7 @@ model's tensors onto the flat vector is :mod:`services.trainer.averaging`.
 """
 
 from services.averaging.aggregate import Aggregation, aggregate
-from services.averaging.averager import Averager, AveragerConfig, PartResult, RoundResult
+from services.averaging.averager import Averager
+from services.averaging.rounds import AveragerConfig, PartResult, RoundResult
 
 __all__ = ["Aggregation", "Averager", "AveragerConfig", "PartResult", "RoundResult", "aggregate"]

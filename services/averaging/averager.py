@@ -21,51 +21,49 @@ Failure semantics (the round is all or nothing for each member):
 
 Numpy and grpc only (no torch): :mod:`services.trainer.averaging` maps a model's tensors onto
 the vector. The averager lives on one asyncio loop; its ``Reduce`` handler is served by the
-process's gRPC server (:meth:`register`, :attr:`link`).
+process's gRPC server (:meth:`register`, :attr:`link`) and answered by
+:mod:`services.averaging.reduce_handler` (:attr:`reducer`); the settings, results and this
+peer's view of a round are :mod:`services.averaging.rounds`. Its ``DownloadState`` handler and the
+state offer for newcomers are :mod:`services.averaging.state_transfer` (:attr:`state`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
-from services.averaging.aggregate import Aggregation
 from services.averaging.matchmaking import (
     READY_SUBKEY,
-    STATE_SUBKEY,
-    Member,
     group_digest,
     groups_of,
     members_from,
     next_slot,
-    parse_announce,
     part_bounds,
     round_key,
-    state_key,
 )
 from services.averaging.metrics import AveragerMetrics
+from services.averaging.reduce_handler import ReduceHandler
 from services.averaging.reduction import Reduced, Reduction
+from services.averaging.rounds import AveragerConfig, PartResult, RoundResult, RoundView
+from services.averaging.state_transfer import LayoutCheck, State, StateTransfer
 from services.averaging.wire import (
     COMPRESSIONS,
-    WireError,
+    SERVICE_NAME,
     chunk_elements,
     decode,
     encode,
     signed_message,
 )
 from services.common.channel_cache import ChannelCache, bare_channel
-from services.common.channels import aio_channel, channel_options
-from services.common.errors import CallError, StatusError
-from services.common.identity import Identity, verify
+from services.common.channels import channel_options
+from services.common.errors import CallError
+from services.common.identity import Identity
 from services.common.link import (
     LinkPool,
     LinkServer,
@@ -79,70 +77,8 @@ from services.proto import averager_pb2
 from services.proto.link_pb2 import LinkBatch
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "dmoe.Averager"
-STATE_CHUNK_BYTES = 1 << 20
-MAX_STATE_SERVES = 2  # state downloads served at once
-
-
-@dataclass
-class AveragerConfig:
-    """How a peer averages; every member of a run should use the same values."""
-
-    run_id: str
-    target_group_size: int = 8
-    window: float = 2.0  # seconds per matchmaking slot (DHT clock)
-    settle: float = 0.3  # read the slot this long after it closes
-    lead: float = 0.3  # join a slot only this long before it closes (else the next one)
-    reduce_timeout: float = 10.0  # reducers wait this long after the read for slices
-    reply_grace: float = 5.0  # members wait this much longer for the reduced parts
-    compression: str = "none"  # none | float16 on the wire
-    aggregation: Aggregation = field(default_factory=Aggregation)
-    chunk_bytes: int = 1 << 20
-    state_offer_period: float = 10.0  # re-announce the state offer this often (0: never)
-    # refuse a reduced part that moves this peer's values (RMS) more than this times the median
-    # of the other parts' moves (groups of 3 or more; 0: off)
-    result_factor: float = 10.0
-
-
-@dataclass
-class PartResult:
-    start: int
-    end: int
-    contributors: list[bytes]  # public keys of the members whose slices the part holds
-    radius: float
-
-
-@dataclass
-class RoundResult:
-    """What one round gave: ``vector`` is None unless ``outcome`` is ``ok``."""
-
-    outcome: str  # ok | alone | failed
-    slot: int
-    group: list[bytes] = field(default_factory=list)
-    vector: np.ndarray | None = None
-    parts: list[PartResult] = field(default_factory=list)
-    seconds: float = 0.0
-    reason: str = ""
-    finished_at: float = 0.0
-
-    @property
-    def group_size(self) -> int:
-        return len(self.group)
-
-
-class _Round:
-    """This peer's view of one slot; reducers' handlers wait on ``formed``."""
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-        self.formed = asyncio.Event()
-        self.digest = b""
-        self.members: list[Member] = []
-        self.index = -1
-        self.position: dict[bytes, int] = {}
-        self.bounds: list[tuple[int, int]] = []
-        self.reduction: Reduction | None = None
-        self.replies_by = 0.0  # DHT time after which a member stops waiting for reduced parts
+# the settings and results are rounds.py's; imported from here too
+__all__ = ["SERVICE_NAME", "Averager", "AveragerConfig", "PartResult", "RoundResult"]
 
 
 class Averager:
@@ -164,7 +100,7 @@ class Averager:
         address: str,
         metrics: AveragerMetrics | None = None,
         tls: TLSConfig | None = None,
-        state_source: Callable[[], tuple[int, int, list[tuple[str, np.ndarray]]]] | None = None,
+        state_source: Callable[[], State] | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if config.compression not in COMPRESSIONS:
@@ -177,7 +113,6 @@ class Averager:
         self.identity = identity
         self.address = address
         self.metrics = metrics
-        self.state_source = state_source
         self.compression = COMPRESSIONS[config.compression]
         self.chunk = chunk_elements(self.compression, config.chunk_bytes)
         self._tls = tls
@@ -185,16 +120,21 @@ class Averager:
         # a channel per peer, closed 1 s after it is dropped (a failed link) or at close()
         self._channels = ChannelCache(bare_channel, self._options, tls, grace=1.0)
         self._links = LinkPool(self._open_link, self._channels.forget, 64)
-        self._rounds: dict[int, _Round] = {}
-        self._state_serves = 0
+        self._rounds: dict[int, RoundView] = {}
         self._warn = RateLimitedLog(log)
-        self._offer_task: asyncio.Task[None] | None = None
-        self.step_of: Callable[[], int] = lambda: 0
+        self.step_of: Callable[[], int] = lambda: 0  # the step offered with the state
+        self.state = StateTransfer(
+            run_id=config.run_id, size=self.size, dht=dht, identity=identity,
+            offer_period=config.state_offer_period, options=self._options, metrics=metrics,
+            tls=tls, source=state_source, step_of=lambda: self.step_of(),
+            address_of=lambda: self.address,
+        )  # fmt: skip
         self.last: RoundResult | None = None
         # how this peer's slices go on the wire (a test's hostile peer replaces it)
         self.encode: Callable[[np.ndarray], Any] = lambda v: encode(v, self.compression)
+        self.reducer = ReduceHandler(config, self._rounds, self.compression, metrics, self._warn)
         self.link = LinkServer(
-            {"Reduce": protobuf_method(averager_pb2.ReduceRequest, self._reduce)}
+            {"Reduce": protobuf_method(averager_pb2.ReduceRequest, self.reducer.handle)}
         )
 
     # ---- gRPC plumbing ---------------------------------------------------------------------
@@ -218,7 +158,8 @@ class Averager:
     async def Reduce(
         self, request: averager_pb2.ReduceRequest, context: grpc.aio.ServicerContext
     ) -> averager_pb2.ReduceReply:
-        return await self._reduce(request, context.peer())  # a StatusError: the guard answers
+        # a StatusError: the guard answers
+        return await self.reducer.handle(request, context.peer())
 
     def Link(self, batches: Any, context: grpc.aio.ServicerContext) -> Any:
         return self.link.serve(batches, context)
@@ -231,92 +172,13 @@ class Averager:
         )()
 
     async def close(self) -> None:
-        if self._offer_task is not None:
-            self._offer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._offer_task
+        await self.state.close()
         for round_ in self._rounds.values():
             if round_.reduction is not None:
                 round_.reduction.cancel()
         self._rounds.clear()
         await self._links.close()
         await self._channels.close()
-
-    def _refuse(self, reason: str, message: str, source: str) -> StatusError:
-        if self.metrics is not None:
-            self.metrics.refused.labels(reason).inc()
-        self._warn.warn(("refused", reason, source), "averaging: refused", reason=reason,
-                        source=source, detail=message[:200])  # fmt: skip
-        code = grpc.StatusCode.INVALID_ARGUMENT
-        if reason in ("group", "not_averaging"):
-            code = grpc.StatusCode.FAILED_PRECONDITION
-        elif reason in ("member", "signature"):
-            code = grpc.StatusCode.PERMISSION_DENIED
-        return StatusError(code, message)
-
-    # ---- reducer side ----------------------------------------------------------------------
-    async def _reduce(
-        self, request: averager_pb2.ReduceRequest, peer: str
-    ) -> averager_pb2.ReduceReply:
-        source = request.sender.hex()[:16] or peer
-        if request.run_id != self.config.run_id:
-            raise self._refuse("group", "another run", source)
-        round_ = self._rounds.get(request.round)
-        if round_ is None:
-            raise self._refuse("not_averaging", f"not averaging in round {request.round}", source)
-        timeout = self.config.window + self.config.settle + self.config.reduce_timeout
-        try:
-            await asyncio.wait_for(round_.formed.wait(), timeout)
-        except TimeoutError:
-            raise self._refuse("not_averaging", "round not formed in time", source) from None
-        reduction = round_.reduction
-        member = round_.position.get(request.sender)
-        if reduction is None or request.group != round_.digest:
-            if reduction is not None and member is not None and self._signed(request):
-                reduction.refuse(member)  # it saw another group: do not wait for it
-            raise self._refuse("group", "this peer formed another group in that round", source)
-        if member is None:
-            raise self._refuse("member", "the sender is not a member of this group", source)
-        if request.part != round_.index:
-            raise self._refuse("shape", f"this peer reduces part {round_.index}", source)
-        if request.chunk >= reduction.chunks:
-            raise self._refuse("shape", f"part has {reduction.chunks} chunks", source)
-        weight = request.weight
-        if not (np.isfinite(weight) and 0.0 <= weight <= 1e15):
-            reduction.refuse(member)
-            raise self._refuse("weight", "weight must be finite and in [0, 1e15]", source)
-        if not self._signed(request):
-            raise self._refuse("signature", "bad signature", source)
-        start, end = reduction.bounds(request.chunk)
-        try:
-            values = decode(request.values, end - start)
-        except WireError as exc:
-            reduction.refuse(member)
-            raise self._refuse(exc.reason, str(exc), source) from None
-        if self.metrics is not None:
-            self.metrics.bytes.labels("received").inc(len(request.values.buffer))
-        problem = reduction.add(member, request.chunk, values, weight)
-        if problem is not None:
-            raise self._refuse(problem, f"chunk refused: {problem}", source)
-        try:
-            reduced = await asyncio.wait_for(asyncio.shield(reduction.done), timeout)
-        except (TimeoutError, asyncio.CancelledError):
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the part was not reduced") from None
-        reply = averager_pb2.ReduceReply(
-            values=encode(reduced.values[start:end], self.compression),
-            contributors=reduced.contributors,
-            clip_radius=reduced.radius,
-        )
-        if self.metrics is not None:
-            self.metrics.bytes.labels("sent").inc(len(reply.values.buffer))
-        return reply
-
-    def _signed(self, request: averager_pb2.ReduceRequest) -> bool:
-        message = signed_message(
-            self.config.run_id, request.round, request.group, request.part, request.chunk,
-            request.weight, request.values.buffer,
-        )  # fmt: skip
-        return verify(request.sender, request.signature, message)
 
     # ---- member side -----------------------------------------------------------------------
     async def _sleep_until(self, dht_time: float) -> None:
@@ -352,7 +214,7 @@ class Averager:
             result = RoundResult("failed", slot, reason="the slot closed before the round began")
             self._record(result)
             return result
-        round_ = _Round(slot)
+        round_ = RoundView(slot)
         self._rounds[slot] = round_
         try:
             result = await self._round(round_, vector, float(weight))
@@ -367,7 +229,7 @@ class Averager:
         self._record(result)
         return result
 
-    def _drop_round(self, round_: _Round) -> None:
+    def _drop_round(self, round_: RoundView) -> None:
         if self._rounds.get(round_.slot) is round_:
             del self._rounds[round_.slot]
         if round_.reduction is not None:
@@ -390,7 +252,7 @@ class Averager:
                 self.metrics.group_size.observe(result.group_size)
                 self.metrics.last_round.set(result.finished_at)
 
-    async def _round(self, round_: _Round, vector: np.ndarray, weight: float) -> RoundResult:
+    async def _round(self, round_: RoundView, vector: np.ndarray, weight: float) -> RoundResult:
         cfg, slot = self.config, round_.slot
         key = round_key(cfg.run_id, slot)
         announce = averager_pb2.AveragerAnnounce(address=self.address, size=self.size)
@@ -488,7 +350,7 @@ class Averager:
         return reduced.values, reduced.contributors, reduced.radius
 
     async def _remote_part(
-        self, round_: _Round, part: int, vector: np.ndarray, weight: float
+        self, round_: RoundView, part: int, vector: np.ndarray, weight: float
     ) -> tuple[np.ndarray, list[int], float] | str:
         cfg = self.config
         reducer = round_.members[part]
@@ -536,151 +398,23 @@ class Averager:
             contributors, radius = members, msg.clip_radius
         return out, contributors or [], radius
 
-    # ---- state for newcomers -----------------------------------------------------------------
+    # ---- state for newcomers (services.averaging.state_transfer) ---------------------------
     def start_offering_state(self) -> None:
         """Announce this peer's state to newcomers every ``state_offer_period`` seconds."""
-        if self.state_source is not None and self.config.state_offer_period > 0:
-            self._offer_task = asyncio.ensure_future(self._offer_loop())
+        self.state.start_offering()
 
-    async def _offer_loop(self) -> None:
-        period = self.config.state_offer_period
-        while True:
-            offer = averager_pb2.AveragerAnnounce(
-                address=self.address, size=self.size, step=self.step_of()
-            )
-            try:
-                await self.dht.put(
-                    [(state_key(self.config.run_id), STATE_SUBKEY, offer.SerializeToString(),
-                      self.dht.now() + 3 * period)], owned=True,
-                )  # fmt: skip
-            except Exception as exc:
-                self._warn.warn("offer", "state offer failed", error=str(exc)[:200])
-            await asyncio.sleep(period)
-
-    async def DownloadState(
+    def DownloadState(
         self, request: averager_pb2.StateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[averager_pb2.StateChunk]:
-        if request.run_id != self.config.run_id or self.state_source is None:
-            raise StatusError(grpc.StatusCode.NOT_FOUND, "no state for that run here")
-        assert self.state_source is not None
-        if self._state_serves >= MAX_STATE_SERVES:  # each holds a copy of the whole state
-            raise StatusError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "serving other newcomers; ask another peer"
-            )
-        self._state_serves += 1
-        try:
-            async for chunk in self._state_chunks():
-                yield chunk
-        finally:
-            self._state_serves -= 1
-
-    async def _state_chunks(self) -> AsyncIterator[averager_pb2.StateChunk]:
-        assert self.state_source is not None
-        step, samples, tensors = self.state_source()
-        header = averager_pb2.StateChunk(step=step, samples_seen=samples)
-        for name, array in tensors:
-            header.tensors.append(averager_pb2.StateTensor(name=name, shape=list(array.shape)))
-        first = True
-        for name, array in tensors:
-            data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-            del name
-            for offset in range(0, max(1, len(data)), STATE_CHUNK_BYTES):
-                piece = data[offset : offset + STATE_CHUNK_BYTES]
-                if first:
-                    header.data = piece
-                    yield header
-                    first = False
-                else:
-                    yield averager_pb2.StateChunk(data=piece)
-        if first:
-            yield header
+        return self.state.serve(request, context)
 
     async def download_state(
         self,
-        check: Callable[[list[tuple[str, tuple[int, ...]]]], str | None],
+        check: LayoutCheck,
         timeout: float = 60.0,
         max_bytes: int = 1 << 32,
         attempts: int = 3,
-    ) -> tuple[int, int, list[tuple[str, np.ndarray]]] | None:
-        """The state of a random peer of the run that offers one, or None (none answered).
-
-        ``check(specs)`` returns a problem for a layout this peer cannot load (names,
-        shapes); such a state, a stream that breaks, more bytes than announced or non-finite
-        values make it try the next peer."""
-        found = (await self.dht.get([state_key(self.config.run_id)], latest=True)).get(
-            state_key(self.config.run_id)
-        )
-        offers = []
-        if isinstance(found, dict):
-            for entry in found.get(STATE_SUBKEY, []):
-                if entry.owner == self.identity.public_key:
-                    continue
-                member = parse_announce(entry.owner, entry.value)
-                if member is not None and member.size == self.size:
-                    offers.append(member)
-        random.shuffle(offers)
-        if not offers:
-            if self.metrics is not None:
-                self.metrics.state_downloads.labels("none").inc()
-            return None
-        for member in offers[:attempts]:
-            try:
-                state = await asyncio.wait_for(self._download(member, check, max_bytes), timeout)
-            except Exception as exc:
-                log.warning("state download failed", extra={"peer": member.address,
-                            "error": f"{type(exc).__name__}: {exc}"[:300]})  # fmt: skip
-                continue
-            if self.metrics is not None:
-                self.metrics.state_downloads.labels("ok").inc()
-            log.info("state fetched from a peer", extra={"peer": member.address, "step": state[0]})
-            return state
-        if self.metrics is not None:
-            self.metrics.state_downloads.labels("failed").inc()
-        return None
-
-    async def _download(
-        self,
-        member: Member,
-        check: Callable[[list[tuple[str, tuple[int, ...]]]], str | None],
-        max_bytes: int,
-    ) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
-        channel = aio_channel(member.address, self._options, self._tls)
-        try:
-            call = channel.unary_stream(
-                f"/{SERVICE_NAME}/DownloadState",
-                request_serializer=averager_pb2.StateRequest.SerializeToString,
-                response_deserializer=averager_pb2.StateChunk.FromString,
-            )(averager_pb2.StateRequest(run_id=self.config.run_id))
-            header: averager_pb2.StateChunk | None = None
-            data = bytearray()
-            total = 0
-            async for chunk in call:
-                if header is None:
-                    header = chunk
-                    specs = [(t.name, tuple(int(d) for d in t.shape)) for t in header.tensors]
-                    if any(d < 0 for _, shape in specs for d in shape):
-                        raise ValueError("negative dimension")
-                    total = 4 * sum(int(np.prod(s)) for _, s in specs)
-                    if total > max_bytes:
-                        raise ValueError(f"state of {total} bytes is over the limit")
-                    problem = check(specs)
-                    if problem:
-                        raise ValueError(f"state does not fit this model: {problem}")
-                data += chunk.data
-                if len(data) > total:
-                    raise ValueError("more bytes than the state announced")
-            if header is None or len(data) != total:
-                raise ValueError(f"state ended after {len(data)} of {total} bytes")
-        except grpc.aio.AioRpcError as exc:
-            raise CallError.of_rpc(exc) from None
-        finally:
-            await channel.close()
-        arrays, offset = [], 0
-        for name, shape in specs:
-            count = int(np.prod(shape))
-            array = np.frombuffer(bytes(data[offset : offset + 4 * count]), dtype="<f4")
-            offset += 4 * count
-            if not np.isfinite(array).all():
-                raise ValueError(f"{name} holds NaN or infinity")
-            arrays.append((name, array.reshape(shape).astype(np.float32)))
-        return int(header.step), int(header.samples_seen), arrays
+    ) -> State | None:
+        """The state of a random peer of the run that offers one, or None (none answered);
+        see :meth:`services.averaging.state_transfer.StateTransfer.download`."""
+        return await self.state.download(check, timeout, max_bytes, attempts)

@@ -18,6 +18,7 @@ import numpy as np
 
 from services.proto import tensor_pb2
 
+SERVICE_NAME = "dmoe.Averager"  # rounds and state transfer share one gRPC service
 CHUNK_BYTES = 1 << 20  # at most 1 MiB of values per message
 FLOAT16_MAX = 65504.0
 COMPRESSIONS = {"none": tensor_pb2.COMPRESSION_NONE, "float16": tensor_pb2.COMPRESSION_FLOAT16}
