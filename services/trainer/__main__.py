@@ -176,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         final_norm=args.final_norm,
     )
     torch.manual_seed(seed)
-    log.info(
-        "initial parameters",
-        extra={"init_seed": init_seed, "from": init_from},
-    )
+    log.info("initial parameters", extra={"init_seed": init_seed, "from": init_from})
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     trainer = Trainer(
         model,

