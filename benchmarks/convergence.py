@@ -287,15 +287,10 @@ class Swarm:
               f"({snap.time - self.started:.0f} s)", flush=True)  # fmt: skip
         if snap.updates < self.args.updates:
             return False
-        answered = [0.0, 0.0]
-        for port in self.metric_ports:
-            for line in scrape(port).splitlines():
-                if m := ANSWERED_RE.match(line):
-                    answered[m.group(1) == "count"] += float(m.group(2))
+        dropped = self.dropped_fraction()
         self.stop()
         final = self.evaluator.accuracy(snap, 0)
         seconds = snap.time - self.started
-        chosen = answered[1] * self.args.k_best
         self.result = {
             "seed": self.seed,
             "final_accuracy": round(final, 4),
@@ -304,12 +299,22 @@ class Swarm:
             "seconds": round(seconds, 1),
             "updates_per_s": round(snap.updates / seconds, 2),
             "samples_per_s": round(snap.updates * self.args.batch_size / seconds, 1),
-            "dropped_fraction": round(1 - answered[0] / chosen, 4) if chosen else None,
+            "dropped_fraction": dropped,
             "evaluator_cpu_s": round(self.evaluator.cpu_seconds, 1),
             "curve": self.curve,
         }
         self.evaluator.close()
         return True
+
+    def dropped_fraction(self) -> float | None:
+        """1 - answered / chosen over the trainers' ``experts_answered`` histograms."""
+        answered = [0.0, 0.0]
+        for port in self.metric_ports:
+            for line in scrape(port).splitlines():
+                if m := ANSWERED_RE.match(line):
+                    answered[m.group(1) == "count"] += float(m.group(2))
+        chosen = answered[1] * self.args.k_best
+        return round(1 - answered[0] / chosen, 4) if chosen else None
 
     def first_serving(self) -> float:
         """When the first trainer could train: the clock of the wall-time axis."""
@@ -466,11 +471,7 @@ def measure_delay(args: argparse.Namespace, dht: str, index: int) -> dict:
     try:
         swarm = Swarm(args, dht, setting, 0, prefix, logs, load_data(args), log_every=1)
         time.sleep(args.delay_measure_s)
-        answered = [0.0, 0.0]
-        for port in swarm.metric_ports:
-            for line in scrape(port).splitlines():
-                if m := ANSWERED_RE.match(line):
-                    answered[m.group(1) == "count"] += float(m.group(2))
+        dropped = swarm.dropped_fraction()
         snap = swarm.evaluator.snapshot()
         swarm.stop()
         swarm.evaluator.close()
@@ -481,14 +482,13 @@ def measure_delay(args: argparse.Namespace, dht: str, index: int) -> dict:
     progress = [progress_of(log) for _, _, log in swarm.trainers]
     stale = staleness(progress, layer_uids(prefix, args.layers, args.grid), experts.poller.samples)
     seconds = snap.time - swarm.first_serving()
-    chosen = answered[1] * args.k_best
     return {
         "latency_ms": args.delay_ms,
         "trainers": args.trainers,
         "seconds": round(seconds, 1),
         "updates": snap.updates,
         "updates_per_s": round(snap.updates / seconds, 2),
-        "dropped_fraction": round(1 - answered[0] / chosen, 4) if chosen else None,
+        "dropped_fraction": dropped,
         "staleness": stale,
     }
 
